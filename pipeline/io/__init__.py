@@ -1,0 +1,1 @@
+"""Input and output: FITS exposures, PSFEx models, the Zarr repository."""
