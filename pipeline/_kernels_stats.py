@@ -1,0 +1,312 @@
+"""Numba inner loops of the robust statistics (no xarray, no dask).
+
+Every routine works on a 2-D ``(n_sets, n_samples)`` layout: one statistic set per row, so that a
+whole chunk of a stack (one row per output pixel, one sample per visit) is reduced in one call.
+
+The per-row algorithm is that of ``statistics_and_masks.md`` section 1:
+
+* selection: ``(m & and_mask) == 0`` and, when ``nan_safe``, a finite value; with inverse-variance
+  weights samples whose variance is not positive are dropped altogether;
+* weights: none, multiplicative, or ``1 / v``;
+* plain moments with the debiased weighted variance, ORMASK, NPOINT, NMASKED;
+* quantiles with numpy's "linear" definition over the finite selected samples;
+* clipped passes (first around the median with ``num_sigma * IQR_TO_SIGMA * iqr``, then around the
+  previous clipped mean with ``num_sigma * sqrt(var)``; every pass reselects from the full good
+  set, inclusive bounds, NaN centre or width gives NaN);
+* error of the mean-like statistics (default, from the input variance, mosaic mode);
+* mask-bit propagation from the excluded samples by weight fraction.
+
+The selected samples of each row are ordered by ``(value, weight, variance, mask)`` before any sum
+is formed (for rows of up to ``EXACT_ORDER_MAX`` samples), so results do not depend on the order of
+the samples at all, not even in the last bit.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+IQR_TO_SIGMA = 0.741301109252802
+
+#: rows with at most this many selected samples are put in a total order before summation
+EXACT_ORDER_MAX = 64
+
+# columns of the float64 result table
+C_NPOINT = 0
+C_NMASKED = 1
+C_MEAN = 2
+C_VARIANCE = 3
+C_MEAN_ERRVAR = 4
+C_SUM = 5
+C_MIN = 6
+C_MAX = 7
+C_MEDIAN = 8
+C_Q25 = 9
+C_Q75 = 10
+C_MEANCLIP = 11
+C_VARCLIP = 12
+C_MEANCLIP_ERRVAR = 13
+C_NCLIPPED = 14
+C_NKEPT = 15
+C_SUMW = 16
+N_COLUMNS = 17
+
+WEIGHT_NONE = 0
+WEIGHT_MULTIPLICATIVE = 1
+WEIGHT_INVERSE_VARIANCE = 2
+
+ERROR_DEFAULT = 0
+ERROR_INPUT_VARIANCE = 1
+ERROR_MOSAIC = 2
+
+
+@njit(cache=True, nogil=True)
+def _less(xa, wa, va, ma, xb, wb, vb, mb):
+    """Total order on samples: value first (NaN last), then weight, variance, mask."""
+    if xa != xb:
+        if math.isnan(xa):
+            return False
+        if math.isnan(xb):
+            return True
+        return xa < xb
+    if wa != wb:
+        if math.isnan(wa):
+            return False
+        if math.isnan(wb):
+            return True
+        return wa < wb
+    if va != vb:
+        if math.isnan(va):
+            return False
+        if math.isnan(vb):
+            return True
+        return va < vb
+    return ma < mb
+
+
+@njit(cache=True, nogil=True)
+def _order_samples(xs, ws, vs, ms, n):
+    """Sort the first ``n`` entries of the four buffers together by value (ties by the rest)."""
+    if n <= EXACT_ORDER_MAX:
+        for i in range(1, n):
+            x, w, v, m = xs[i], ws[i], vs[i], ms[i]
+            j = i - 1
+            while j >= 0 and _less(x, w, v, m, xs[j], ws[j], vs[j], ms[j]):
+                xs[j + 1] = xs[j]
+                ws[j + 1] = ws[j]
+                vs[j + 1] = vs[j]
+                ms[j + 1] = ms[j]
+                j -= 1
+            xs[j + 1] = x
+            ws[j + 1] = w
+            vs[j + 1] = v
+            ms[j + 1] = m
+        return
+    order = np.argsort(xs[:n], kind="mergesort")
+    tx = xs[:n][order]
+    tw = ws[:n][order]
+    tv = vs[:n][order]
+    tm = ms[:n][order]
+    xs[:n] = tx
+    ws[:n] = tw
+    vs[:n] = tv
+    ms[:n] = tm
+
+
+@njit(cache=True, nogil=True)
+def _moments(xs, ws, vs, n, clip, centre, width, error_mode):
+    """Weighted moments of the samples (optionally only those with ``|x - centre| <= width``).
+
+    Returns ``(count, S1, S2, mean, variance, error variance of the mean, weighted sum)``.
+    """
+    cnt = 0
+    s1 = 0.0
+    s2 = 0.0
+    swx = 0.0
+    swv = 0.0
+    sw2v = 0.0
+    for i in range(n):
+        x = xs[i]
+        if clip and not (abs(x - centre) <= width):
+            continue
+        w = ws[i]
+        cnt += 1
+        s1 += w
+        s2 += w * w
+        swx += w * x
+        swv += w * vs[i]
+        sw2v += w * w * vs[i]
+    mean = swx / s1 if s1 != 0.0 else np.nan
+    m2 = 0.0
+    for i in range(n):
+        x = xs[i]
+        if clip and not (abs(x - centre) <= width):
+            continue
+        d = x - mean
+        m2 += ws[i] * d * d
+    denom = s1 * s1 - s2
+    var = m2 * s1 / denom if denom != 0.0 else np.nan
+    if cnt == 0:
+        mean = np.nan
+        var = np.nan
+    if error_mode == ERROR_INPUT_VARIANCE:
+        errvar = sw2v / (s1 * s1) if s1 != 0.0 else np.nan
+    elif error_mode == ERROR_MOSAIC:
+        errvar = swv / s1 if s1 != 0.0 else np.nan
+    else:
+        errvar = var * s2 / (s1 * s1) if s1 != 0.0 else np.nan
+    return cnt, s1, s2, mean, var, errvar, swx
+
+
+@njit(cache=True, nogil=True)
+def quantile_sorted(s, lo, hi, f):
+    """numpy "linear" quantile ``f`` of the sorted finite values ``s[lo:hi]`` (NaN when empty)."""
+    n = hi - lo
+    if n <= 0:
+        return np.nan
+    if n == 1:
+        return s[lo]
+    t = f * (n - 1)
+    j = int(math.floor(t))
+    if j >= n - 1:
+        return s[hi - 1]
+    g = t - j
+    a = s[lo + j]
+    b = s[lo + j + 1]
+    # numpy's lerp: exact at both ends, monotone in g
+    d = b - a
+    if g >= 0.5:
+        return b - d * (1.0 - g)
+    return a + d * g
+
+
+@njit(cache=True, nogil=True)
+def reduce_rows(
+    x,
+    m,
+    v,
+    w,
+    and_mask,
+    nan_safe,
+    weight_mode,
+    error_mode,
+    num_sigma,
+    num_iter,
+    do_quantiles,
+    do_clip,
+    prop_bits,
+    prop_thr,
+    out,
+    ormask,
+):
+    """Reduce every row of ``x`` (shape ``(n_sets, n_samples)``) into ``out[row, C_*]``.
+
+    ``m`` (uint32), ``v`` and ``w`` have the shape of ``x`` (broadcast views are fine). ``out`` is a
+    float64 ``(n_sets, N_COLUMNS)`` table, ``ormask`` a uint32 ``(n_sets,)`` vector. ``prop_bits``
+    (uint32) and ``prop_thr`` (float64) list the bits with a propagation threshold.
+    """
+    n_sets, k = x.shape
+    xs = np.empty(k, dtype=np.float64)
+    ws = np.empty(k, dtype=np.float64)
+    vs = np.empty(k, dtype=np.float64)
+    ms = np.empty(k, dtype=np.uint32)
+    nprop = prop_bits.shape[0]
+    rejected = np.zeros(nprop, dtype=np.float64)
+    andm = np.uint32(and_mask)
+    for r in range(n_sets):
+        for b in range(nprop):
+            rejected[b] = 0.0
+        n = 0
+        orm = np.uint32(0)
+        for i in range(k):
+            xi = np.float64(x[r, i])
+            mi = np.uint32(m[r, i])
+            vi = np.float64(v[r, i])
+            if weight_mode == WEIGHT_INVERSE_VARIANCE:
+                if not (vi > 0.0):
+                    continue
+                wi = 1.0 / vi
+            elif weight_mode == WEIGHT_MULTIPLICATIVE:
+                wi = np.float64(w[r, i])
+            else:
+                wi = 1.0
+            if (mi & andm) != 0 or (nan_safe and not math.isfinite(xi)):
+                for b in range(nprop):
+                    if (mi & prop_bits[b]) != 0:
+                        rejected[b] += wi
+                continue
+            xs[n] = xi
+            ws[n] = wi
+            vs[n] = vi
+            ms[n] = mi
+            orm |= mi
+            n += 1
+        _order_samples(xs, ws, vs, ms, n)
+
+        cnt, s1, s2, mean, var, errvar, swx = _moments(xs, ws, vs, n, False, 0.0, 0.0, error_mode)
+        for b in range(nprop):
+            total = s1 + rejected[b]
+            if total != 0.0 and rejected[b] / total > prop_thr[b]:
+                orm |= prop_bits[b]
+        out[r, C_NPOINT] = n
+        out[r, C_NMASKED] = k - n
+        out[r, C_MEAN] = mean
+        out[r, C_VARIANCE] = var
+        out[r, C_MEAN_ERRVAR] = errvar
+        out[r, C_SUM] = swx
+        out[r, C_SUMW] = s1
+        # sorted: min is the first entry, max the last one that is not NaN (NaN compares false)
+        top = n - 1
+        while top >= 0 and math.isnan(xs[top]):
+            top -= 1
+        out[r, C_MIN] = xs[0] if top >= 0 else np.nan
+        out[r, C_MAX] = xs[top] if top >= 0 else np.nan
+        ormask[r] = orm
+
+        if not (do_quantiles or do_clip):
+            continue
+        # finite selected samples form the contiguous run [lo, hi) of the sorted buffer
+        lo = 0
+        while lo < n and not math.isfinite(xs[lo]) and xs[lo] < 0:
+            lo += 1
+        hi = lo
+        while hi < n and math.isfinite(xs[hi]):
+            hi += 1
+        med = quantile_sorted(xs, lo, hi, 0.5)
+        q25 = quantile_sorted(xs, lo, hi, 0.25)
+        q75 = quantile_sorted(xs, lo, hi, 0.75)
+        out[r, C_MEDIAN] = med
+        out[r, C_Q25] = q25
+        out[r, C_Q75] = q75
+        if not do_clip:
+            continue
+        iqr = q75 - q25
+        cmean = np.nan
+        cvar = np.nan
+        cerr = np.nan
+        kept = 0
+        failed = False
+        for p in range(num_iter):
+            centre = med if p == 0 else cmean
+            if p == 0 or n <= 1:
+                width = num_sigma * IQR_TO_SIGMA * iqr
+            else:
+                width = num_sigma * math.sqrt(max(cvar, 0.0)) if not math.isnan(cvar) else np.nan
+            if math.isnan(centre) or math.isnan(width):
+                failed = True
+                break
+            kept, _s1, _s2, cmean, cvar, cerr, _swx = _moments(xs, ws, vs, n, True, centre, width, error_mode)
+        if failed:
+            out[r, C_MEANCLIP] = np.nan
+            out[r, C_VARCLIP] = np.nan
+            out[r, C_MEANCLIP_ERRVAR] = np.nan
+            out[r, C_NCLIPPED] = n
+            out[r, C_NKEPT] = 0
+        else:
+            out[r, C_MEANCLIP] = cmean
+            out[r, C_VARCLIP] = cvar
+            out[r, C_MEANCLIP_ERRVAR] = cerr
+            out[r, C_NCLIPPED] = n - kept
+            out[r, C_NKEPT] = kept

@@ -1,0 +1,490 @@
+"""Masked robust statistics on numpy and (lazily) dask arrays.
+
+The statistics of ``statistics_and_masks.md`` section 1 (the reference's "afw statistics"):
+sample selection by an and-mask and finiteness, multiplicative or inverse-variance weights, plain
+moments, numpy-"linear" quantiles, the clipped MEANCLIP/STDEVCLIP/VARIANCECLIP passes, the errors
+of the mean-like statistics, ORMASK and mask-bit propagation from excluded samples.
+
+Along an axis the reduction is chunk-wise (the axis is put in one chunk). Over a whole chunked
+array (``axis=None``) every result is exact and independent of the chunking: moments combine
+per-chunk partial sums, and quantiles are found by an exact radix selection on the bit patterns of
+the values (a fixed number of histogram passes, each a tree reduction over chunks), so the median
+of a chunked image equals numpy's median of the whole image.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import warnings
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from . import _kernels_stats as K
+from .errors import SchemaError, SkystackWarning
+from .model.masks import CANONICAL_PLANES, bitmask
+
+__all__ = [
+    "IQR_TO_SIGMA",
+    "Statistic",
+    "StatsConfig",
+    "compute_statistics",
+    "clipped_mean",
+    "clipped_stdev",
+    "median",
+    "iqr_sigma",
+    "resolve_and_mask",
+    "propagation_table",
+]
+
+#: sigma of a Gaussian per unit interquartile range, 1 / (2 * Phi^-1(0.75))
+IQR_TO_SIGMA = K.IQR_TO_SIGMA
+
+
+class Statistic(str, enum.Enum):
+    """The quantities the statistics can return (the reference's ``Property`` flags)."""
+
+    NPOINT = "NPOINT"
+    MEAN = "MEAN"
+    STDEV = "STDEV"
+    VARIANCE = "VARIANCE"
+    MEDIAN = "MEDIAN"
+    IQRANGE = "IQRANGE"
+    MEANCLIP = "MEANCLIP"
+    STDEVCLIP = "STDEVCLIP"
+    VARIANCECLIP = "VARIANCECLIP"
+    MIN = "MIN"
+    MAX = "MAX"
+    SUM = "SUM"
+    MEANSQUARE = "MEANSQUARE"
+    ORMASK = "ORMASK"
+    NCLIPPED = "NCLIPPED"
+    NMASKED = "NMASKED"
+
+
+_QUANTILE_STATS = {Statistic.MEDIAN, Statistic.IQRANGE}
+_CLIP_STATS = {Statistic.MEANCLIP, Statistic.STDEVCLIP, Statistic.VARIANCECLIP, Statistic.NCLIPPED}
+_COUNT_STATS = {Statistic.NPOINT, Statistic.NMASKED, Statistic.NCLIPPED}
+
+
+class StatsConfig(BaseModel):
+    """Control parameters of the statistics (the reference's ``StatisticsControl``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    num_sigma_clip: float = Field(3.0, gt=0.0, le=1e6, description="clip half-width in units of sigma")
+    num_iter: int = Field(3, ge=1, le=100, description="number of clipping passes, the first one included")
+    and_mask: int | tuple[str, ...] = Field(
+        0, description="samples with any of these mask bits (an integer or plane names) are excluded"
+    )
+    nan_safe: bool = Field(True, description="exclude non-finite samples")
+    weighted: bool = Field(
+        False, description="use weights: the given weights, else inverse-variance weights 1/variance"
+    )
+    error_from_input_variance: bool = Field(
+        False, description="error of the mean from the input variances: sum(w^2 v) / sum(w)^2"
+    )
+    error_mosaic_mode: bool = Field(
+        False, description="error of the mean as the weighted mean of the input variances: sum(w v) / sum(w)"
+    )
+    mask_propagation_thresholds: dict[str, float] = Field(
+        default_factory=dict,
+        description="plane name -> weight fraction of excluded samples above which the bit enters ORMASK",
+    )
+
+    @field_validator("and_mask")
+    @classmethod
+    def _check_and_mask(cls, value):
+        if isinstance(value, int) and not 0 <= value < 2**32:
+            raise ValueError(f"and_mask {value} is not a 32-bit mask")
+        return value
+
+    @field_validator("mask_propagation_thresholds")
+    @classmethod
+    def _check_thresholds(cls, value):
+        for name, thr in value.items():
+            if not (0.0 <= thr <= 1.0):
+                raise ValueError(f"mask propagation threshold of {name!r} is {thr}; it must lie in [0, 1]")
+        return value
+
+    @model_validator(mode="after")
+    def _check_error_modes(self):
+        if self.error_from_input_variance and self.error_mosaic_mode:
+            raise ValueError("error_from_input_variance and error_mosaic_mode are mutually exclusive")
+        return self
+
+    def __hash__(self):  # frozen models with a dict field are otherwise unhashable
+        return hash(self.model_dump_json())
+
+
+def resolve_and_mask(and_mask: int | Iterable[str], planes: Mapping[str, int] | None = None) -> int:
+    """The and-mask as an integer (plane names are looked up in ``planes``, canonical by default)."""
+    if isinstance(and_mask, int):
+        return int(and_mask)
+    return bitmask(list(and_mask), CANONICAL_PLANES if planes is None else planes)
+
+
+def propagation_table(
+    thresholds: Mapping[str, float], planes: Mapping[str, int] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(bits, thresholds)`` arrays for the kernels from a plane-name -> fraction mapping."""
+    planes = CANONICAL_PLANES if planes is None else planes
+    names = sorted(thresholds, key=lambda n: bitmask(n, planes))
+    bits = np.array([bitmask(n, planes) for n in names], dtype=np.uint32)
+    thr = np.array([float(thresholds[n]) for n in names], dtype=np.float64)
+    return bits, thr
+
+
+def _as_stats(statistics) -> tuple[Statistic, ...]:
+    if isinstance(statistics, (str, Statistic)):
+        statistics = (statistics,)
+    out = []
+    for s in statistics:
+        try:
+            out.append(Statistic(s))
+        except ValueError:
+            raise SchemaError(
+                f"unknown statistic {s!r}; choose from {', '.join(x.value for x in Statistic)}"
+            ) from None
+    if not out:
+        raise SchemaError("no statistic requested")
+    return tuple(dict.fromkeys(out))
+
+
+def _is_dask(a) -> bool:
+    return a is not None and hasattr(a, "__dask_graph__") and a.__dask_graph__() is not None
+
+
+class _Plan:
+    """Validated, array-independent description of one statistics request."""
+
+    def __init__(self, config, planes, stats, has_weights, has_variance):
+        self.stats = stats
+        self.and_mask = resolve_and_mask(config.and_mask, planes)
+        self.prop_bits, self.prop_thr = propagation_table(config.mask_propagation_thresholds, planes)
+        self.nan_safe = bool(config.nan_safe)
+        if config.weighted:
+            self.weight_mode = K.WEIGHT_MULTIPLICATIVE if has_weights else K.WEIGHT_INVERSE_VARIANCE
+        else:
+            self.weight_mode = K.WEIGHT_NONE
+        if config.error_from_input_variance:
+            self.error_mode = K.ERROR_INPUT_VARIANCE
+        elif config.error_mosaic_mode:
+            self.error_mode = K.ERROR_MOSAIC
+        else:
+            self.error_mode = K.ERROR_DEFAULT
+        self.num_sigma = float(config.num_sigma_clip)
+        self.num_iter = int(config.num_iter)
+        wanted = set(stats)
+        self.do_clip = bool(wanted & _CLIP_STATS)
+        self.do_quantiles = bool(wanted & _QUANTILE_STATS) or self.do_clip
+
+    def __dask_tokenize__(self):
+        return (
+            "skystack-stats-plan",
+            tuple(s.value for s in self.stats),
+            self.and_mask,
+            self.prop_bits.tolist(),
+            self.prop_thr.tolist(),
+            self.nan_safe,
+            self.weight_mode,
+            self.error_mode,
+            self.num_sigma,
+            self.num_iter,
+            self.do_clip,
+            self.do_quantiles,
+        )
+
+    def run(self, x, m, v, w):
+        """Kernel call on 2-D ``(n_sets, n_samples)`` arrays; returns the float64 result table."""
+        n = x.shape[0]
+        out = np.full((n, K.N_COLUMNS + 1), np.nan, dtype=np.float64)
+        ormask = np.zeros(n, dtype=np.uint32)
+        table = out[:, : K.N_COLUMNS]
+        K.reduce_rows(
+            x,
+            m,
+            v,
+            w,
+            self.and_mask,
+            self.nan_safe,
+            self.weight_mode,
+            self.error_mode,
+            self.num_sigma,
+            self.num_iter,
+            self.do_quantiles,
+            self.do_clip,
+            self.prop_bits,
+            self.prop_thr,
+            table,
+            ormask,
+        )
+        out[:, K.N_COLUMNS] = ormask
+        return out
+
+
+C_ORMASK = K.N_COLUMNS
+
+
+def _finish(table, stats, errors: bool, xp):
+    """Turn the result table (last axis = columns) into the requested statistics (and errors)."""
+    col = lambda c: table[..., c]  # noqa: E731
+    n = col(K.C_NPOINT)
+    var = col(K.C_VARIANCE)
+    mean = col(K.C_MEAN)
+    kept = col(K.C_NKEPT)
+    varclip = col(K.C_VARCLIP)
+    values: dict[Statistic, Any] = {}
+    errs: dict[Statistic, Any] = {}
+
+    def var_err(s2, cnt):
+        return xp.sqrt(2.0 * (cnt - 1.0) * s2 * s2 / (cnt * cnt))
+
+    for s in stats:
+        if s is Statistic.NPOINT:
+            values[s] = n.astype(np.int64)
+            errs[s] = xp.zeros_like(n)
+        elif s is Statistic.NMASKED:
+            values[s] = col(K.C_NMASKED).astype(np.int64)
+            errs[s] = xp.zeros_like(n)
+        elif s is Statistic.NCLIPPED:
+            values[s] = col(K.C_NCLIPPED).astype(np.int64)
+            errs[s] = xp.zeros_like(n)
+        elif s is Statistic.ORMASK:
+            values[s] = col(C_ORMASK).astype(np.uint32)
+            errs[s] = xp.zeros_like(n)
+        elif s is Statistic.MEAN:
+            values[s] = mean
+            errs[s] = xp.sqrt(col(K.C_MEAN_ERRVAR))
+        elif s is Statistic.VARIANCE:
+            values[s] = var
+            errs[s] = var_err(var, n)
+        elif s is Statistic.STDEV:
+            values[s] = xp.sqrt(var)
+            errs[s] = 0.5 * var_err(var, n) / xp.sqrt(var)
+        elif s is Statistic.MEDIAN:
+            values[s] = col(K.C_MEDIAN)
+            errs[s] = xp.sqrt(0.5 * math.pi * var / n)
+        elif s is Statistic.IQRANGE:
+            values[s] = col(K.C_Q75) - col(K.C_Q25)
+            errs[s] = xp.full_like(n, np.nan)
+        elif s is Statistic.MEANCLIP:
+            values[s] = col(K.C_MEANCLIP)
+            errs[s] = xp.sqrt(col(K.C_MEANCLIP_ERRVAR))
+        elif s is Statistic.VARIANCECLIP:
+            values[s] = varclip
+            errs[s] = var_err(varclip, kept)
+        elif s is Statistic.STDEVCLIP:
+            values[s] = xp.sqrt(varclip)
+            errs[s] = 0.5 * var_err(varclip, kept) / xp.sqrt(varclip)
+        elif s is Statistic.MIN:
+            values[s] = col(K.C_MIN)
+            errs[s] = xp.zeros_like(n)
+        elif s is Statistic.MAX:
+            values[s] = col(K.C_MAX)
+            errs[s] = xp.zeros_like(n)
+        elif s is Statistic.SUM:
+            values[s] = col(K.C_SUM)
+            errs[s] = xp.zeros_like(n)
+        elif s is Statistic.MEANSQUARE:
+            ms = (n - 1.0) / n * var + mean * mean
+            values[s] = ms
+            errs[s] = xp.sqrt(2.0 * (ms / n) ** 2)
+    return values, errs
+
+
+def _check_inputs(values, mask, variance, weights, plan_cfg: StatsConfig, axis):
+    shape = tuple(values.shape)
+    ndim = len(shape)
+    if any(s == 0 for s in shape):
+        raise SchemaError(f"cannot compute statistics of an empty array (shape {shape})")
+    if axis is not None:
+        if not isinstance(axis, (int, np.integer)) or isinstance(axis, bool):
+            raise SchemaError(f"axis must be an integer or None, got {axis!r}")
+        if not -ndim <= axis < ndim:
+            raise SchemaError(f"axis {axis} is out of range for an array of {ndim} dimensions")
+    for name, arr in (("mask", mask), ("variance", variance), ("weights", weights)):
+        if arr is None:
+            continue
+        try:
+            np.broadcast_shapes(tuple(arr.shape), shape)
+        except ValueError:
+            raise SchemaError(f"{name} of shape {tuple(arr.shape)} does not broadcast to values {shape}") from None
+        if np.broadcast_shapes(tuple(arr.shape), shape) != shape:
+            raise SchemaError(f"{name} of shape {tuple(arr.shape)} does not broadcast to values {shape}")
+    if mask is not None and not np.issubdtype(mask.dtype, np.integer):
+        raise SchemaError(f"mask must hold integers (bit planes), got dtype {mask.dtype}")
+    if not np.issubdtype(values.dtype, np.number) or np.issubdtype(values.dtype, np.complexfloating):
+        raise SchemaError(f"values must be real numbers, got dtype {values.dtype}")
+    if plan_cfg.weighted and weights is None and variance is None:
+        raise SchemaError("weighted statistics need weights or a variance (for inverse-variance weights)")
+    if (plan_cfg.error_from_input_variance or plan_cfg.error_mosaic_mode) and variance is None:
+        raise SchemaError("errors from the input variance (or mosaic mode) need a variance array")
+
+
+def compute_statistics(
+    values,
+    *,
+    mask=None,
+    variance=None,
+    weights=None,
+    axis: int | None = None,
+    statistics: Iterable[Statistic | str] | Statistic | str = (Statistic.MEAN,),
+    config: StatsConfig = StatsConfig(),
+    planes: Mapping[str, int] | None = None,
+    errors: bool = False,
+):
+    """Masked, weighted, robust statistics of ``values`` over ``axis`` (all samples when None).
+
+    ``mask`` (integer bit field), ``variance`` and ``weights`` broadcast against ``values``. Plane
+    names in ``config`` are looked up in ``planes`` (the canonical planes by default). Works on
+    numpy arrays (eager) and dask arrays (lazy); returns ``{Statistic: array}`` with the reduced
+    shape (0-d for ``axis=None``), and with ``errors=True`` a pair ``(values, errors)`` of such
+    dicts, the errors being standard deviations of each statistic (section 1.5).
+
+    Counts (NPOINT, NMASKED, NCLIPPED) are int64, ORMASK uint32, everything else float64.
+
+    Notes
+    -----
+    Reference: lsst/afw ``math::makeStatistics`` with a ``StatisticsControl``. Config mapping:
+    ``num_sigma_clip`` = numSigmaClip, ``num_iter`` = numIter, ``and_mask`` = andMask,
+    ``nan_safe`` = isNanSafe, ``weighted`` = weighted, ``error_from_input_variance`` =
+    calcErrorFromInputVariance, ``error_mosaic_mode`` = calcErrorMosaicMode,
+    ``mask_propagation_thresholds`` = maskPropagationThresholds (by plane name). Explicit
+    ``weights`` are multiplicative; with ``weighted`` and no weights, ``1/variance`` (samples with
+    variance <= 0 are skipped). Supplied weights with ``weighted=False`` are ignored with a
+    :class:`SkystackWarning`, as the reference does.
+
+    Differences: with ``nan_safe=False`` non-finite samples count in NPOINT and poison the plain
+    moments as in the reference, but the median and quartiles are taken over the finite samples
+    only (the reference sorts NaNs into its quartiles). The sums are formed in float64 in a fixed
+    order of the samples, so results do not depend on the sample order.
+    """
+    stats = _as_stats(statistics)
+    if not isinstance(config, StatsConfig):
+        raise SchemaError(f"config must be a StatsConfig, got {type(config).__name__}")
+    if weights is not None and not config.weighted:
+        warnings.warn(
+            "weights were given but config.weighted is False: the weights are ignored",
+            SkystackWarning,
+            stacklevel=2,
+        )
+        weights = None
+    _check_inputs(values, mask, variance, weights, config, axis)
+    plan = _Plan(config, planes, stats, weights is not None, variance is not None)
+    lazy = any(_is_dask(a) for a in (values, mask, variance, weights))
+    if lazy:
+        import dask.array as da
+
+        if axis is None:
+            table = _whole_table(values, mask, variance, weights, plan)
+        else:
+            table = _axis_table(values, mask, variance, weights, plan, axis)
+
+        vals, errs = _finish(table, stats, errors, da)
+    else:
+        table = _numpy_table(values, mask, variance, weights, plan, axis)
+        vals, errs = _finish(table, stats, errors, np)
+        vals = {k: np.asarray(v) for k, v in vals.items()}
+        errs = {k: np.asarray(v) for k, v in errs.items()}
+    return (vals, errs) if errors else vals
+
+
+def _layout(values, mask, variance, weights, axis):
+    """Broadcast the inputs and move ``axis`` last; returns 2-D (n_sets, k) views and the out shape."""
+    x = np.asarray(values)
+    shape = x.shape
+    m = np.zeros((), np.uint32) if mask is None else np.asarray(mask)
+    v = np.zeros((), np.float64) if variance is None else np.asarray(variance)
+    w = np.ones((), np.float64) if weights is None else np.asarray(weights)
+    m, v, w = (np.broadcast_to(a, shape) for a in (m, v, w))
+    if axis is None:
+        out_shape = ()
+        arrs = [a.reshape(1, -1) for a in (x, m, v, w)]
+    else:
+        arrs = [np.moveaxis(a, axis, -1) for a in (x, m, v, w)]
+        out_shape = arrs[0].shape[:-1]
+        k = arrs[0].shape[-1]
+        arrs = [a.reshape(-1, k) for a in arrs]
+    return arrs, out_shape
+
+
+def _numpy_table(values, mask, variance, weights, plan, axis):
+    (x, m, v, w), out_shape = _layout(values, mask, variance, weights, axis)
+    if m.dtype != np.uint32:
+        m = m.astype(np.uint32)
+    table = plan.run(x, m, v, w)
+    return table.reshape(out_shape + (table.shape[-1],))
+
+
+def clipped_mean(values, *, mask=None, variance=None, weights=None, axis=None, config: StatsConfig = StatsConfig()):
+    """MEANCLIP of ``values`` (see :func:`compute_statistics`)."""
+    return compute_statistics(
+        values, mask=mask, variance=variance, weights=weights, axis=axis, statistics=(Statistic.MEANCLIP,), config=config
+    )[Statistic.MEANCLIP]
+
+
+def clipped_stdev(values, *, mask=None, variance=None, weights=None, axis=None, config: StatsConfig = StatsConfig()):
+    """STDEVCLIP of ``values`` (see :func:`compute_statistics`)."""
+    return compute_statistics(
+        values, mask=mask, variance=variance, weights=weights, axis=axis, statistics=(Statistic.STDEVCLIP,), config=config
+    )[Statistic.STDEVCLIP]
+
+
+def median(values, *, mask=None, axis=None, config: StatsConfig = StatsConfig()):
+    """MEDIAN (numpy "linear") of the selected samples of ``values``."""
+    return compute_statistics(values, mask=mask, axis=axis, statistics=(Statistic.MEDIAN,), config=config)[
+        Statistic.MEDIAN
+    ]
+
+
+def iqr_sigma(values, *, mask=None, axis=None, config: StatsConfig = StatsConfig()):
+    """Gaussian-equivalent sigma from the interquartile range: ``IQR_TO_SIGMA * IQRANGE``."""
+    return IQR_TO_SIGMA * compute_statistics(
+        values, mask=mask, axis=axis, statistics=(Statistic.IQRANGE,), config=config
+    )[Statistic.IQRANGE]
+
+
+# ---------------------------------------------------------------------------------------------
+# dask paths
+
+
+def _dask_inputs(values, mask, variance, weights):
+    import dask.array as da
+
+    x = da.asarray(values)
+    shape = x.shape
+    m = da.zeros((), dtype=np.uint32) if mask is None else da.asarray(mask).astype(np.uint32)
+    v = da.zeros((), dtype=np.float64) if variance is None else da.asarray(variance)
+    w = da.ones((), dtype=np.float64) if weights is None else da.asarray(weights)
+    m, v, w = (da.broadcast_to(a, shape) for a in (m, v, w))
+    return x, m, v, w
+
+
+def _axis_block(x, m, v, w, *, plan):
+    k = x.shape[-1]
+    lead = x.shape[:-1]
+    two = [a.reshape(-1, k) for a in (x, m, v, w)]
+    table = plan.run(*two)
+    return table.reshape(lead + (table.shape[-1],))
+
+
+def _axis_table(values, mask, variance, weights, plan, axis):
+    """Chunk-wise reduction along ``axis`` (put in one chunk); the table's last axis = columns."""
+    import dask.array as da
+
+    arrs = [da.moveaxis(a, axis, -1) for a in _dask_inputs(values, mask, variance, weights)]
+    chunks = arrs[0].chunks[:-1] + ((arrs[0].shape[-1],),)
+    arrs = [a.rechunk(chunks) for a in arrs]
+    ncol = K.N_COLUMNS + 1
+    return da.map_blocks(
+        _axis_block,
+        *arrs,
+        plan=plan,
+        dtype=np.float64,
+        chunks=arrs[0].chunks[:-1] + ((ncol,),),
+        meta=np.empty((0,) * arrs[0].ndim, dtype=np.float64),
+    )
