@@ -1,0 +1,274 @@
+"""Inner loops of the binned background model: 1-D interpolants and their separable 2-D evaluation.
+
+Pure numpy/numba; imports neither xarray nor dask.
+
+Every interpolant is stored as piecewise cubics ``y_i + b_i t + c_i t**2 + d_i t**3`` with
+``t = x - x_i`` on ``[x_i, x_{i+1}]``. Outside the knots the value is extrapolated quadratically
+from the end knot with the interpolant's own first and second derivative there.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+__all__ = [
+    "STYLE_CONSTANT",
+    "STYLE_LINEAR",
+    "STYLE_SPLINE",
+    "STYLE_AKIMA",
+    "MIN_POINTS",
+    "max_style_for",
+    "interp_coeffs",
+    "interp_eval",
+    "eval_grid",
+    "chebyshev_terms",
+    "chebyshev_design",
+    "chebyshev_eval",
+]
+
+STYLE_CONSTANT = 0
+STYLE_LINEAR = 1
+STYLE_SPLINE = 2  # natural cubic spline
+STYLE_AKIMA = 3
+
+#: minimum number of knots per style code
+MIN_POINTS = (1, 2, 3, 5)
+
+
+@numba.njit(cache=True)
+def max_style_for(n):
+    """Largest style code usable with ``n`` knots (-1 when ``n`` is 0)."""
+    if n <= 0:
+        return -1
+    if n == 1:
+        return STYLE_CONSTANT
+    if n == 2:
+        return STYLE_LINEAR
+    if n <= 4:
+        return STYLE_SPLINE
+    return STYLE_AKIMA
+
+
+@numba.njit(cache=True)
+def _akima(x, y, b, c, d):
+    n = x.size
+    m = np.empty(n + 3)  # m[k + 2] holds the slope of interval k, k = -2 .. n
+    for i in range(n - 1):
+        m[i + 2] = (y[i + 1] - y[i]) / (x[i + 1] - x[i])
+    m[0] = 3.0 * m[2] - 2.0 * m[3]
+    m[1] = 2.0 * m[2] - m[3]
+    m[n + 1] = 2.0 * m[n] - m[n - 1]
+    m[n + 2] = 3.0 * m[n] - 2.0 * m[n - 1]
+    for i in range(n - 1):
+        k = i + 2
+        ne = abs(m[k + 1] - m[k]) + abs(m[k - 1] - m[k - 2])
+        if ne == 0.0:
+            b[i] = m[k]
+            c[i] = 0.0
+            d[i] = 0.0
+            continue
+        h = x[i + 1] - x[i]
+        ne_next = abs(m[k + 2] - m[k + 1]) + abs(m[k] - m[k - 1])
+        alpha = abs(m[k - 1] - m[k - 2]) / ne
+        if ne_next == 0.0:
+            t_next = m[k]
+        else:
+            alpha_next = abs(m[k] - m[k - 1]) / ne_next
+            t_next = (1.0 - alpha_next) * m[k] + alpha_next * m[k + 1]
+        b[i] = (1.0 - alpha) * m[k - 1] + alpha * m[k]
+        c[i] = (3.0 * m[k] - 2.0 * b[i] - t_next) / h
+        d[i] = (b[i] + t_next - 2.0 * m[k]) / (h * h)
+
+
+@numba.njit(cache=True)
+def _natural_spline(x, y, b, c, d):
+    n = x.size
+    # second-derivative halves s[i] (= c_i), natural ends s[0] = s[n-1] = 0
+    s = np.zeros(n)
+    nsys = n - 2
+    if nsys > 0:
+        diag = np.empty(nsys)
+        off = np.empty(nsys)
+        rhs = np.empty(nsys)
+        for i in range(nsys):
+            h0 = x[i + 1] - x[i]
+            h1 = x[i + 2] - x[i + 1]
+            diag[i] = 2.0 * (h0 + h1)
+            off[i] = h1
+            rhs[i] = 3.0 * ((y[i + 2] - y[i + 1]) / h1 - (y[i + 1] - y[i]) / h0)
+        # Thomas algorithm on the symmetric tridiagonal system
+        for i in range(1, nsys):
+            w = off[i - 1] / diag[i - 1]
+            diag[i] -= w * off[i - 1]
+            rhs[i] -= w * rhs[i - 1]
+        s[nsys] = rhs[nsys - 1] / diag[nsys - 1]
+        for i in range(nsys - 2, -1, -1):
+            s[i + 1] = (rhs[i] - off[i] * s[i + 2]) / diag[i]
+    for i in range(n - 1):
+        h = x[i + 1] - x[i]
+        c[i] = s[i]
+        b[i] = (y[i + 1] - y[i]) / h - h * (s[i + 1] + 2.0 * s[i]) / 3.0
+        d[i] = (s[i + 1] - s[i]) / (3.0 * h)
+
+
+@numba.njit(cache=True)
+def interp_coeffs(x, y, style):
+    """Piecewise-cubic coefficients ``(b, c, d)`` (length ``n - 1``, at least 1) of a 1-D interpolant."""
+    n = x.size
+    k = max(n - 1, 1)
+    b = np.zeros(k)
+    c = np.zeros(k)
+    d = np.zeros(k)
+    if n < 2 or style == STYLE_CONSTANT:
+        return b, c, d
+    if style == STYLE_LINEAR:
+        for i in range(n - 1):
+            b[i] = (y[i + 1] - y[i]) / (x[i + 1] - x[i])
+    elif style == STYLE_SPLINE:
+        _natural_spline(x, y, b, c, d)
+    else:
+        _akima(x, y, b, c, d)
+    return b, c, d
+
+
+@numba.njit(cache=True)
+def _eval_constant(x, y, q):
+    # steps at the mid-points between knots; step values are averages of neighbouring knots,
+    # the outermost steps take the end knot values
+    n = x.size
+    if n == 1 or q < x[0]:
+        return y[0]
+    if q >= x[n - 1] + 0.5:
+        return y[n - 1]
+    j = 0
+    # find the largest break point <= q among x[0], mid(x[i-1], x[i]) (i = 1..n-1), x[n-1] + 0.5
+    for i in range(1, n):
+        if q >= 0.5 * (x[i - 1] + x[i]):
+            j = i
+        else:
+            break
+    if j == 0:
+        return y[0]
+    return 0.5 * (y[j - 1] + y[j])
+
+
+@numba.njit(cache=True)
+def interp_eval(x, y, b, c, d, style, q, out):
+    """Evaluate the interpolant at the points ``q`` into ``out`` (quadratic extrapolation outside)."""
+    n = x.size
+    for k in range(q.size):
+        t = q[k]
+        if style == STYLE_CONSTANT:
+            out[k] = _eval_constant(x, y, t)
+            continue
+        if t < x[0]:
+            dt = t - x[0]
+            out[k] = y[0] + dt * b[0] + dt * dt * c[0]  # 0.5 * dt**2 * (2 c_0)
+            continue
+        if t > x[n - 1]:
+            h = x[n - 1] - x[n - 2]
+            i = n - 2
+            d1 = b[i] + 2.0 * c[i] * h + 3.0 * d[i] * h * h
+            d2 = 2.0 * c[i] + 6.0 * d[i] * h
+            dt = t - x[n - 1]
+            out[k] = y[n - 1] + dt * d1 + 0.5 * dt * dt * d2
+            continue
+        i = np.searchsorted(x, t, side="right") - 1
+        if i > n - 2:
+            i = n - 2
+        dt = t - x[i]
+        out[k] = y[i] + dt * (b[i] + dt * (c[i] + dt * d[i]))
+
+
+@numba.njit(cache=True)
+def _interp_line(knots, values, style, reduce, q, out):
+    """Interpolate one line through its finite values; returns 0 on success, the count on failure."""
+    m = 0
+    for i in range(values.size):
+        if np.isfinite(values[i]):
+            m += 1
+    if m == 0:
+        out[:] = np.nan
+        return 0
+    xk = np.empty(m)
+    vk = np.empty(m)
+    j = 0
+    for i in range(values.size):
+        if np.isfinite(values[i]):
+            xk[j] = knots[i]
+            vk[j] = values[i]
+            j += 1
+    s = style
+    if m < MIN_POINTS[s]:
+        if not reduce:
+            return m
+        s = max_style_for(m)
+    b, c, d = interp_coeffs(xk, vk, s)
+    interp_eval(xk, vk, b, c, d, s, q, out)
+    return 0
+
+
+@numba.njit(cache=True)
+def eval_grid(xc, yc, grid, style, reduce, qy, qx):
+    """Separable evaluation of a cell grid (columns first) at rows ``qy`` and columns ``qx``.
+
+    Returns ``(image, status)``; ``status`` is 0, or the number of usable knots of the first
+    line that had too few for ``style`` when ``reduce`` is false.
+    """
+    ny, nx = grid.shape
+    h = qy.size
+    w = qx.size
+    cols = np.empty((h, nx))
+    col = np.empty(h)
+    for i in range(nx):
+        status = _interp_line(yc, grid[:, i].copy(), style, reduce, qy, col)
+        if status:
+            return np.empty((0, 0), dtype=np.float64), status
+        cols[:, i] = col
+    out = np.empty((h, w))
+    row = np.empty(w)
+    for r in range(h):
+        status = _interp_line(xc, cols[r].copy(), style, reduce, qx, row)
+        if status:
+            return np.empty((0, 0), dtype=np.float64), status
+        out[r] = row
+    return out, 0
+
+
+def chebyshev_terms(order: int) -> list[tuple[int, int]]:
+    """``(power of x, power of y)`` of the triangular Chebyshev set: by total degree, then x power down."""
+    return [(n - j, j) for n in range(order + 1) for j in range(n + 1)]
+
+
+def _cheb_1d(u: np.ndarray, order: int) -> np.ndarray:
+    t = np.empty((order + 1,) + u.shape)
+    t[0] = 1.0
+    if order >= 1:
+        t[1] = u
+    for k in range(2, order + 1):
+        t[k] = 2.0 * u * t[k - 1] - t[k - 2]
+    return t
+
+
+def _scaled(v: np.ndarray, size: int) -> np.ndarray:
+    # box -0.5 .. size - 0.5 mapped onto [-1, 1]
+    lo, hi = -0.5, size - 0.5
+    return 2.0 * (np.asarray(v, dtype=np.float64) - 0.5 * (lo + hi)) / (hi - lo)
+
+
+def chebyshev_design(x: np.ndarray, y: np.ndarray, order: int, width: int, height: int) -> np.ndarray:
+    """Design matrix ``(npoints, nterms)`` of the triangular Chebyshev set at points ``(x, y)``."""
+    tx = _cheb_1d(_scaled(x, width), order)
+    ty = _cheb_1d(_scaled(y, height), order)
+    return np.stack([tx[a] * ty[b] for a, b in chebyshev_terms(order)], axis=-1)
+
+
+def chebyshev_eval(coeffs: np.ndarray, order: int, qx: np.ndarray, qy: np.ndarray, width: int, height: int) -> np.ndarray:
+    """The polynomial on the outer grid ``qy x qx`` (rows, columns)."""
+    tx = _cheb_1d(_scaled(qx, width), order)
+    ty = _cheb_1d(_scaled(qy, height), order)
+    cm = np.zeros((order + 1, order + 1))
+    for coef, (a, b) in zip(coeffs, chebyshev_terms(order)):
+        cm[b, a] = coef
+    return ty.T @ cm @ tx
