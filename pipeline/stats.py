@@ -488,3 +488,279 @@ def _axis_table(values, mask, variance, weights, plan, axis):
         chunks=arrs[0].chunks[:-1] + ((ncol,),),
         meta=np.empty((0,) * arrs[0].ndim, dtype=np.float64),
     )
+
+
+# whole-array (axis=None) lazy reduction: exact and independent of the chunking
+
+_QUANTILE_FRACTIONS = (0.25, 0.5, 0.75)
+_N_RANKS = 2 * len(_QUANTILE_FRACTIONS)
+# uint64 radix state: [n_finite, rank x6, prefix x6, residual x6]
+_R_N = 0
+_R_RANK = 1
+_R_PREFIX = _R_RANK + _N_RANKS
+_R_RESID = _R_PREFIX + _N_RANKS
+_R_SIZE = _R_RESID + _N_RANKS
+# float64 clip state: [N, median, iqr, mean, var, errvar, kept, failed]
+_CS_SIZE = 8
+
+
+def _small(fn, n_out, *arrays, dtype=np.float64, **kwargs):
+    """Apply ``fn`` to small single-chunk dask arrays, giving a 1-D array of ``n_out`` values."""
+    import dask.array as da
+
+    args = []
+    for i, a in enumerate(arrays):
+        a = a.rechunk(-1)
+        args += [a, tuple(f"a{i}d{d}" for d in range(a.ndim))]
+    return da.blockwise(
+        fn,
+        ("out",),
+        *args,
+        new_axes={"out": n_out},
+        dtype=dtype,
+        concatenate=True,
+        meta=np.empty((0,), dtype=dtype),
+        **kwargs,
+    )
+
+
+def _per_block(fn, arrays, tail_shape, *, dtype, extra=(), **kwargs):
+    """One call of ``fn`` per chunk of ``arrays[0]``: result ``(1,)*ndim + tail_shape`` per chunk."""
+    import dask.array as da
+
+    ndim = arrays[0].ndim
+    inds = tuple(f"d{d}" for d in range(ndim))
+    tail = tuple(f"t{d}" for d in range(len(tail_shape)))
+    args = []
+    for a in arrays:
+        args += [a, inds]
+    for i, e in enumerate(extra):
+        e = e.rechunk(-1)
+        args += [e, tuple(f"e{i}d{d}" for d in range(e.ndim))]
+    return da.blockwise(
+        fn,
+        inds + tail,
+        *args,
+        new_axes=dict(zip(tail, tail_shape)),
+        adjust_chunks={i: 1 for i in inds},
+        dtype=dtype,
+        concatenate=True,
+        meta=np.empty((0,) * (ndim + len(tail_shape)), dtype=dtype),
+        **kwargs,
+    )
+
+
+def _clip_bounds(state, p, plan):
+    """Centre and half-width of clip pass ``p`` from the clip state (NaN when the clip failed)."""
+    n, med, iqr, mean, var, _errvar, _kept, failed = (float(s) for s in state[:_CS_SIZE])
+    if failed:
+        return np.nan, np.nan
+    centre = med if p == 0 else mean
+    if p == 0 or n <= 1:
+        width = plan.num_sigma * IQR_TO_SIGMA * iqr
+    else:
+        width = plan.num_sigma * math.sqrt(max(var, 0.0)) if not math.isnan(var) else np.nan
+    return centre, width
+
+
+def _block_moments(x, m, v, w, *extra, plan, clip_pass):
+    ndim = x.ndim
+    flat = [np.ravel(a) for a in (x, m, v, w)]
+    out = np.zeros(K.P_FIXED + plan.prop_bits.size, dtype=np.float64)
+    centre = width = 0.0
+    if clip_pass is not None:
+        centre, width = _clip_bounds(extra[0], clip_pass, plan)
+        if math.isnan(centre) or math.isnan(width):
+            return out.reshape((1,) * ndim + out.shape)
+    K.partial_moments(
+        flat[0],
+        flat[1].astype(np.uint32, copy=False),
+        flat[2],
+        flat[3],
+        plan.and_mask,
+        plan.nan_safe,
+        plan.weight_mode,
+        clip_pass is not None,
+        centre,
+        width,
+        plan.prop_bits,
+        out,
+    )
+    return out.reshape((1,) * ndim + out.shape)
+
+
+def _merge_moments(parts, plan):
+    """Combine partial-moment vectors (one row per chunk) with the parallel-variance formula."""
+    parts = parts.reshape(-1, parts.shape[-1])
+    n = parts[:, K.P_N].sum()
+    s1 = parts[:, K.P_S1].sum()
+    s2 = parts[:, K.P_S2].sum()
+    used = parts[parts[:, K.P_N] > 0]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = (used[:, K.P_S1] * used[:, K.P_MEAN]).sum() / s1 if s1 != 0 else np.nan
+        m2 = (used[:, K.P_M2] + used[:, K.P_S1] * (used[:, K.P_MEAN] - mean) ** 2).sum()
+        denom = s1 * s1 - s2
+        var = m2 * s1 / denom if denom != 0 else np.nan
+        if n == 0:
+            mean = var = np.nan
+        if plan.error_mode == K.ERROR_INPUT_VARIANCE:
+            errvar = parts[:, K.P_SW2V].sum() / (s1 * s1) if s1 != 0 else np.nan
+        elif plan.error_mode == K.ERROR_MOSAIC:
+            errvar = parts[:, K.P_SWV].sum() / s1 if s1 != 0 else np.nan
+        else:
+            errvar = var * s2 / (s1 * s1) if s1 != 0 else np.nan
+    orm = 0
+    for value in used[:, K.P_ORMASK]:
+        orm |= int(value)
+    for b, (bit, thr) in enumerate(zip(plan.prop_bits, plan.prop_thr)):
+        rej = parts[:, K.P_FIXED + b].sum()
+        if s1 + rej != 0 and rej / (s1 + rej) > thr:
+            orm |= int(bit)
+    lo = used[:, K.P_MIN].min() if len(used) else np.nan
+    hi = used[:, K.P_MAX].max() if len(used) else np.nan
+    return n, parts[:, K.P_TOTAL].sum(), mean, var, errvar, parts[:, K.P_SWX].sum(), lo, hi, orm, s1
+
+
+def _moments_vector(parts, *, plan):
+    n, total, mean, var, errvar, swx, lo, hi, orm, s1 = _merge_moments(parts, plan)
+    return np.array([n, total, mean, var, errvar, swx, lo, hi, orm, s1], dtype=np.float64)
+
+
+_MV = {"n": 0, "total": 1, "mean": 2, "var": 3, "errvar": 4, "sum": 5, "min": 6, "max": 7, "ormask": 8, "s1": 9}
+
+
+def _block_histogram(x, m, v, *extra, plan, level):
+    ndim = x.ndim
+    xf = np.ravel(x)
+    valid = np.isfinite(xf) & ((np.ravel(m).astype(np.uint32) & np.uint32(plan.and_mask)) == 0)
+    if plan.weight_mode == K.WEIGHT_INVERSE_VARIANCE:
+        valid &= np.ravel(v) > 0
+    keys = K.order_keys(np.where(valid, xf, 0.0))
+    rows = 1 if level == 0 else _N_RANKS
+    out = np.zeros((rows, K.RADIX_BINS), dtype=np.int64)
+    prefixes = extra[0][_R_PREFIX : _R_PREFIX + _N_RANKS] if level else np.zeros(1, np.uint64)
+    K.radix_histogram(keys, valid, level, np.ascontiguousarray(prefixes, dtype=np.uint64), out)
+    return out.reshape((1,) * ndim + out.shape)
+
+
+def _radix_select(hist, *extra, level):
+    """Advance the radix state by one 16-bit digit per rank."""
+    shift = np.uint64(64 - K.RADIX_BITS * (level + 1))
+    if level == 0:
+        state = np.zeros(_R_SIZE, dtype=np.uint64)
+        n = int(hist[0].sum())
+        state[_R_N] = n
+        for i, f in enumerate(_QUANTILE_FRACTIONS):
+            t = f * (n - 1) if n else 0.0
+            j = int(math.floor(t))
+            state[_R_RANK + 2 * i] = j
+            state[_R_RANK + 2 * i + 1] = min(j + 1, max(n - 1, 0))
+        state[_R_RESID : _R_RESID + _N_RANKS] = state[_R_RANK : _R_RANK + _N_RANKS]
+        rows = np.repeat(hist[:1], _N_RANKS, axis=0)
+    else:
+        state = extra[0].astype(np.uint64).copy()
+        rows = hist
+    if state[_R_N] == 0:
+        return state
+    for r in range(_N_RANKS):
+        cum = np.cumsum(rows[r])
+        resid = int(state[_R_RESID + r])
+        digit = int(np.searchsorted(cum, resid, side="right"))
+        before = int(cum[digit - 1]) if digit > 0 else 0
+        state[_R_RESID + r] = resid - before
+        state[_R_PREFIX + r] = state[_R_PREFIX + r] | (np.uint64(digit) << shift)
+    return state
+
+
+def _quantile_vector(state):
+    """(median, q25, q75) from the final radix state, with numpy's linear interpolation."""
+    n = int(state[_R_N])
+    if n == 0:
+        return np.full(3, np.nan)
+    values = K.key_values(state[_R_PREFIX : _R_PREFIX + _N_RANKS])
+    out = []
+    for i, f in enumerate(_QUANTILE_FRACTIONS):
+        a, b = float(values[2 * i]), float(values[2 * i + 1])
+        t = f * (n - 1)
+        g = t - math.floor(t)
+        if n == 1 or g == 0.0:
+            out.append(a)
+        else:
+            out.append(b - (b - a) * (1.0 - g) if g >= 0.5 else a + (b - a) * g)
+    q25, med, q75 = out
+    return np.array([med, q25, q75], dtype=np.float64)
+
+
+def _clip_init(moments, quant):
+    return np.array(
+        [moments[_MV["n"]], quant[0], quant[2] - quant[1], np.nan, np.nan, np.nan, 0.0, 0.0], dtype=np.float64
+    )
+
+
+def _clip_step(parts, state, *, plan, clip_pass):
+    state = np.array(state, dtype=np.float64)
+    centre, width = _clip_bounds(state, clip_pass, plan)
+    if math.isnan(centre) or math.isnan(width):
+        state[3:] = [np.nan, np.nan, np.nan, 0.0, 1.0]
+        return state
+    n, _total, mean, var, errvar, *_ = _merge_moments(parts, plan)
+    state[3:] = [mean, var, errvar, n, 0.0]
+    return state
+
+
+def _assemble(moments, quant, clip):
+    t = np.full(K.N_COLUMNS + 1, np.nan, dtype=np.float64)
+    n = moments[_MV["n"]]
+    t[K.C_NPOINT] = n
+    t[K.C_NMASKED] = moments[_MV["total"]] - n
+    t[K.C_MEAN] = moments[_MV["mean"]]
+    t[K.C_VARIANCE] = moments[_MV["var"]]
+    t[K.C_MEAN_ERRVAR] = moments[_MV["errvar"]]
+    t[K.C_SUM] = moments[_MV["sum"]]
+    t[K.C_SUMW] = moments[_MV["s1"]]
+    t[K.C_MIN] = moments[_MV["min"]]
+    t[K.C_MAX] = moments[_MV["max"]]
+    t[C_ORMASK] = moments[_MV["ormask"]]
+    t[K.C_MEDIAN], t[K.C_Q25], t[K.C_Q75] = quant[:3]
+    if clip.size and clip[7] == 0.0:
+        t[K.C_MEANCLIP], t[K.C_VARCLIP], t[K.C_MEANCLIP_ERRVAR] = clip[3:6]
+        t[K.C_NKEPT] = clip[6]
+        t[K.C_NCLIPPED] = n - clip[6]
+    elif clip.size:
+        t[K.C_NKEPT] = 0.0
+        t[K.C_NCLIPPED] = n
+    return t
+
+
+def _whole_table(values, mask, variance, weights, plan):
+    """Lazy result table (1-D, one entry per column) over every sample of a dask array."""
+    import dask.array as da
+
+    x, m, v, w = _dask_inputs(values, mask, variance, weights)
+    m, v, w = (a.rechunk(x.chunks) for a in (m, v, w))
+    nprop = plan.prop_bits.size
+    parts = _per_block(_block_moments, (x, m, v, w), (K.P_FIXED + nprop,), dtype=np.float64, plan=plan, clip_pass=None)
+    moments = _small(_moments_vector, len(_MV), parts, plan=plan)
+    if plan.do_quantiles:
+        axes = tuple(range(x.ndim))
+        state = None
+        for level in range(K.RADIX_LEVELS):
+            rows = 1 if level == 0 else _N_RANKS
+            extra = () if state is None else (state,)
+            hist = _per_block(
+                _block_histogram, (x, m, v), (rows, K.RADIX_BINS), dtype=np.int64, extra=extra, plan=plan, level=level
+            ).sum(axis=axes)
+            state = _small(_radix_select, _R_SIZE, hist, *extra, dtype=np.uint64, level=level)
+        quant = _small(_quantile_vector, 3, state)
+    else:
+        quant = da.full((3,), np.nan, dtype=np.float64)
+    if plan.do_clip:
+        cstate = _small(_clip_init, _CS_SIZE, moments, quant)
+        for p in range(plan.num_iter):
+            parts_p = _per_block(
+                _block_moments, (x, m, v, w), (K.P_FIXED + nprop,), dtype=np.float64, extra=(cstate,), plan=plan, clip_pass=p
+            )
+            cstate = _small(_clip_step, _CS_SIZE, parts_p, cstate, plan=plan, clip_pass=p)
+    else:
+        cstate = da.zeros((0,), dtype=np.float64)
+    return _small(_assemble, K.N_COLUMNS + 1, moments, quant, cstate)
