@@ -240,8 +240,15 @@ def _finish(table, stats, errors: bool, xp):
     values: dict[Statistic, Any] = {}
     errs: dict[Statistic, Any] = {}
 
+    def div(a, b):
+        ok = b != 0
+        return xp.where(ok, a / xp.where(ok, b, 1.0), np.nan)
+
+    def sqrt(a):
+        return xp.sqrt(xp.where(a >= 0, a, np.nan))
+
     def var_err(s2, cnt):
-        return xp.sqrt(2.0 * (cnt - 1.0) * s2 * s2 / (cnt * cnt))
+        return sqrt(div(2.0 * (cnt - 1.0) * s2 * s2, cnt * cnt))
 
     for s in stats:
         if s is Statistic.NPOINT:
@@ -258,28 +265,28 @@ def _finish(table, stats, errors: bool, xp):
             errs[s] = xp.zeros_like(n)
         elif s is Statistic.MEAN:
             values[s] = mean
-            errs[s] = xp.sqrt(col(K.C_MEAN_ERRVAR))
+            errs[s] = sqrt(col(K.C_MEAN_ERRVAR))
         elif s is Statistic.VARIANCE:
             values[s] = var
             errs[s] = var_err(var, n)
         elif s is Statistic.STDEV:
-            values[s] = xp.sqrt(var)
-            errs[s] = 0.5 * var_err(var, n) / xp.sqrt(var)
+            values[s] = sqrt(var)
+            errs[s] = 0.5 * div(var_err(var, n), sqrt(var))
         elif s is Statistic.MEDIAN:
             values[s] = col(K.C_MEDIAN)
-            errs[s] = xp.sqrt(0.5 * math.pi * var / n)
+            errs[s] = sqrt(div(0.5 * math.pi * var, n))
         elif s is Statistic.IQRANGE:
             values[s] = col(K.C_Q75) - col(K.C_Q25)
             errs[s] = xp.full_like(n, np.nan)
         elif s is Statistic.MEANCLIP:
             values[s] = col(K.C_MEANCLIP)
-            errs[s] = xp.sqrt(col(K.C_MEANCLIP_ERRVAR))
+            errs[s] = sqrt(col(K.C_MEANCLIP_ERRVAR))
         elif s is Statistic.VARIANCECLIP:
             values[s] = varclip
             errs[s] = var_err(varclip, kept)
         elif s is Statistic.STDEVCLIP:
-            values[s] = xp.sqrt(varclip)
-            errs[s] = 0.5 * var_err(varclip, kept) / xp.sqrt(varclip)
+            values[s] = sqrt(varclip)
+            errs[s] = 0.5 * div(var_err(varclip, kept), sqrt(varclip))
         elif s is Statistic.MIN:
             values[s] = col(K.C_MIN)
             errs[s] = xp.zeros_like(n)
@@ -290,9 +297,9 @@ def _finish(table, stats, errors: bool, xp):
             values[s] = col(K.C_SUM)
             errs[s] = xp.zeros_like(n)
         elif s is Statistic.MEANSQUARE:
-            ms = (n - 1.0) / n * var + mean * mean
+            ms = div(n - 1.0, n) * var + mean * mean
             values[s] = ms
-            errs[s] = xp.sqrt(2.0 * (ms / n) ** 2)
+            errs[s] = sqrt(2.0 * div(ms, n) ** 2)
     return values, errs
 
 
@@ -453,21 +460,45 @@ def iqr_sigma(values, *, mask=None, axis=None, config: StatsConfig = StatsConfig
 
 
 def _dask_inputs(values, mask, variance, weights):
+    """Dask versions of the given inputs, in the chunks of ``values``; missing ones stay None."""
     import dask.array as da
 
     x = da.asarray(values)
-    shape = x.shape
-    m = da.zeros((), dtype=np.uint32) if mask is None else da.asarray(mask).astype(np.uint32)
-    v = da.zeros((), dtype=np.float64) if variance is None else da.asarray(variance)
-    w = da.ones((), dtype=np.float64) if weights is None else da.asarray(weights)
-    m, v, w = (da.broadcast_to(a, shape) for a in (m, v, w))
-    return x, m, v, w
+    out = [x]
+    for a in (mask, variance, weights):
+        if a is None:
+            out.append(None)
+            continue
+        a = da.asarray(a)
+        if a.shape != x.shape:
+            a = da.broadcast_to(a, x.shape)
+        out.append(a.rechunk(x.chunks))
+    return out
 
 
-def _axis_block(x, m, v, w, *, plan):
+_DEFAULTS = ((np.uint32, 0), (np.float64, 0.0), (np.float64, 1.0))
+
+
+def _present(arrays):
+    """The non-None arrays and a tuple saying which of (mask, variance, weights) they are."""
+    return [arrays[0]] + [a for a in arrays[1:] if a is not None], tuple(a is not None for a in arrays[1:])
+
+
+def _unpack(blocks, present):
+    """``(x, m, v, w)`` blocks from the present ones, defaults broadcast to the shape of ``x``."""
+    x = blocks[0]
+    rest = iter(blocks[1 : 1 + sum(present)])
+    out = [x]
+    for flag, (dtype, fill) in zip(present, _DEFAULTS):
+        out.append(next(rest) if flag else np.broadcast_to(np.array(fill, dtype=dtype), x.shape))
+    return out, blocks[1 + sum(present) :]
+
+
+def _axis_block(*blocks, plan, present):
+    (x, m, v, w), _ = _unpack(blocks, present)
     k = x.shape[-1]
     lead = x.shape[:-1]
-    two = [a.reshape(-1, k) for a in (x, m, v, w)]
+    two = [a.reshape(-1, k) for a in (x, m.astype(np.uint32, copy=False), v, w)]
     table = plan.run(*two)
     return table.reshape(lead + (table.shape[-1],))
 
@@ -476,7 +507,8 @@ def _axis_table(values, mask, variance, weights, plan, axis):
     """Chunk-wise reduction along ``axis`` (put in one chunk); the table's last axis = columns."""
     import dask.array as da
 
-    arrs = [da.moveaxis(a, axis, -1) for a in _dask_inputs(values, mask, variance, weights)]
+    arrs, present = _present(_dask_inputs(values, mask, variance, weights))
+    arrs = [da.moveaxis(a, axis, -1) for a in arrs]
     chunks = arrs[0].chunks[:-1] + ((arrs[0].shape[-1],),)
     arrs = [a.rechunk(chunks) for a in arrs]
     ncol = K.N_COLUMNS + 1
@@ -484,6 +516,7 @@ def _axis_table(values, mask, variance, weights, plan, axis):
         _axis_block,
         *arrs,
         plan=plan,
+        present=present,
         dtype=np.float64,
         chunks=arrs[0].chunks[:-1] + ((ncol,),),
         meta=np.empty((0,) * arrs[0].ndim, dtype=np.float64),
@@ -563,7 +596,8 @@ def _clip_bounds(state, p, plan):
     return centre, width
 
 
-def _block_moments(x, m, v, w, *extra, plan, clip_pass):
+def _block_moments(*blocks, plan, clip_pass, present):
+    (x, m, v, w), extra = _unpack(blocks, present)
     ndim = x.ndim
     flat = [np.ravel(a) for a in (x, m, v, w)]
     out = np.zeros(K.P_FIXED + plan.prop_bits.size, dtype=np.float64)
@@ -629,7 +663,8 @@ def _moments_vector(parts, *, plan):
 _MV = {"n": 0, "total": 1, "mean": 2, "var": 3, "errvar": 4, "sum": 5, "min": 6, "max": 7, "ormask": 8, "s1": 9}
 
 
-def _block_histogram(x, m, v, *extra, plan, level):
+def _block_histogram(*blocks, plan, level, present):
+    (x, m, v, _w), extra = _unpack(blocks, present)
     ndim = x.ndim
     xf = np.ravel(x)
     valid = np.isfinite(xf) & ((np.ravel(m).astype(np.uint32) & np.uint32(plan.and_mask)) == 0)
@@ -736,10 +771,12 @@ def _whole_table(values, mask, variance, weights, plan):
     """Lazy result table (1-D, one entry per column) over every sample of a dask array."""
     import dask.array as da
 
-    x, m, v, w = _dask_inputs(values, mask, variance, weights)
-    m, v, w = (a.rechunk(x.chunks) for a in (m, v, w))
+    arrs, present = _present(_dask_inputs(values, mask, variance, weights))
+    x = arrs[0]
     nprop = plan.prop_bits.size
-    parts = _per_block(_block_moments, (x, m, v, w), (K.P_FIXED + nprop,), dtype=np.float64, plan=plan, clip_pass=None)
+    parts = _per_block(
+        _block_moments, arrs, (K.P_FIXED + nprop,), dtype=np.float64, plan=plan, clip_pass=None, present=present
+    )
     moments = _small(_moments_vector, len(_MV), parts, plan=plan)
     if plan.do_quantiles:
         axes = tuple(range(x.ndim))
@@ -748,7 +785,14 @@ def _whole_table(values, mask, variance, weights, plan):
             rows = 1 if level == 0 else _N_RANKS
             extra = () if state is None else (state,)
             hist = _per_block(
-                _block_histogram, (x, m, v), (rows, K.RADIX_BINS), dtype=np.int64, extra=extra, plan=plan, level=level
+                _block_histogram,
+                arrs,
+                (rows, K.RADIX_BINS),
+                dtype=np.int64,
+                extra=extra,
+                plan=plan,
+                level=level,
+                present=present,
             ).sum(axis=axes)
             state = _small(_radix_select, _R_SIZE, hist, *extra, dtype=np.uint64, level=level)
         quant = _small(_quantile_vector, 3, state)
@@ -758,7 +802,14 @@ def _whole_table(values, mask, variance, weights, plan):
         cstate = _small(_clip_init, _CS_SIZE, moments, quant)
         for p in range(plan.num_iter):
             parts_p = _per_block(
-                _block_moments, (x, m, v, w), (K.P_FIXED + nprop,), dtype=np.float64, extra=(cstate,), plan=plan, clip_pass=p
+                _block_moments,
+                arrs,
+                (K.P_FIXED + nprop,),
+                dtype=np.float64,
+                extra=(cstate,),
+                plan=plan,
+                clip_pass=p,
+                present=present,
             )
             cstate = _small(_clip_step, _CS_SIZE, parts_p, cstate, plan=plan, clip_pass=p)
     else:
