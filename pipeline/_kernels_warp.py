@@ -1,0 +1,401 @@
+"""numba inner loops of the Lanczos/bilinear warp (no xarray, no dask here).
+
+Conventions shared by every function:
+
+* The destination -> source pixel mapping is known exactly on a lattice of nodes spaced ``step``
+  destination pixels apart; node ``[k, l]`` sits at destination pixel ``(gx0 + l*step, gy0 + k*step)``
+  and holds the source position ``(nodes_x[k, l], nodes_y[k, l])``. Between nodes the position is
+  interpolated bilinearly; outside the lattice it is undefined (the pixel is a pad pixel).
+* Positions closer than ``SNAP`` pixels to an integer are snapped to it, so that integer shifts are
+  reproduced bit for bit (the rounding noise of the WCS round trip would otherwise leak neighbours
+  in through taps of weight ~1e-12).
+* A kernel of "order" ``n`` has taps at integer offsets ``-(n-1) .. n`` from ``floor(position)``;
+  Lanczos-n uses order ``n``, bilinear order 1. Taps are not pre-normalised.
+* A destination pixel is good when its ``floor`` position lies inside the source box shrunk by the
+  image-kernel border (``n-1`` on the low side, ``n`` on the high side).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+
+SNAP = 1e-8
+
+_NOGIL = dict(nogil=True, cache=True)
+
+
+@numba.njit(**_NOGIL)
+def _lerp(a, b, rem, step):
+    if rem == 0:
+        return a
+    f = rem / step
+    return (1.0 - f) * a + f * b
+
+
+@numba.njit(**_NOGIL)
+def _interp(gx0, gy0, step, nodes_x, nodes_y, X, Y):
+    """Bilinearly interpolated source position of destination pixel (X, Y); NaN off the lattice.
+
+    Integer arithmetic locates the lattice cell, so a sub-lattice (a slice of the nodes) gives
+    bit-identical positions to the full lattice.
+    """
+    nky, nkx = nodes_x.shape
+    dx = X - gx0
+    dy = Y - gy0
+    if dx < 0 or dy < 0:
+        return np.nan, np.nan
+    lx = dx // step
+    ly = dy // step
+    rx = dx - lx * step
+    ry = dy - ly * step
+    if lx > nkx - 1 or ly > nky - 1 or (lx == nkx - 1 and rx > 0) or (ly == nky - 1 and ry > 0):
+        return np.nan, np.nan
+    lx1 = lx + 1 if rx > 0 else lx
+    ly1 = ly + 1 if ry > 0 else ly
+    x = _lerp(
+        _lerp(nodes_x[ly, lx], nodes_x[ly, lx1], rx, step), _lerp(nodes_x[ly1, lx], nodes_x[ly1, lx1], rx, step), ry, step
+    )
+    y = _lerp(
+        _lerp(nodes_y[ly, lx], nodes_y[ly, lx1], rx, step), _lerp(nodes_y[ly1, lx], nodes_y[ly1, lx1], rx, step), ry, step
+    )
+    sx = math.floor(x + 0.5)
+    if abs(x - sx) < SNAP:
+        x = sx
+    sy = math.floor(y + 0.5)
+    if abs(y - sy) < SNAP:
+        y = sy
+    return x, y
+
+
+@numba.njit(**_NOGIL)
+def interp_positions(gx0, gy0, step, nodes_x, nodes_y, X, Y, out_x, out_y):
+    """Source positions of destination pixels ``(X[k], Y[k])`` (NaN off the lattice)."""
+    for k in range(X.size):
+        out_x[k], out_y[k] = _interp(gx0, gy0, step, nodes_x, nodes_y, X[k], Y[k])
+
+
+@numba.njit(**_NOGIL)
+def kernel_weights(f, order, bilinear, out):
+    """Fill ``out[:2*order]`` with the 1-D weights for fractional offset ``f`` in [0, 1); return their sum.
+
+    Lanczos-n: ``L(j - f)`` for ``j = -(n-1) .. n`` with ``L(t) = sinc(pi t) sinc(pi t / n)``, evaluated
+    exactly (no tabulation); at ``f == 0`` the weights are the exact delta. Bilinear: ``(1-f, f)``.
+    """
+    if bilinear:
+        out[0] = 1.0 - f
+        out[1] = f
+        return 1.0
+    n = order
+    if f == 0.0:
+        for k in range(2 * n):
+            out[k] = 0.0
+        out[n - 1] = 1.0
+        return 1.0
+    # sin(pi (j - f)) = -(-1)^j sin(pi f); sin(pi (j - f)/n) by angle addition
+    spf = math.sin(math.pi * f)
+    a = -math.pi * f / n
+    sa = math.sin(a)
+    ca = math.cos(a)
+    total = 0.0
+    for k in range(2 * n):
+        j = k - (n - 1)
+        t = j - f
+        b = math.pi * j / n
+        s_over_n = sa * math.cos(b) + ca * math.sin(b)
+        sign = -1.0 if (j % 2 == 0) else 1.0
+        num = n * (sign * spf) * s_over_n
+        w = num / (math.pi * math.pi * t * t)
+        out[k] = w
+        total += w
+    return total
+
+
+@numba.njit(**_NOGIL)
+def count_blocks(
+    nodes_x, nodes_y, gx0, gy0, step, y_edges, x_edges, valid, out_count, out_range, out_dst
+):
+    """Per destination block: number of good pixels and the range of their source ``floor`` positions.
+
+    ``valid = (ix_lo, iy_lo, ix_hi, iy_hi)`` inclusive limits of good ``floor`` positions.
+    ``out_range[by, bx] = (imin, jmin, imax, jmax)``; ``out_dst = (Xmin, Ymin, Xmax, Ymax)`` of all
+    good destination pixels. Blocks are given by their edges in destination pixels.
+    """
+    nky, nkx = nodes_x.shape
+    lat_x1 = gx0 + (nkx - 1) * step
+    lat_y1 = gy0 + (nky - 1) * step
+    ix_lo, iy_lo, ix_hi, iy_hi = valid
+    big = 1 << 60
+    out_dst[0] = big
+    out_dst[1] = big
+    out_dst[2] = -big
+    out_dst[3] = -big
+    for by in range(y_edges.size - 1):
+        Y0 = max(y_edges[by], gy0 + 1)
+        Y1 = min(y_edges[by + 1], lat_y1 + 1)
+        for bx in range(x_edges.size - 1):
+            X0 = max(x_edges[bx], gx0 + 1)
+            X1 = min(x_edges[bx + 1], lat_x1 + 1)
+            cnt = 0
+            imin = big
+            jmin = big
+            imax = -big
+            jmax = -big
+            for Y in range(Y0, Y1):
+                for X in range(X0, X1):
+                    x, y = _interp(gx0, gy0, step, nodes_x, nodes_y, X, Y)
+                    if not (math.isfinite(x) and math.isfinite(y)):
+                        continue
+                    i = math.floor(x)
+                    j = math.floor(y)
+                    if i < ix_lo or i > ix_hi or j < iy_lo or j > iy_hi:
+                        continue
+                    cnt += 1
+                    i = int(i)
+                    j = int(j)
+                    imin = min(imin, i)
+                    imax = max(imax, i)
+                    jmin = min(jmin, j)
+                    jmax = max(jmax, j)
+                    out_dst[0] = min(out_dst[0], X)
+                    out_dst[1] = min(out_dst[1], Y)
+                    out_dst[2] = max(out_dst[2], X)
+                    out_dst[3] = max(out_dst[3], Y)
+            out_count[by, bx] = cnt
+            out_range[by, bx, 0] = imin
+            out_range[by, bx, 1] = jmin
+            out_range[by, bx, 2] = imax
+            out_range[by, bx, 3] = jmax
+
+
+@numba.njit(**_NOGIL)
+def warp_block(
+    src_img,
+    src_var,
+    src_msk,
+    win_x0,
+    win_y0,
+    valid,
+    nodes_x,
+    nodes_y,
+    gx0,
+    gy0,
+    step,
+    dst_x0,
+    dst_y0,
+    out_img,
+    out_var,
+    out_msk,
+    order,
+    bilinear,
+    mask_order,
+    grow_full,
+    nodata,
+    scale,
+):
+    """Warp one destination block (spec warping.md section 1.3, with the bad-tap rule below).
+
+    ``src_*`` is the source window whose element [0, 0] is source pixel ``(win_x0, win_y0)``; it must
+    hold every tap of every good pixel. ``valid`` as in :func:`count_blocks`. ``scale`` multiplies the
+    image (its square the variance): the photometric calibration.
+
+    Bad taps: a source pixel whose image or variance is not finite, or whose mask has ``nodata``, is
+    bad. If a bad pixel has non-zero *bilinear* weight the output pixel is no-data (NaN, +inf,
+    ``nodata`` OR-ed into its mask); otherwise bad taps are dropped and the kernel is renormalised
+    by the sum of the remaining weights. Mask bits are OR-ed from every tap, bad or not.
+    """
+    ny, nx = out_img.shape
+    n = order
+    wx = np.empty(2 * n)
+    wy = np.empty(2 * n)
+    ix_lo, iy_lo, ix_hi, iy_hi = valid
+    nan = np.nan
+    inf = np.inf
+    # rows of source positions: current row Y and previous row Y-1, for X in [dst_x0-1, dst_x0+nx)
+    cur_x = np.empty(nx + 1)
+    cur_y = np.empty(nx + 1)
+    prv_x = np.empty(nx + 1)
+    prv_y = np.empty(nx + 1)
+    for c in range(nx + 1):
+        prv_x[c], prv_y[c] = _interp(gx0, gy0, step, nodes_x, nodes_y, dst_x0 - 1 + c, dst_y0 - 1)
+    for r in range(ny):
+        Y = dst_y0 + r
+        for c in range(nx + 1):
+            cur_x[c], cur_y[c] = _interp(gx0, gy0, step, nodes_x, nodes_y, dst_x0 - 1 + c, Y)
+        for c in range(nx):
+            x = cur_x[c + 1]
+            y = cur_y[c + 1]
+            good = math.isfinite(x) and math.isfinite(y) and dst_x0 + c - 1 >= gx0 and Y - 1 >= gy0
+            if good:
+                fi = math.floor(x)
+                fj = math.floor(y)
+                good = fi >= ix_lo and fi <= ix_hi and fj >= iy_lo and fj <= iy_hi
+            if not good:
+                out_img[r, c] = nan
+                out_var[r, c] = inf
+                out_msk[r, c] = nodata
+                continue
+            i = int(fi)
+            j = int(fj)
+            fx = x - i
+            fy = y - j
+            sx = kernel_weights(fx, n, bilinear, wx)
+            sy = kernel_weights(fy, n, bilinear, wy)
+            # relative area from the left neighbour and the one below
+            ax = x - cur_x[c]
+            ay = y - cur_y[c]
+            bx = x - prv_x[c + 1]
+            byy = y - prv_y[c + 1]
+            area = abs(ax * byy - ay * bx)
+            if not math.isfinite(area):
+                out_img[r, c] = nan
+                out_var[r, c] = inf
+                out_msk[r, c] = nodata
+                continue
+            acc_i = 0.0
+            acc_v = 0.0
+            s_good = 0.0
+            core_bad = False
+            m_img = np.uint32(0)
+            base_x = i - (n - 1) - win_x0
+            base_y = j - (n - 1) - win_y0
+            for b in range(2 * n):
+                wyb = wy[b]
+                yy = base_y + b
+                # offset of this row from floor(y): b - (n-1); bilinear footprint is offsets 0 and 1
+                oy = b - (n - 1)
+                in_core_y = (oy == 0) or (oy == 1 and fy != 0.0)
+                for a in range(2 * n):
+                    wxa = wx[a]
+                    xx = base_x + a
+                    m = src_msk[yy, xx]
+                    if wxa != 0.0 and wyb != 0.0:
+                        m_img |= m
+                    v = src_img[yy, xx]
+                    vv = src_var[yy, xx]
+                    if (m & nodata) != 0 or not math.isfinite(v) or not math.isfinite(vv):
+                        ox = a - (n - 1)
+                        if in_core_y and ((ox == 0) or (ox == 1 and fx != 0.0)):
+                            core_bad = True
+                        continue
+                    w = wxa * wyb
+                    acc_i += w * v
+                    acc_v += w * w * vv
+                    s_good += w
+            # mask footprint of the mask kernel (order mask_order, taps with non-zero weight)
+            m_msk = np.uint32(0)
+            for oy in range(-(mask_order - 1), mask_order + 1):
+                if oy != 0 and fy == 0.0:
+                    continue
+                for ox in range(-(mask_order - 1), mask_order + 1):
+                    if ox != 0 and fx == 0.0:
+                        continue
+                    m_msk |= src_msk[j + oy - win_y0, i + ox - win_x0]
+            mout = (m_img & grow_full) | m_msk
+            if core_bad or not (s_good > 0.0):
+                out_img[r, c] = nan
+                out_var[r, c] = inf
+                out_msk[r, c] = mout | nodata
+                continue
+            k = area / s_good
+            out_img[r, c] = k * acc_i * scale
+            out_var[r, c] = k * k * acc_v * scale * scale
+            out_msk[r, c] = mout
+        for c in range(nx + 1):
+            prv_x[c] = cur_x[c]
+            prv_y[c] = cur_y[c]
+
+
+@numba.njit(**_NOGIL)
+def correlation_sums(nodes_x, nodes_y, gx0, gy0, step, X0, Y0, nx, ny, valid, order, bilinear, qx0, qy0, cmap, hits):
+    """Ingredients of the variance correlation factor on a destination window.
+
+    For every good destination pixel p of the window, with weights ``w_pq`` and relative area
+    ``A_p``, adds ``A_p w_pq / s_p`` to ``cmap[q]`` (source pixel q; ``cmap[0, 0]`` is source pixel
+    ``(qx0, qy0)``), counts the contributions in ``hits`` and returns ``(n_good, sum A_p, sum A_p^2 g_p)`` with ``g_p = sum_q w_pq^2 / s_p^2``.
+    """
+    n = order
+    wx = np.empty(2 * n)
+    wy = np.empty(2 * n)
+    ix_lo, iy_lo, ix_hi, iy_hi = valid
+    cnt = 0
+    sum_a = 0.0
+    sum_a2g = 0.0
+    for r in range(ny):
+        Y = Y0 + r
+        for c in range(nx):
+            X = X0 + c
+            x, y = _interp(gx0, gy0, step, nodes_x, nodes_y, X, Y)
+            xl, yl = _interp(gx0, gy0, step, nodes_x, nodes_y, X - 1, Y)
+            xb, yb = _interp(gx0, gy0, step, nodes_x, nodes_y, X, Y - 1)
+            if not (math.isfinite(x) and math.isfinite(y) and math.isfinite(xl) and math.isfinite(xb)):
+                continue
+            if X - 1 < gx0 or Y - 1 < gy0:
+                continue
+            fi = math.floor(x)
+            fj = math.floor(y)
+            if fi < ix_lo or fi > ix_hi or fj < iy_lo or fj > iy_hi:
+                continue
+            i = int(fi)
+            j = int(fj)
+            sx = kernel_weights(x - i, n, bilinear, wx)
+            sy = kernel_weights(y - j, n, bilinear, wy)
+            area = abs((x - xl) * (y - yb) - (y - yl) * (x - xb))
+            s = sx * sy
+            g = 0.0
+            for b in range(2 * n):
+                for a in range(2 * n):
+                    w = wx[a] * wy[b]
+                    g += w * w
+                    cmap[j - (n - 1) + b - qy0, i - (n - 1) + a - qx0] += area * w / s
+                    hits[j - (n - 1) + b - qy0, i - (n - 1) + a - qx0] += 1
+            g /= s * s
+            cnt += 1
+            sum_a += area
+            sum_a2g += area * area * g
+    return cnt, sum_a, sum_a2g
+
+
+@numba.njit(**_NOGIL)
+def warp_psf_image(src, m00, m01, m10, m11, half_y, half_x, out):
+    """Resample a centred PSF image through the affine map ``src_offset = M @ dst_offset``.
+
+    Lanczos-3 taps (exact), zero padding outside ``src``, per-pixel rule ``(A/s) sum w I`` with
+    ``A = |det M|``; the caller renormalises. ``out`` has shape ``(2*half_y+1, 2*half_x+1)``.
+    """
+    n = 3
+    wx = np.empty(2 * n)
+    wy = np.empty(2 * n)
+    sny, snx = src.shape
+    cy = (sny - 1) // 2
+    cx = (snx - 1) // 2
+    area = abs(m00 * m11 - m01 * m10)
+    for r in range(2 * half_y + 1):
+        v = r - half_y
+        for c in range(2 * half_x + 1):
+            u = c - half_x
+            x = cx + m00 * u + m01 * v
+            y = cy + m10 * u + m11 * v
+            rx = math.floor(x + 0.5)
+            if abs(x - rx) < SNAP:
+                x = rx
+            ry = math.floor(y + 0.5)
+            if abs(y - ry) < SNAP:
+                y = ry
+            i = int(math.floor(x))
+            j = int(math.floor(y))
+            sx = kernel_weights(x - i, n, False, wx)
+            sy = kernel_weights(y - j, n, False, wy)
+            acc = 0.0
+            for b in range(2 * n):
+                yy = j - (n - 1) + b
+                if yy < 0 or yy >= sny:
+                    continue
+                for a in range(2 * n):
+                    xx = i - (n - 1) + a
+                    if xx < 0 or xx >= snx:
+                        continue
+                    acc += wx[a] * wy[b] * src[yy, xx]
+            out[r, c] = area * acc / (sx * sy)
