@@ -327,11 +327,12 @@ class Repository:
         return sorted(group.group_keys())
 
     def _open_dataset(self, path: str, chunks) -> xr.Dataset:
-        ds = xr.open_zarr(
-            self._store, group=path, chunks=chunks, zarr_format=3, consolidated=False, decode_coords=True
-        )
+        """Open a group lazily on its stored chunks, then re-chunk if asked (one read per stored chunk)."""
+        ds = xr.open_zarr(self._store, group=path, chunks={}, zarr_format=3, consolidated=False, decode_coords=True)
         for var in ds.variables.values():
             var.encoding.pop("fill_value", None)
+        if chunks:
+            ds = ds.chunk(chunks)
         return ds
 
     # -- markers ---------------------------------------------------------------------------
@@ -437,7 +438,7 @@ class Repository:
             raise ProductIncompleteError(
                 f"exposure visit={visit} detector={detector} in {self.url} was never completely written", ids=ids
             )
-        return self._open_dataset(path, {} if chunks is None else chunks)
+        return self._open_dataset(path, chunks)
 
     def list_exposures(self) -> list[dict]:
         """One record per stored exposure: visit, detector, band, shape, complete."""
@@ -768,7 +769,7 @@ class Repository:
                 f"product {product} in {self.url} is incomplete: unit(s) {shown} not marked complete",
                 ids=self._unit_ids(product, layout, missing[0]),
             )
-        ds = self._open_dataset(product, {} if chunks is None else chunks)
+        ds = self._open_dataset(product, chunks)
         ds.attrs = {k: v for k, v in ds.attrs.items() if k != _LAYOUT}
         if window is not None:
             ds = ds.isel(y=slice(window.y0, window.y1), x=slice(window.x0, window.x1))
