@@ -183,23 +183,120 @@ def quantile_sorted(s, lo, hi, f):
 
 
 @njit(cache=True, nogil=True)
+def reduce_one(
+    x, m, v, w, and_mask, nan_safe, weight_mode, error_mode, num_sigma, num_iter, do_quantiles, do_clip,
+    prop_bits, prop_thr, xs, ws, vs, ms, rejected, out,
+):
+    """Reduce one sample set (1-D ``x``, ``m``, ``v``, ``w``) into ``out[C_*]``; returns ORMASK.
+
+    ``xs``, ``ws``, ``vs``, ``ms`` (length >= len(x)) and ``rejected`` (one per propagated bit)
+    are scratch buffers.
+    """
+    k = x.shape[0]
+    nprop = prop_bits.shape[0]
+    andm = np.uint32(and_mask)
+    for b in range(nprop):
+        rejected[b] = 0.0
+    n = 0
+    orm = np.uint32(0)
+    for i in range(k):
+        xi = np.float64(x[i])
+        mi = np.uint32(m[i])
+        vi = np.float64(v[i])
+        if weight_mode == WEIGHT_INVERSE_VARIANCE:
+            if not (vi > 0.0):
+                continue
+            wi = 1.0 / vi
+        elif weight_mode == WEIGHT_MULTIPLICATIVE:
+            wi = np.float64(w[i])
+        else:
+            wi = 1.0
+        if (mi & andm) != 0 or (nan_safe and not math.isfinite(xi)):
+            for b in range(nprop):
+                if (mi & prop_bits[b]) != 0:
+                    rejected[b] += wi
+            continue
+        xs[n] = xi
+        ws[n] = wi
+        vs[n] = vi
+        ms[n] = mi
+        orm |= mi
+        n += 1
+    _order_samples(xs, ws, vs, ms, n)
+
+    cnt, s1, s2, mean, var, errvar, swx = _moments(xs, ws, vs, n, False, 0.0, 0.0, error_mode)
+    for b in range(nprop):
+        total = s1 + rejected[b]
+        if total != 0.0 and rejected[b] / total > prop_thr[b]:
+            orm |= prop_bits[b]
+    out[C_NPOINT] = n
+    out[C_NMASKED] = k - n
+    out[C_MEAN] = mean
+    out[C_VARIANCE] = var
+    out[C_MEAN_ERRVAR] = errvar
+    out[C_SUM] = swx
+    out[C_SUMW] = s1
+    # sorted: min is the first entry, max the last one that is not NaN (NaN compares false)
+    top = n - 1
+    while top >= 0 and math.isnan(xs[top]):
+        top -= 1
+    out[C_MIN] = xs[0] if top >= 0 else np.nan
+    out[C_MAX] = xs[top] if top >= 0 else np.nan
+    out[C_MEDIAN] = np.nan
+    out[C_Q25] = np.nan
+    out[C_Q75] = np.nan
+    out[C_MEANCLIP] = np.nan
+    out[C_VARCLIP] = np.nan
+    out[C_MEANCLIP_ERRVAR] = np.nan
+    out[C_NCLIPPED] = 0
+    out[C_NKEPT] = n
+    if not (do_quantiles or do_clip):
+        return orm
+    # finite selected samples form the contiguous run [lo, hi) of the sorted buffer
+    lo = 0
+    while lo < n and not math.isfinite(xs[lo]) and xs[lo] < 0:
+        lo += 1
+    hi = lo
+    while hi < n and math.isfinite(xs[hi]):
+        hi += 1
+    med = quantile_sorted(xs, lo, hi, 0.5)
+    q25 = quantile_sorted(xs, lo, hi, 0.25)
+    q75 = quantile_sorted(xs, lo, hi, 0.75)
+    out[C_MEDIAN] = med
+    out[C_Q25] = q25
+    out[C_Q75] = q75
+    if not do_clip:
+        return orm
+    iqr = q75 - q25
+    cmean = np.nan
+    cvar = np.nan
+    cerr = np.nan
+    kept = 0
+    for p in range(num_iter):
+        centre = med if p == 0 else cmean
+        if p == 0 or n <= 1:
+            width = num_sigma * IQR_TO_SIGMA * iqr
+        elif math.isnan(cvar):
+            width = np.nan
+        else:
+            width = num_sigma * math.sqrt(max(cvar, 0.0))
+        if math.isnan(centre) or math.isnan(width):
+            out[C_NCLIPPED] = n
+            out[C_NKEPT] = 0
+            return orm
+        kept, _s1, _s2, cmean, cvar, cerr, _swx = _moments(xs, ws, vs, n, True, centre, width, error_mode)
+    out[C_MEANCLIP] = cmean
+    out[C_VARCLIP] = cvar
+    out[C_MEANCLIP_ERRVAR] = cerr
+    out[C_NCLIPPED] = n - kept
+    out[C_NKEPT] = kept
+    return orm
+
+
+@njit(cache=True, nogil=True)
 def reduce_rows(
-    x,
-    m,
-    v,
-    w,
-    and_mask,
-    nan_safe,
-    weight_mode,
-    error_mode,
-    num_sigma,
-    num_iter,
-    do_quantiles,
-    do_clip,
-    prop_bits,
-    prop_thr,
-    out,
-    ormask,
+    x, m, v, w, and_mask, nan_safe, weight_mode, error_mode, num_sigma, num_iter, do_quantiles, do_clip,
+    prop_bits, prop_thr, out, ormask,
 ):
     """Reduce every row of ``x`` (shape ``(n_sets, n_samples)``) into ``out[row, C_*]``.
 
@@ -212,104 +309,80 @@ def reduce_rows(
     ws = np.empty(k, dtype=np.float64)
     vs = np.empty(k, dtype=np.float64)
     ms = np.empty(k, dtype=np.uint32)
-    nprop = prop_bits.shape[0]
-    rejected = np.zeros(nprop, dtype=np.float64)
-    andm = np.uint32(and_mask)
+    rejected = np.zeros(prop_bits.shape[0], dtype=np.float64)
     for r in range(n_sets):
-        for b in range(nprop):
-            rejected[b] = 0.0
-        n = 0
-        orm = np.uint32(0)
-        for i in range(k):
-            xi = np.float64(x[r, i])
-            mi = np.uint32(m[r, i])
-            vi = np.float64(v[r, i])
-            if weight_mode == WEIGHT_INVERSE_VARIANCE:
-                if not (vi > 0.0):
-                    continue
-                wi = 1.0 / vi
-            elif weight_mode == WEIGHT_MULTIPLICATIVE:
-                wi = np.float64(w[r, i])
-            else:
-                wi = 1.0
-            if (mi & andm) != 0 or (nan_safe and not math.isfinite(xi)):
-                for b in range(nprop):
-                    if (mi & prop_bits[b]) != 0:
-                        rejected[b] += wi
-                continue
-            xs[n] = xi
-            ws[n] = wi
-            vs[n] = vi
-            ms[n] = mi
-            orm |= mi
-            n += 1
-        _order_samples(xs, ws, vs, ms, n)
+        ormask[r] = reduce_one(
+            x[r], m[r], v[r], w[r], and_mask, nan_safe, weight_mode, error_mode, num_sigma, num_iter,
+            do_quantiles, do_clip, prop_bits, prop_thr, xs, ws, vs, ms, rejected, out[r],
+        )
 
-        cnt, s1, s2, mean, var, errvar, swx = _moments(xs, ws, vs, n, False, 0.0, 0.0, error_mode)
-        for b in range(nprop):
-            total = s1 + rejected[b]
-            if total != 0.0 and rejected[b] / total > prop_thr[b]:
-                orm |= prop_bits[b]
-        out[r, C_NPOINT] = n
-        out[r, C_NMASKED] = k - n
-        out[r, C_MEAN] = mean
-        out[r, C_VARIANCE] = var
-        out[r, C_MEAN_ERRVAR] = errvar
-        out[r, C_SUM] = swx
-        out[r, C_SUMW] = s1
-        # sorted: min is the first entry, max the last one that is not NaN (NaN compares false)
-        top = n - 1
-        while top >= 0 and math.isnan(xs[top]):
-            top -= 1
-        out[r, C_MIN] = xs[0] if top >= 0 else np.nan
-        out[r, C_MAX] = xs[top] if top >= 0 else np.nan
-        ormask[r] = orm
 
-        if not (do_quantiles or do_clip):
-            continue
-        # finite selected samples form the contiguous run [lo, hi) of the sorted buffer
-        lo = 0
-        while lo < n and not math.isfinite(xs[lo]) and xs[lo] < 0:
-            lo += 1
-        hi = lo
-        while hi < n and math.isfinite(xs[hi]):
-            hi += 1
-        med = quantile_sorted(xs, lo, hi, 0.5)
-        q25 = quantile_sorted(xs, lo, hi, 0.25)
-        q75 = quantile_sorted(xs, lo, hi, 0.75)
-        out[r, C_MEDIAN] = med
-        out[r, C_Q25] = q25
-        out[r, C_Q75] = q75
-        if not do_clip:
-            continue
-        iqr = q75 - q25
-        cmean = np.nan
-        cvar = np.nan
-        cerr = np.nan
-        kept = 0
-        failed = False
-        for p in range(num_iter):
-            centre = med if p == 0 else cmean
-            if p == 0 or n <= 1:
-                width = num_sigma * IQR_TO_SIGMA * iqr
+STACK_MEAN = 0
+STACK_MEANCLIP = 1
+STACK_MEDIAN = 2
+
+
+@njit(cache=True, nogil=True)
+def stack_pixels(
+    image, variance, mask, weights, and_mask, weight_mode, error_mode, statistic, num_sigma, num_iter,
+    prop_bits, prop_thr, no_data, clipped, map_from, map_to, out_image, out_variance, out_mask, out_n,
+):
+    """Per-pixel stack of ``(K, ny, nx)`` planes (section 3 of the statistics spec).
+
+    ``weights`` has one entry per plane (multiplicative) or is ignored. Writes the statistic, the
+    square of its error, the stacked mask (ORMASK, NO_DATA replacing it where nothing survives,
+    ``clipped`` where a sample was clipped, the mask map where any sample was masked) and the count
+    of planes without an and-mask bit.
+    """
+    nk, ny, nx = image.shape
+    xs = np.empty(nk, dtype=np.float64)
+    ws = np.empty(nk, dtype=np.float64)
+    vs = np.empty(nk, dtype=np.float64)
+    ms = np.empty(nk, dtype=np.uint32)
+    rejected = np.zeros(prop_bits.shape[0], dtype=np.float64)
+    row = np.empty(N_COLUMNS, dtype=np.float64)
+    andm = np.uint32(and_mask)
+    do_clip = statistic == STACK_MEANCLIP
+    do_quantiles = statistic != STACK_MEAN
+    nmap = map_from.shape[0]
+    for i in range(ny):
+        for j in range(nx):
+            orm = reduce_one(
+                image[:, i, j], mask[:, i, j], variance[:, i, j], weights, and_mask, True, weight_mode,
+                error_mode, num_sigma, num_iter, do_quantiles, do_clip, prop_bits, prop_thr, xs, ws, vs, ms,
+                rejected, row,
+            )
+            n_unmasked = 0
+            any_mask = np.uint32(0)
+            for k in range(nk):
+                mk = np.uint32(mask[k, i, j])
+                any_mask |= mk
+                if (mk & andm) == 0:
+                    n_unmasked += 1
+            npoint = row[C_NPOINT]
+            if statistic == STACK_MEAN:
+                value = row[C_MEAN]
+                errvar = row[C_MEAN_ERRVAR]
+            elif statistic == STACK_MEANCLIP:
+                value = row[C_MEANCLIP]
+                errvar = row[C_MEANCLIP_ERRVAR]
             else:
-                width = num_sigma * math.sqrt(max(cvar, 0.0)) if not math.isnan(cvar) else np.nan
-            if math.isnan(centre) or math.isnan(width):
-                failed = True
-                break
-            kept, _s1, _s2, cmean, cvar, cerr, _swx = _moments(xs, ws, vs, n, True, centre, width, error_mode)
-        if failed:
-            out[r, C_MEANCLIP] = np.nan
-            out[r, C_VARCLIP] = np.nan
-            out[r, C_MEANCLIP_ERRVAR] = np.nan
-            out[r, C_NCLIPPED] = n
-            out[r, C_NKEPT] = 0
-        else:
-            out[r, C_MEANCLIP] = cmean
-            out[r, C_VARCLIP] = cvar
-            out[r, C_MEANCLIP_ERRVAR] = cerr
-            out[r, C_NCLIPPED] = n - kept
-            out[r, C_NKEPT] = kept
+                value = row[C_MEDIAN]
+                errvar = 0.5 * math.pi * row[C_VARIANCE] / npoint if npoint > 0 else np.nan
+            if npoint == 0:
+                orm = np.uint32(no_data)
+                value = np.nan
+                errvar = np.nan
+            if row[C_NCLIPPED] > 0:
+                orm |= np.uint32(clipped)
+            if row[C_NMASKED] > 0:
+                for p in range(nmap):
+                    if (any_mask & map_from[p]) != 0:
+                        orm |= map_to[p]
+            out_image[i, j] = value
+            out_variance[i, j] = errvar
+            out_mask[i, j] = orm
+            out_n[i, j] = n_unmasked
 
 
 # ---------------------------------------------------------------------------------------------

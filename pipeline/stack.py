@@ -1,0 +1,312 @@
+"""Per-pixel stacking of aligned warps over the ``visit`` dimension.
+
+One numba pass per chunk reduces every pixel's column of visits with MEAN, MEANCLIP or MEDIAN
+(``statistics_and_masks.md`` section 3): and-mask selection, per-visit weights (or per-pixel
+inverse variances), variance of the result from the input variances, the stacked mask (OR of the
+surviving inputs, threshold-propagated bits, CLIPPED, the REJECTED/SENSOR_EDGE/CLIPPED mask map,
+NO_DATA where nothing survives) and the count of unmasked inputs ``n_image``.
+
+The work is a single ``blockwise`` over the (y, x) chunks with the visit axis whole, so memory is
+bounded by one chunk column per image, and the task count grows with the number of chunks only.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Literal
+
+import numpy as np
+import xarray as xr
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from . import _kernels_stats as K
+from .errors import MaskPlaneError, SchemaError, SkystackWarning
+from .model.masks import add_planes, bitmask, check_same_planes, mask_attrs, planes_from_attrs
+from .model.schema import data_ids, validate, with_provenance
+from .model.wcs import WCS_COORD
+from .stats import propagation_table
+
+__all__ = ["StackConfig", "stack", "stack_mask_map"]
+
+_STATISTICS = {"MEAN": K.STACK_MEAN, "MEANCLIP": K.STACK_MEANCLIP, "MEDIAN": K.STACK_MEDIAN}
+_PLANES_ADDED = ("CLIPPED", "REJECTED", "SENSOR_EDGE")
+
+
+class StackConfig(BaseModel):
+    """Configuration of :func:`stack` (the stacking part of the reference's AssembleCoaddConfig)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    statistic: Literal["MEAN", "MEANCLIP", "MEDIAN"] = Field(
+        "MEANCLIP", description="per-pixel statistic over the visits"
+    )
+    num_sigma_clip: float = Field(3.0, gt=0.0, le=1e6, description="MEANCLIP half-width in sigma")
+    num_iter: int = Field(2, ge=1, le=100, description="MEANCLIP passes, the first (IQR-based) one included")
+    bad_mask_planes: tuple[str, ...] = Field(
+        ("NO_DATA", "BAD", "SAT", "EDGE"),
+        description="and-mask: inputs with any of these planes are excluded (unknown names are skipped)",
+    )
+    weighted: bool = Field(
+        True, description="use the per-visit weights, or per-pixel 1/variance when no weights are given"
+    )
+    calc_error_from_input_variance: bool = Field(
+        True, description="result variance sum(w^2 v)/sum(w)^2 over the used inputs (else from the scatter)"
+    )
+    mask_propagation_thresholds: dict[str, float] = Field(
+        default_factory=lambda: {"SAT": 0.1},
+        description="plane -> weight fraction of excluded inputs with that plane above which it is set",
+    )
+    no_good_pixels_mask: str = Field("NO_DATA", description="plane that replaces the mask where no input survives")
+
+    @field_validator("mask_propagation_thresholds")
+    @classmethod
+    def _check_thresholds(cls, value):
+        for name, thr in value.items():
+            if not (0.0 <= thr <= 1.0):
+                raise ValueError(f"mask propagation threshold of {name!r} is {thr}; it must lie in [0, 1]")
+        return value
+
+    def __hash__(self):
+        return hash(self.model_dump_json())
+
+
+def stack_mask_map(and_mask: int, planes: Mapping[str, int]) -> list[tuple[int, int]]:
+    """The default mask map of the coadd: (from bits, to bits) pairs.
+
+    Bad bits other than NO_DATA/EDGE/CLIPPED -> REJECTED; EDGE -> SENSOR_EDGE; CLIPPED -> CLIPPED.
+    """
+    b = lambda name: bitmask(name, planes)  # noqa: E731
+    rejected_from = and_mask & ~(b("NO_DATA") | b("EDGE") | b("CLIPPED"))
+    return [(rejected_from, b("REJECTED")), (b("EDGE"), b("SENSOR_EDGE")), (b("CLIPPED"), b("CLIPPED"))]
+
+
+class _StackPlan:
+    def __init__(self, config: StackConfig, planes: Mapping[str, int], has_weights: bool):
+        self.statistic = _STATISTICS[config.statistic]
+        self.and_mask = bitmask(list(config.bad_mask_planes), planes, strict=False)
+        self.prop_bits, self.prop_thr = propagation_table(
+            {k: v for k, v in config.mask_propagation_thresholds.items() if k in planes}, planes
+        )
+        if not config.weighted:
+            self.weight_mode = K.WEIGHT_NONE
+        elif has_weights:
+            self.weight_mode = K.WEIGHT_MULTIPLICATIVE
+        else:
+            self.weight_mode = K.WEIGHT_INVERSE_VARIANCE
+        self.error_mode = K.ERROR_INPUT_VARIANCE if config.calc_error_from_input_variance else K.ERROR_DEFAULT
+        self.num_sigma = float(config.num_sigma_clip)
+        self.num_iter = int(config.num_iter)
+        self.no_data = bitmask(config.no_good_pixels_mask, planes)
+        self.clipped = bitmask("CLIPPED", planes)
+        pairs = stack_mask_map(self.and_mask, planes)
+        self.map_from = np.array([p[0] for p in pairs], dtype=np.uint32)
+        self.map_to = np.array([p[1] for p in pairs], dtype=np.uint32)
+
+    def __dask_tokenize__(self):
+        return (
+            "skystack-stack-plan",
+            self.statistic,
+            self.and_mask,
+            self.prop_bits.tolist(),
+            self.prop_thr.tolist(),
+            self.weight_mode,
+            self.error_mode,
+            self.num_sigma,
+            self.num_iter,
+            self.no_data,
+            self.clipped,
+            self.map_from.tolist(),
+            self.map_to.tolist(),
+        )
+
+    def run(self, image, variance, mask, weights):
+        """Stack numpy blocks ``(K, ny, nx)``; returns (image, variance, mask, n_image)."""
+        _, ny, nx = image.shape
+        out_image = np.empty((ny, nx), dtype=np.float32)
+        out_variance = np.empty((ny, nx), dtype=np.float32)
+        out_mask = np.empty((ny, nx), dtype=np.uint32)
+        out_n = np.empty((ny, nx), dtype=np.uint16)
+        K.stack_pixels(
+            image,
+            variance,
+            mask.astype(np.uint32, copy=False),
+            np.asarray(weights, dtype=np.float64),
+            self.and_mask,
+            self.weight_mode,
+            self.error_mode,
+            self.statistic,
+            self.num_sigma,
+            self.num_iter,
+            self.prop_bits,
+            self.prop_thr,
+            self.no_data,
+            self.clipped,
+            self.map_from,
+            self.map_to,
+            out_image,
+            out_variance,
+            out_mask,
+            out_n,
+        )
+        return out_image, out_variance, out_mask, out_n
+
+    def packed(self, image, variance, mask, weights):
+        """Block function for dask: the four outputs packed (exactly) into one float64 array."""
+        outs = self.run(image, variance, mask, weights)
+        packed = np.empty((4,) + outs[0].shape, dtype=np.float64)
+        for i, o in enumerate(outs):
+            packed[i] = o
+        return packed
+
+
+def _combine_inputs(warps) -> xr.Dataset:
+    """A stack Dataset from a stack Dataset or a sequence of warp Datasets (planes must agree)."""
+    if isinstance(warps, xr.Dataset):
+        return warps
+    if not isinstance(warps, Sequence) or not warps or not all(isinstance(w, xr.Dataset) for w in warps):
+        raise SchemaError("warps must be a stack Dataset (dims visit, y, x) or a non-empty sequence of warp Datasets")
+    planes = [planes_from_attrs(w["mask"].attrs) if "mask" in w else {} for w in warps]
+    labels = [f"warp visit={w.attrs.get('visit', i)}" for i, w in enumerate(warps)]
+    check_same_planes(*planes, what=labels)
+    first = warps[0]
+    for w, label in zip(warps[1:], labels[1:]):
+        for axis in ("y", "x"):
+            if not first.indexes[axis].equals(w.indexes[axis]):
+                raise SchemaError(f"{label} does not cover the pixel grid of {labels[0]} along {axis}", ids=data_ids(w))
+    visits = [w.attrs.get("visit", i) for i, w in enumerate(warps)]
+    parts = []
+    for w in warps:
+        w = w[["image", "variance", "mask"]]
+        parts.append(w.drop_vars([c for c in w.coords if c not in ("y", "x", WCS_COORD)]))
+    out = xr.concat(parts, dim="visit", coords="minimal", compat="override", combine_attrs="override")
+    out = out.assign_coords(visit=("visit", visits))
+    out.attrs = {k: v for k, v in first.attrs.items() if k != "visit"}
+    return out
+
+
+def stack(
+    warps: xr.Dataset | Sequence[xr.Dataset],
+    *,
+    weights: xr.DataArray | None = None,
+    config: StackConfig = StackConfig(),
+) -> xr.Dataset:
+    """Stack aligned warps pixel by pixel over ``visit`` into a coadd-kind Dataset.
+
+    ``warps`` is a stack Dataset (``image``/``variance``/``mask`` with dims ``(visit, y, x)``,
+    chunked in y/x) or a sequence of warp Datasets on one pixel grid. ``weights`` is a DataArray
+    over ``visit`` (matched by the ``visit`` coordinate when both have one). Returns ``image``,
+    ``variance``, ``mask`` and ``n_image`` (uint16, inputs without an and-mask bit) on the grid
+    of the input, with its attrs, WCS coordinate and mask planes (plus CLIPPED, REJECTED,
+    SENSOR_EDGE). Lazy on dask input, eager on numpy input; independent of the chunking and of
+    the order of the visits (exactly: samples are summed in a fixed order).
+
+    Notes
+    -----
+    Reference: lsst/afw ``math::statisticsStack`` as called by AssembleCoaddTask's
+    ``assembleSubregion`` (lsst/drp_tasks), with the mask map of ``setRejectedMaskMapping``.
+    Config mapping: ``statistic`` = statistic, ``num_sigma_clip`` = sigmaClip, ``num_iter`` =
+    clipIter, ``bad_mask_planes`` = badMaskPlanes (the and-mask), ``calc_error_from_input_variance``
+    = calcErrorFromInputVariance, ``mask_propagation_thresholds`` = maskPropagationThresholds,
+    ``weighted`` = StatisticsControl weighted (true in the coadd), ``no_good_pixels_mask`` =
+    noGoodPixelsMask; the clipped bit is CLIPPED. ``n_image`` is the coadd's nImage.
+    Supplied weights with ``weighted=False`` are ignored with a :class:`SkystackWarning`, as in
+    the reference. The MEDIAN variance is ``pi/2 * VARIANCE / NPOINT`` (section 1.5), so it is
+    NaN where a single input survives.
+    """
+    if not isinstance(config, StackConfig):
+        raise SchemaError(f"config must be a StackConfig, got {type(config).__name__}")
+    ds = _combine_inputs(warps)
+    ids = data_ids(ds)
+    validate(ds)
+    for name in ("image", "variance", "mask"):
+        if ds[name].dims != ("visit", "y", "x"):
+            raise SchemaError(f"variable {name!r} has dims {ds[name].dims}; stacking needs ('visit', 'y', 'x')", ids=ids)
+    nvisit = ds.sizes["visit"]
+    if nvisit == 0:
+        raise SchemaError("there is nothing to stack: the visit dimension is empty", ids=ids)
+    planes_in = planes_from_attrs(ds["mask"].attrs)
+    planes = add_planes(planes_in, _PLANES_ADDED)
+    if config.no_good_pixels_mask not in planes:
+        raise MaskPlaneError(f"no_good_pixels_mask plane {config.no_good_pixels_mask!r} is unknown", ids=ids)
+
+    if weights is not None and not config.weighted:
+        warnings.warn("weights were given but config.weighted is False: the weights are ignored", SkystackWarning, stacklevel=2)
+        weights = None
+    wdata = _weights_vector(weights, ds, ids)
+    plan = _StackPlan(config, planes, wdata is not None)
+    if wdata is None:
+        wdata = np.ones(nvisit, dtype=np.float64)
+
+    image, variance, mask = (ds[n].data for n in ("image", "variance", "mask"))
+    lazy = any(hasattr(a, "dask") for a in (image, variance, mask)) or hasattr(wdata, "dask")
+    if lazy:
+        import dask.array as da
+
+        arrs = [da.asarray(a) for a in (image, variance, mask)]
+        chunks = ((nvisit,),) + arrs[0].chunks[1:]
+        arrs = [a.rechunk(chunks) for a in arrs]
+        w = da.asarray(wdata).astype(np.float64).rechunk(-1)
+        packed = da.blockwise(
+            plan.packed,
+            "oyx",
+            arrs[0],
+            "vyx",
+            arrs[1],
+            "vyx",
+            arrs[2],
+            "vyx",
+            w,
+            "v",
+            new_axes={"o": 4},
+            concatenate=True,
+            dtype=np.float64,
+            meta=np.empty((0, 0, 0), dtype=np.float64),
+        )
+        outs = (
+            packed[0].astype(np.float32),
+            packed[1].astype(np.float32),
+            packed[2].astype(np.uint32),
+            packed[3].astype(np.uint16),
+        )
+    else:
+        outs = plan.run(np.asarray(image), np.asarray(variance), np.asarray(mask), np.asarray(wdata))
+
+    grid = {"grid_mapping": WCS_COORD}
+    coords = {"y": ds["y"], "x": ds["x"]}
+    if WCS_COORD in ds.coords:
+        coords[WCS_COORD] = ds.coords[WCS_COORD]
+    out = xr.Dataset(
+        {
+            "image": (("y", "x"), outs[0], dict(grid)),
+            "variance": (("y", "x"), outs[1], dict(grid)),
+            "mask": (("y", "x"), outs[2], {**grid, **mask_attrs(planes)}),
+            "n_image": (("y", "x"), outs[3], {"long_name": "number of inputs without an and-mask bit"}),
+        },
+        coords=coords,
+    )
+    out.attrs = {k: v for k, v in ds.attrs.items() if k not in ("visit", "detector", "provenance")}
+    if "provenance" in ds.attrs:
+        out.attrs["provenance"] = ds.attrs["provenance"]
+    out.attrs["kind"] = "coadd"
+    return with_provenance(out, "stack", config)
+
+
+def _weights_vector(weights, ds: xr.Dataset, ids):
+    """The per-visit weights as a 1-D (numpy or dask) array in the order of ``ds.visit``."""
+    if weights is None:
+        return None
+    if not isinstance(weights, xr.DataArray):
+        raise SchemaError(f"weights must be an xarray.DataArray over 'visit', got {type(weights).__name__}", ids=ids)
+    if weights.dims != ("visit",):
+        raise SchemaError(f"weights have dims {weights.dims}; expected ('visit',)", ids=ids)
+    if "visit" in weights.coords and "visit" in ds.coords:
+        missing = [v for v in ds.indexes["visit"] if v not in weights.indexes["visit"]]
+        if missing:
+            raise SchemaError(f"no weight for visits {missing}", ids=ids)
+        weights = weights.sel(visit=ds.indexes["visit"])
+    elif weights.sizes["visit"] != ds.sizes["visit"]:
+        raise SchemaError(f"{weights.sizes['visit']} weights for {ds.sizes['visit']} visits", ids=ids)
+    if not np.issubdtype(weights.dtype, np.number):
+        raise SchemaError(f"weights must be numbers, got dtype {weights.dtype}", ids=ids)
+    return weights.data
