@@ -189,7 +189,8 @@ class _open:
             info = self.hdul.fileinfo(i)
             if info is None:
                 continue
-            need = info["datLoc"] + hdu.size
+            # unpadded size for plain HDUs; on-disk span for tile-compressed ones (hdu.size is the image)
+            need = info["datLoc"] + min(hdu.size, info["datSpan"])
             if need > size:
                 raise FitsFormatError(
                     f"truncated FITS file: HDU {i} ({hdu.name}) needs {need} bytes but the file has {size}",
