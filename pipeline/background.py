@@ -245,7 +245,8 @@ def _spline_block(qy, qx, cells, *, xc, yc, style, reduce, ids):
 def _solve_chebyshev(cells, *, xc, yc, order, weighting, width, height, ids):
     z = cells[CELL_VALUE].ravel()
     err = cells[CELL_ERROR].ravel()
-    w = 1.0 / err if weighting else np.ones_like(z)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        w = 1.0 / err if weighting else np.ones_like(z)
     xx, yy = np.meshgrid(xc, yc)
     use = np.isfinite(z) & np.isfinite(w)
     nterms = (order + 1) * (order + 2) // 2
@@ -367,7 +368,7 @@ class BackgroundModel:
                 meta=np.empty((0,), dtype=np.float64),
             )
             img = da.blockwise(
-                _cheb_block, "yx", qy, "y", qx, "x", coeffs, "c", concatenate=True,
+                _cheb_block, "yx", qy, "y", qx, "x", coeffs, "c", concatenate=True, align_arrays=False,
                 order=self.order, width=self.width, height=self.height, dtype=np.float32,
                 meta=np.empty((0, 0), dtype=np.float32),
             )
@@ -375,7 +376,7 @@ class BackgroundModel:
             code = interp_style_code(self.style)
             reduce = self.config.undersample_style == "REDUCE_INTERP_ORDER"
             img = da.blockwise(
-                _spline_block, "yx", qy, "y", qx, "x", cells, "sab", concatenate=True,
+                _spline_block, "yx", qy, "y", qx, "x", cells, "sab", concatenate=True, align_arrays=False,
                 xc=self.x_centres, yc=self.y_centres, style=code, reduce=reduce, ids=self.ids,
                 dtype=np.float32, meta=np.empty((0, 0), dtype=np.float32),
             )

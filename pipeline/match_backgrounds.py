@@ -458,7 +458,7 @@ def match_backgrounds(
         payload = da.from_delayed(dask.delayed(_payload, pure=True)(plan, length), shape=(length + 1,),
                                   dtype=np.float64)
         model = da.blockwise(
-            _model_block, "yx", qy, "y", qx, "x", payload, "p", concatenate=True, mode=mode, xc=xc, yc=yc,
+            _model_block, "yx", qy, "y", qx, "x", payload, "p", concatenate=True, align_arrays=False, mode=mode, xc=xc, yc=yc,
             style=style, reduce=reduce, order=order, width=width, height=height, ny=ny, nx=nx,
             dtype=np.float32, meta=np.empty((0, 0), dtype=np.float32),
         )

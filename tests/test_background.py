@@ -1,0 +1,346 @@
+"""Binned background model: grid layout, interpolants, closed-form backgrounds, laziness, errors."""
+
+from __future__ import annotations
+
+import dask
+import numpy as np
+import pydantic
+import pytest
+import scipy.interpolate
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipeline import _kernels_background as K
+from pipeline.background import (
+    BackgroundConfig,
+    cell_layout,
+    fit_background,
+    fixed_edge_layout,
+    subtract_background,
+)
+from pipeline.errors import DataQualityError, SchemaError
+from pipeline.model.masks import MaskPlane
+from pipeline.model.schema import make_dataset
+from pipeline.testing import assert_lazy, assert_numpy_dask_equal, graph_size, raise_if_dask_computes
+from tests.conftest import make_tan_wcs
+
+AKIMA = BackgroundConfig(bin_size=32, use_approx=False)
+
+
+def _ds(image, mask=None, *, x0=0, y0=0, attrs=None):
+    image = np.asarray(image, dtype=np.float32)
+    mask = np.zeros(image.shape, np.uint32) if mask is None else mask
+    return make_dataset(image, np.ones_like(image), mask, wcs=make_tan_wcs(), x0=x0, y0=y0,
+                        attrs=attrs or {"visit": 7, "detector": 3})
+
+
+def _quadratic(h, w, x0=0, y0=0):
+    y, x = np.mgrid[y0:y0 + h, x0:x0 + w].astype(np.float64)
+    xl, yl = x - x0, y - y0
+    a, b, c = 2e-4, -1.5e-4, 3e-4
+    q = 20.0 + 0.03 * xl - 0.02 * yl + a * xl * xl + b * xl * yl + c * yl * yl
+    return q, (a, b, c)
+
+
+# ------------------------------------------------------------------ grid layout
+
+
+def test_cell_layout_awkward_sizes():
+    edges, centres = cell_layout(10, 3)
+    np.testing.assert_array_equal(edges, [0, 3, 7, 10])
+    np.testing.assert_allclose(centres, [1.0, 4.5, 8.0])
+    edges, _ = cell_layout(1001, 8)
+    np.testing.assert_array_equal(np.diff(edges), [125, 125, 125, 126, 125, 125, 125, 125])
+    edges, centres = cell_layout(1000, 8)
+    np.testing.assert_array_equal(np.diff(edges), [125] * 8)
+    np.testing.assert_allclose(centres, 62.0 + 125 * np.arange(8))
+    np.testing.assert_array_equal(fixed_edge_layout(600, 256), [0, 256, 512, 600])
+
+
+@given(size=st.integers(1, 5000), data=st.data())
+@settings(max_examples=200, deadline=None)
+def test_cell_layout_partitions(size, data):
+    n = data.draw(st.integers(1, size))
+    edges, centres = cell_layout(size, n)
+    assert edges[0] == 0 and edges[-1] == size and len(edges) == n + 1
+    sizes = np.diff(edges)
+    assert sizes.min() >= 1 and sizes.max() - sizes.min() <= 1
+    i = np.arange(n)
+    np.testing.assert_array_equal(edges[1:], np.minimum(((i + 1) * size + n // 2) // n, size))
+    np.testing.assert_allclose(centres, edges[:-1] + sizes / 2 - 0.5)
+
+
+def test_grid_counts_follow_bin_size():
+    model = fit_background(_ds(np.zeros((100, 300))), config=BackgroundConfig(bin_size=128, use_approx=False))
+    assert model.shape == (1, 3)
+    model = fit_background(_ds(np.zeros((100, 300))), config=BackgroundConfig(bin_size_x=64, bin_size_y=30,
+                                                                              use_approx=False))
+    assert model.shape == (4, 5)
+    np.testing.assert_array_equal(model.y_edges, [0, 25, 50, 75, 100])
+
+
+# ------------------------------------------------------------------ 1-D interpolants
+
+
+def test_akima_matches_reference_end_rules(rng):
+    # scipy's Akima1DInterpolator uses the same extrapolated end slopes as the reference's (GSL) Akima
+    x = np.sort(rng.uniform(0, 100, 9))
+    y = rng.normal(size=9)
+    b, c, d = K.interp_coeffs(x, y, K.STYLE_AKIMA)
+    q = np.linspace(x[0], x[-1], 301)
+    out = np.empty_like(q)
+    K.interp_eval(x, y, b, c, d, K.STYLE_AKIMA, q, out)
+    ref = scipy.interpolate.Akima1DInterpolator(x, y)
+    np.testing.assert_allclose(out, ref(q), rtol=1e-10, atol=1e-12)
+
+
+def test_natural_spline_matches_scipy(rng):
+    x = np.sort(rng.uniform(0, 50, 6))
+    y = rng.normal(size=6)
+    b, c, d = K.interp_coeffs(x, y, K.STYLE_SPLINE)
+    q = np.linspace(x[0], x[-1], 101)
+    out = np.empty_like(q)
+    K.interp_eval(x, y, b, c, d, K.STYLE_SPLINE, q, out)
+    np.testing.assert_allclose(out, scipy.interpolate.CubicSpline(x, y, bc_type="natural")(q), rtol=1e-10,
+                               atol=1e-12)
+
+
+@pytest.mark.parametrize("style", [K.STYLE_LINEAR, K.STYLE_SPLINE, K.STYLE_AKIMA])
+def test_quadratic_extrapolation_from_end_knots(rng, style):
+    x = np.arange(7, dtype=np.float64) * 10.0 + 5.0
+    y = rng.normal(size=7)
+    b, c, d = K.interp_coeffs(x, y, style)
+    q = np.array([-7.0, 0.0, 80.0, 93.5])
+    out = np.empty_like(q)
+    K.interp_eval(x, y, b, c, d, style, q, out)
+    # derivatives at the end knots from the end segments
+    h = x[-1] - x[-2]
+    d1_hi = b[-1] + 2 * c[-1] * h + 3 * d[-1] * h * h
+    d2_hi = 2 * c[-1] + 6 * d[-1] * h
+    expect_lo = y[0] + (q[:2] - x[0]) * b[0] + 0.5 * (q[:2] - x[0]) ** 2 * 2 * c[0]
+    expect_hi = y[-1] + (q[2:] - x[-1]) * d1_hi + 0.5 * (q[2:] - x[-1]) ** 2 * d2_hi
+    np.testing.assert_allclose(out, np.concatenate([expect_lo, expect_hi]), rtol=1e-12)
+    if style == K.STYLE_AKIMA:  # cross-check with scipy's derivatives of the same interpolant
+        ref = scipy.interpolate.Akima1DInterpolator(x, y)
+        dt = q[3] - x[-1]
+        np.testing.assert_allclose(out[3], y[-1] + dt * ref(x[-1], 1) + 0.5 * dt * dt * ref(x[-1], 2), rtol=1e-10)
+    if style == K.STYLE_SPLINE:  # natural ends: zero curvature, so linear extrapolation
+        np.testing.assert_allclose(2 * c[0], 0.0, atol=1e-14)
+        np.testing.assert_allclose(d2_hi, 0.0, atol=1e-12)
+
+
+def test_constant_style_steps():
+    x = np.array([0.0, 10.0, 20.0])
+    y = np.array([1.0, 3.0, 7.0])
+    b, c, d = K.interp_coeffs(x, y, K.STYLE_CONSTANT)
+    q = np.array([-5.0, 4.9, 5.0, 14.9, 15.0, 20.0, 20.5, 30.0])
+    out = np.empty_like(q)
+    K.interp_eval(x, y, b, c, d, K.STYLE_CONSTANT, q, out)
+    np.testing.assert_allclose(out, [1.0, 1.0, 2.0, 2.0, 5.0, 5.0, 7.0, 7.0])
+
+
+# ------------------------------------------------------------------ closed-form backgrounds
+
+
+@pytest.mark.parametrize("config", [
+    BackgroundConfig(bin_size=32, use_approx=False),
+    BackgroundConfig(bin_size=32, use_approx=False, algorithm="NATURAL_SPLINE"),
+    BackgroundConfig(bin_size=32, use_approx=True, approx_order_x=2),
+    BackgroundConfig(bin_size=32, use_approx=True, weighting=False),
+])
+def test_constant_and_plane_recovered_exactly(config):
+    h, w = 160, 224
+    y, x = np.mgrid[0:h, 0:w].astype(np.float64)
+    for truth in (np.full((h, w), 12.5), 40.0 + 0.05 * x - 0.03 * y):
+        model = fit_background(_ds(truth), config=config)
+        # the weighted fit needs finite errors: a noise-free image has error 0 in every cell
+        if config.use_approx and config.weighting:
+            noisy = truth + np.random.default_rng(3).normal(0, 1e-3, truth.shape)
+            model = fit_background(_ds(noisy), config=config)
+            np.testing.assert_allclose(model.evaluate().values, truth, atol=2e-3)
+        else:
+            np.testing.assert_allclose(model.evaluate().values, truth, rtol=0, atol=2e-4)
+
+
+@pytest.mark.parametrize("use_approx", [False, True])
+def test_quadratic_recovered_in_closed_form(use_approx):
+    # equal 32-pixel cells: the mean of a quadratic over a cell is its value at the centre plus
+    # a (s**2 - 1) / 12 + c (s**2 - 1) / 12; Akima (uniform knots) and an order-2 Chebyshev both
+    # reproduce quadratics exactly, including the quadratic extrapolation to the image edge
+    h, w = 192, 256
+    q, (a, b, c) = _quadratic(h, w)
+    offset = (a + c) * (32**2 - 1) / 12.0
+    cfg = BackgroundConfig(bin_size=32, use_approx=use_approx, approx_order_x=2, weighting=False,
+                           statistic="MEAN")
+    model = fit_background(_ds(q), config=cfg)
+    np.testing.assert_allclose(model.evaluate().values, q + offset, rtol=0, atol=2e-4)
+
+
+def test_noisy_quadratic_within_cell_noise(rng):
+    h, w = 256, 256
+    q, (a, b, c) = _quadratic(h, w)
+    sigma = 2.0
+    img = q + rng.normal(0, sigma, q.shape)
+    for cfg in (BackgroundConfig(bin_size=32, use_approx=False), BackgroundConfig(bin_size=32, approx_order_x=4)):
+        est = fit_background(_ds(img), config=cfg).evaluate().values
+        cell_sigma = sigma / 32.0
+        err = est - (q + (a + c) * (32**2 - 1) / 12.0)
+        assert np.sqrt(np.mean(err**2)) < 2.0 * cell_sigma
+
+
+def test_sources_are_clipped_and_masked_pixels_ignored(rng):
+    h, w = 128, 128
+    img = 5.0 + rng.normal(0, 1.0, (h, w))
+    mask = np.zeros((h, w), np.uint32)
+    img[40:48, 40:48] += 1e4
+    mask[40:48, 40:48] = MaskPlane.DETECTED
+    img[100, 100] = 1e6  # an unmasked hot pixel: removed by the clipping of MEANCLIP
+    bg = fit_background(_ds(img, mask), config=AKIMA).evaluate().values
+    assert np.abs(bg - 5.0).max() < 0.25
+
+
+def test_nan_cells_are_dropped():
+    h, w = 160, 224
+    y, x = np.mgrid[0:h, 0:w].astype(np.float64)
+    truth = 40.0 + 0.05 * x - 0.03 * y
+    mask = np.zeros((h, w), np.uint32)
+    mask[64:96, 96:128] = MaskPlane.BAD  # one whole cell
+    img = truth.copy()
+    img[0:32, 0:32] = np.nan  # another whole cell, non-finite
+    model = fit_background(_ds(img, mask), config=AKIMA)
+    cells = model.statistic.compute()
+    assert np.isnan(cells[2, 3]) and np.isnan(cells[0, 0]) and np.isfinite(cells).sum() == cells.size - 2
+    np.testing.assert_array_equal(model.npoint.compute()[2, 3], 0)
+    np.testing.assert_allclose(model.evaluate().values, truth, atol=2e-4)
+
+
+def test_evaluate_on_subwindow_and_offset_origin():
+    h, w = 160, 224
+    q, _ = _quadratic(h, w, x0=1000, y0=-50)
+    ds = _ds(q, x0=1000, y0=-50)
+    model = fit_background(ds, config=AKIMA)
+    full = model.evaluate()
+    assert int(full.x[0]) == 1000 and int(full.y[0]) == -50
+    sub = ds.isel(y=slice(17, 90), x=slice(33, 150)).chunk({"y": 20, "x": 50})
+    part = model.evaluate(like=sub)
+    np.testing.assert_array_equal(part.values, full.isel(y=slice(17, 90), x=slice(33, 150)).values)
+    np.testing.assert_array_equal(part.x.values, sub.x.values)
+
+
+# ------------------------------------------------------------------ undersampling and errors
+
+
+def test_spline_undersample_rules():
+    img = _ds(np.ones((96, 96)))
+    with pytest.raises(ValueError, match=r"too few cells \(3x3\) for AKIMA_SPLINE, which needs 5"):
+        fit_background(img, config=BackgroundConfig(bin_size=32, use_approx=False,
+                                                    undersample_style="THROW_EXCEPTION"))
+    with pytest.raises(ValueError, match="INCREASE_NXNYSAMPLE is not supported for interpolation"):
+        fit_background(img, config=BackgroundConfig(bin_size=32, use_approx=False,
+                                                    undersample_style="INCREASE_NXNYSAMPLE"))
+    for bins, style in ((32, "CUBIC_SPLINE"), (48, "LINEAR"), (96, "CONSTANT"), (24, "CUBIC_SPLINE"),
+                        (19, "AKIMA_SPLINE")):
+        model = fit_background(img, config=BackgroundConfig(bin_size=bins, use_approx=False))
+        assert model.style == style
+        np.testing.assert_allclose(model.evaluate().values, 1.0, atol=1e-6)
+    with pytest.raises(ValueError, match="algorithm NONE cannot be evaluated"):
+        fit_background(img, config=BackgroundConfig(use_approx=False, algorithm="NONE"))
+
+
+def test_chebyshev_undersample_rules():
+    img = _ds(np.ones((256, 256)))
+    with pytest.raises(ValueError, match=r"too few cells \(4x4\) to constrain a Chebyshev approximation of order 6"):
+        fit_background(img, config=BackgroundConfig(bin_size=64, undersample_style="THROW_EXCEPTION"))
+    model = fit_background(img, config=BackgroundConfig(bin_size=64))
+    assert model.order == 3 and model.shape == (4, 4)
+    model = fit_background(img, config=BackgroundConfig(bin_size=64, undersample_style="INCREASE_NXNYSAMPLE"))
+    # new square bin floor(256 / 6) = 42 pixels, nx = ny = 256 // 42 + 1 = 7
+    assert model.order == 6 and model.shape == (7, 7)
+    with pytest.raises(pydantic.ValidationError, match="approx_order_y"):
+        BackgroundConfig(approx_order_x=4, approx_order_y=3)
+    with pytest.raises(pydantic.ValidationError):
+        BackgroundConfig(bin_size=0)
+
+
+def test_value_dependent_failures_raise_at_compute_time():
+    mask = np.full((128, 128), MaskPlane.NO_DATA, np.uint32)
+    model = fit_background(_ds(np.ones((128, 128)), mask), config=AKIMA)
+    bg = model.evaluate()
+    with pytest.raises(DataQualityError, match=r"every pixel carries an ignored mask plane.*visit=7 detector=3"):
+        bg.compute()
+    # a column left with 4 usable cells cannot carry an Akima spline under THROW_EXCEPTION
+    mask = np.zeros((160, 160), np.uint32)
+    mask[0:32, 0:32] = MaskPlane.BAD
+    cfg = BackgroundConfig(bin_size=32, use_approx=False, undersample_style="THROW_EXCEPTION")
+    with pytest.raises(DataQualityError, match="has 4 usable cells, fewer than the 5 AKIMA_SPLINE needs"):
+        fit_background(_ds(np.ones((160, 160)), mask), config=cfg).evaluate().compute()
+    # ... and the same grid is fine when the order may be reduced
+    out = fit_background(_ds(np.ones((160, 160)), mask), config=AKIMA).evaluate().values
+    np.testing.assert_allclose(out, 1.0, atol=1e-6)
+    # Chebyshev with fewer usable cells than terms
+    mask = np.zeros((128, 128), np.uint32)
+    mask[:, 32:] = MaskPlane.BAD
+    cfg = BackgroundConfig(bin_size=32, approx_order_x=3, weighting=False)
+    with pytest.raises(DataQualityError, match=r"only 4 usable background cells .* order 3 \(10 terms\)"):
+        fit_background(_ds(np.ones((128, 128)), mask), config=cfg).evaluate().compute()
+    cfg = BackgroundConfig(bin_size=32, approx_order_x=1)
+    with pytest.raises(DataQualityError, match="no background cell has a finite value and finite weight"):
+        fit_background(_ds(np.ones((128, 128))), config=cfg).evaluate().compute()  # zero errors
+
+
+def test_schema_errors():
+    ds = _ds(np.ones((64, 64)))
+    stack = ds.expand_dims(visit=[1, 2])
+    with pytest.raises(SchemaError, match="fit_background needs one 2-D image"):
+        fit_background(stack, config=AKIMA)
+    model = fit_background(ds, config=AKIMA)
+    with pytest.raises(SchemaError, match=r"needs 'x' and 'y' pixel coordinates"):
+        model.evaluate(like=ds["image"].drop_vars(["x", "y"]))
+    with pytest.raises(SchemaError, match="variable 'mask' is missing"):
+        fit_background(ds.drop_vars("mask"), config=AKIMA)
+
+
+# ------------------------------------------------------------------ dask behaviour
+
+
+@pytest.mark.parametrize("config", [AKIMA, BackgroundConfig(bin_size=40, approx_order_x=3)])
+def test_numpy_dask_equal(rng, config):
+    q, _ = _quadratic(300, 260)
+    ds = _ds(q + rng.normal(0, 1, q.shape))
+
+    def run(d):
+        return subtract_background(d, config=config)[0]
+
+    assert_numpy_dask_equal(run, ds, {"y": 37, "x": 41}, rtol=1e-6, atol=1e-5)
+    a = fit_background(ds, config=config).cells.compute()
+    b = fit_background(ds.chunk({"y": 37, "x": 41}), config=config).cells.compute()
+    np.testing.assert_array_equal(a, b)
+
+
+def test_lazy_and_input_untouched(rng):
+    img = rng.normal(10, 1, (200, 180)).astype(np.float32)
+    ds = _ds(img).chunk({"y": 37, "x": 41})
+    before = ds.copy(deep=True).compute()
+    out, model = assert_lazy(lambda: subtract_background(ds, config=AKIMA))
+    with raise_if_dask_computes():
+        model.evaluate(like=ds)
+        model.to_dataset()
+    assert dask.is_dask_collection(model.cells)
+    np.testing.assert_array_equal(ds["image"].values, before["image"].values)
+    np.testing.assert_allclose(out["image"].values, img - model.evaluate().values, rtol=1e-6)
+    assert "subtract_background" in out.attrs["provenance"]
+
+
+def test_graph_size_bounded(rng):
+    sizes = []
+    for factor in (1, 2):
+        img = rng.normal(10, 1, (296 * factor, 328 * factor)).astype(np.float32)
+        ds = _ds(img).chunk({"y": 37, "x": 41})  # 8 x 8 (16 x 16) input chunks
+        out, model = subtract_background(ds, config=AKIMA)
+        n_in = 64 * factor**2
+        n_cells = model.shape[0] * model.shape[1]  # one cell per block at this chunk size
+        # input chunks, rechunk pieces, cell blocks, one evaluation task per output chunk
+        assert graph_size(model.cells) < 8 * (n_in + n_cells)
+        sizes.append(graph_size(out["image"].data))
+        assert sizes[-1] < 12 * (n_in + n_cells)
+    assert sizes[1] < 4.5 * sizes[0]  # linear in the number of chunks
