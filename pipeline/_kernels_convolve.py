@@ -1,0 +1,113 @@
+"""Inner loops of spatially varying convolution (numpy, scipy.fft and numba only).
+
+Convention (afw, reference ``statistics_and_masks.md`` §5): a correlation with the kernel image as
+stored, ``out(x, y) = sum_{u,v} K(v, u) in(y + v - h, x + u - h)``, on an input extended by the
+kernel radius ``h`` on every side (``ext`` has shape ``(ny + 2h, nx + 2h)`` for an ``ny x nx``
+output).
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import scipy.fft as sfft
+
+__all__ = ["correlate_varying", "or_dilate", "correlate_direct"]
+
+
+def correlate_varying(ext: np.ndarray, kernels: np.ndarray, wy: np.ndarray, wx: np.ndarray, *, tile: int = 256) -> np.ndarray:
+    """``sum_t wy[t, :, None] * wx[t, None, :] * (kernels[t] correlated with ext)`` on the valid region.
+
+    ``ext`` must be finite (float64). The correlations run as FFTs on overlapping tiles of at
+    most ``tile x tile`` output pixels: one forward transform per tile shared by all components,
+    one inverse transform per component, so the cost per pixel does not depend on the kernel size.
+    """
+    n_t, k, k2 = kernels.shape
+    if k != k2 or k % 2 == 0:
+        raise ValueError(f"kernels must be square and odd, got {k}x{k2}")
+    h = k // 2
+    ny, nx = ext.shape[0] - 2 * h, ext.shape[1] - 2 * h
+    out = np.zeros((ny, nx), dtype=np.float64)
+    if ny <= 0 or nx <= 0:
+        return out
+    ty, tx = min(tile, ny), min(tile, nx)
+    fy = sfft.next_fast_len(ty + 2 * h, real=True)
+    fx = sfft.next_fast_len(tx + 2 * h, real=True)
+    padded = np.zeros((n_t, fy, fx), dtype=np.float64)
+    padded[:, :k, :k] = kernels[:, ::-1, ::-1]
+    kf = sfft.rfft2(padded, axes=(-2, -1))
+    buf = np.zeros((fy, fx), dtype=np.float64)
+    for y0 in range(0, ny, ty):
+        y1 = min(y0 + ty, ny)
+        for x0 in range(0, nx, tx):
+            x1 = min(x0 + tx, nx)
+            buf[...] = 0.0
+            buf[: y1 - y0 + 2 * h, : x1 - x0 + 2 * h] = ext[y0 : y1 + 2 * h, x0 : x1 + 2 * h]
+            spec = sfft.rfft2(buf)
+            comps = sfft.irfft2(kf * spec[None], s=(fy, fx), axes=(-2, -1))
+            acc = out[y0:y1, x0:x1]
+            for t in range(n_t):
+                acc += comps[t, 2 * h : 2 * h + y1 - y0, 2 * h : 2 * h + x1 - x0] * (
+                    wy[t, y0:y1, None] * wx[t, None, x0:x1]
+                )
+    return out
+
+
+def correlate_direct(ext: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+    """Plain direct correlation of ``ext`` with one kernel on the valid region (a test oracle)."""
+    k = kernel.shape[0]
+    h = k // 2
+    ny, nx = ext.shape[0] - 2 * h, ext.shape[1] - 2 * h
+    out = np.zeros((ny, nx), dtype=np.float64)
+    for v in range(k):
+        for u in range(k):
+            out += kernel[v, u] * ext[v : v + ny, u : u + nx]
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def _or_box(ext, h):
+    ny, nx = ext.shape[0] - 2 * h, ext.shape[1] - 2 * h
+    rows = np.zeros((ext.shape[0], nx), dtype=ext.dtype)
+    for i in range(ext.shape[0]):
+        for j in range(nx):
+            acc = ext.dtype.type(0)
+            for u in range(2 * h + 1):
+                acc |= ext[i, j + u]
+            rows[i, j] = acc
+    out = np.zeros((ny, nx), dtype=ext.dtype)
+    for i in range(ny):
+        for v in range(2 * h + 1):
+            for j in range(nx):
+                out[i, j] |= rows[i + v, j]
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def _or_footprint(ext, offsets_v, offsets_u, h):
+    ny, nx = ext.shape[0] - 2 * h, ext.shape[1] - 2 * h
+    out = np.zeros((ny, nx), dtype=ext.dtype)
+    for n in range(offsets_v.size):
+        v, u = offsets_v[n], offsets_u[n]
+        for i in range(ny):
+            for j in range(nx):
+                out[i, j] |= ext[i + v, j + u]
+    return out
+
+
+def or_dilate(ext: np.ndarray, footprint: np.ndarray) -> np.ndarray:
+    """Bitwise OR of ``ext`` over the non-zero taps of ``footprint`` (odd, square), valid region.
+
+    Integer or boolean arrays; a full footprint takes a separable path.
+    """
+    k = footprint.shape[0]
+    h = k // 2
+    is_bool = ext.dtype == np.bool_
+    arr = ext.view(np.uint8) if is_bool else ext
+    arr = np.ascontiguousarray(arr)
+    if np.all(footprint):
+        out = _or_box(arr, h)
+    else:
+        vv, uu = np.nonzero(footprint)
+        out = _or_footprint(arr, vv.astype(np.int64), uu.astype(np.int64), h)
+    return out.view(np.bool_) if is_bool else out
