@@ -161,3 +161,58 @@ def test_errors():
         start_local_cluster(n_workers=0)
     with pytest.raises(ValueError, match="threads_per_worker must be a positive integer, got 1.5"):
         start_local_cluster(n_workers=1, threads_per_worker=1.5)
+
+
+# ------------------------------------------------------------------------- deploy/ files
+DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
+
+
+def test_slurm_script_is_valid_bash_and_runs_the_cli_on_its_cluster():
+    script = DEPLOY / "slurm" / "skystack.sbatch"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    text = script.read_text()
+    assert "dask scheduler" in text and "dask worker --scheduler-file" in text
+    assert 'skystack coadd --scheduler "$SCHEDULER_FILE"' in text
+    assert "trap cleanup EXIT" in text
+
+
+def test_kubernetes_manifests():
+    yaml = pytest.importorskip("yaml")
+    docs = [d for f in sorted((DEPLOY / "kubernetes").glob("*.yaml")) for d in yaml.safe_load_all(f.read_text())]
+    kinds = sorted((d["kind"], d["metadata"]["name"]) for d in docs)
+    assert kinds == [("Deployment", "skystack-scheduler"), ("Deployment", "skystack-worker"), ("Job", "skystack-coadd"),
+                     ("PersistentVolumeClaim", "skystack-data"), ("Service", "skystack-scheduler")]
+    by_name = {(d["kind"], d["metadata"]["name"]): d for d in docs}
+    service = by_name["Service", "skystack-scheduler"]
+    port = service["spec"]["ports"][0]["port"]
+    containers = [c for d in docs if "template" in d.get("spec", {}) for c in d["spec"]["template"]["spec"]["containers"]]
+    assert {c["image"] for c in containers} == {"REGISTRY/skystack:TAG"}
+    worker = by_name["Deployment", "skystack-worker"]["spec"]["template"]["spec"]["containers"][0]
+    assert worker["command"][:3] == ["dask", "worker", f"tcp://skystack-scheduler:{port}"]
+    job = by_name["Job", "skystack-coadd"]["spec"]["template"]["spec"]["containers"][0]
+    assert f"tcp://skystack-scheduler:{port}" in job["command"]
+    for d in docs:
+        if d["kind"] in ("Deployment", "Job"):
+            assert d["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
+
+
+def test_dockerfile_copies_what_the_build_needs():
+    import tomllib
+
+    project = tomllib.loads((DEPLOY.parent / "pyproject.toml").read_text())
+    needed = {"pyproject.toml", project["project"]["readme"]}
+    needed |= {p.rstrip("*") for p in project["tool"]["setuptools"]["packages"]["find"]["include"]}
+    copied = set()
+    for line in (DEPLOY / "docker" / "Dockerfile").read_text().splitlines():
+        if line.startswith("COPY "):
+            copied |= set(line.split()[1:-1])
+    assert copied == needed
+
+
+def test_no_credentials_in_deploy_files():
+    words = ("password", "passwd", "secret_key", "secretkey", "aws_access_key_id", "aws_secret", "token:",
+             "api_key", "apikey")
+    for path in DEPLOY.rglob("*"):
+        if path.is_file():
+            text = path.read_text().lower()
+            assert not [w for w in words if w in text], path
