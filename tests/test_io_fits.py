@@ -82,8 +82,9 @@ def test_exposure_round_trip(tmp_path, rng, x0, y0, sip):
     wcs = sip_wcs(crpix=(x0 + 20.0, y0 + 15.0)) if sip else make_tan_wcs(crpix=(x0 + 3.0, y0 + 70.0), rotation_deg=-40)
     planes = add_planes(CANONICAL_PLANES, ["FOO", "BAR"])
     psf = psf_grid(gaussian_stamp(), x=x0 + 25.5, y=y0 + 19.5)
+    long_note = "kept & 'quoted' / \"json\" " * 40  # needs CONTINUE cards
     ds = make_exposure(rng, x0=x0, y0=y0, wcs=wcs, planes=planes, psf=psf,
-                       attrs={"provenance": '[{"task": "isr"}]', "note": "kept"})
+                       attrs={"provenance": '[{"task": "isr"}]', "note": long_note, "nested": {"a": [1, 2.5]}})
     path = write_fits(ds, tmp_path / "calexp.fits")
     assert path == str(tmp_path / "calexp.fits")
     assert os.listdir(tmp_path) == ["calexp.fits"]
@@ -91,7 +92,7 @@ def test_exposure_round_trip(tmp_path, rng, x0, y0, sip):
     assert_datasets_equal(ds, back)  # pixels exactly, coordinates, plane dictionary
     assert mask_planes(back) == planes
     assert back.attrs["zero_point"] == ds.attrs["zero_point"]
-    for key in ("visit", "detector", "band", "mjd_obs", "exptime", "provenance", "note"):
+    for key in ("visit", "detector", "band", "mjd_obs", "exptime", "provenance", "note", "nested"):
         assert back.attrs[key] == ds.attrs[key]
     assert back.attrs["kind"] == "exposure" and back.attrs["bunit"] == "adu"
     assert back.attrs["source"] == "calexp.fits"
@@ -238,6 +239,27 @@ def test_round_trip_property(tmp_path_factory, x0, y0, ny, nx, rotation, dec, si
     assert not np.any(m_out & np.uint32(others))
 
 
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=120),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(extra=st.dictionaries(st.from_regex(r"[a-z][a-z_]{0,15}", fullmatch=True), _JSON, max_size=5))
+def test_attrs_round_trip_property(tmp_path_factory, rng, extra):
+    reserved = {"kind", "schema_version", "visit", "detector", "tract", "patch", "band", "mjd_obs", "exptime",
+                "zero_point", "bunit", "source", "n_nonfinite", "n_bad_variance"}
+    extra = {k: v for k, v in extra.items() if k not in reserved}
+    ds = make_exposure(rng, (4, 5), attrs=extra)
+    path = tmp_path_factory.mktemp("attrs") / "a.fits"
+    write_fits(ds, path)
+    back = read_fits(path)
+    assert {k: back.attrs[k] for k in extra} == extra
+
+
 # ------------------------------------------------------------------------------------------------
 # a file in the LSST layout written by plain astropy
 # ------------------------------------------------------------------------------------------------
@@ -376,25 +398,43 @@ def test_tile_compressed_calexp(tmp_path, rng):
 
 def test_nonfinite_pixels_are_masked_and_bad_variance_flagged(tmp_path, rng):
     hdul, _ = lsst_hdul(rng)
-    img = hdul["IMAGE"].data
+    img, var, raw = hdul["IMAGE"].data, hdul["VARIANCE"].data, hdul["MASK"].data
+    bad_pix = np.zeros(img.shape, bool)
+    bad_pix[3, 4] = bad_pix[5, 6] = bad_pix[7, 8] = True
+    bad_var = np.zeros(img.shape, bool)
+    bad_var[1, 1] = bad_var[2, 2] = bad_var[9, 9] = True
+    raw[bad_pix | bad_var] = 0  # unmasked in the file
     img[3, 4], img[5, 6], img[7, 8] = np.nan, np.inf, -np.inf
-    var = hdul["VARIANCE"].data
-    var[1, 1], var[2, 2], var[3, 4], var[9, 9] = 0.0, -1.0, np.nan, np.inf
+    var[1, 1], var[2, 2], var[9, 9], var[3, 4] = 0.0, -1.0, np.inf, np.nan
+    # a standard no-data pixel (NaN, NO_DATA, +inf) is already masked: left as it is
+    img[20, 30], var[20, 30], raw[20, 30] = np.nan, np.inf, 1 << FILE_PLANES["NO_DATA"]
     hdul.writeto(tmp_path / "bad.fits")
     ds = no_warnings_read(tmp_path / "bad.fits")
     mask = ds.mask.values
-    bad_pix = np.zeros(mask.shape, bool)
-    bad_pix[3, 4] = bad_pix[5, 6] = bad_pix[7, 8] = True
-    # the file sets NO_DATA on random pixels itself; UNMASKEDNAN comes only from the reader
-    np.testing.assert_array_equal((mask & np.uint32(MaskPlane.UNMASKEDNAN)) > 0, bad_pix)
-    assert np.all(mask[bad_pix] & np.uint32(MaskPlane.NO_DATA))
+    expected = np.zeros(img.shape, np.uint32)
+    expected[bad_pix] = MaskPlane.NO_DATA | MaskPlane.UNMASKEDNAN
+    expected[bad_var] = MaskPlane.BAD_VARIANCE
+    expected[20, 30] = MaskPlane.NO_DATA
+    sel = bad_pix | bad_var
+    sel[20, 30] = True
+    np.testing.assert_array_equal(mask[sel], expected[sel])
+    assert not np.any(mask[~sel] & np.uint32(MaskPlane.UNMASKEDNAN | MaskPlane.BAD_VARIANCE))
     assert np.isnan(ds.image.values[3, 4]) and np.isposinf(ds.image.values[5, 6])
-    assert ds.attrs["n_nonfinite"] == 3
-    bad_var = np.zeros(mask.shape, bool)
-    bad_var[1, 1] = bad_var[2, 2] = bad_var[3, 4] = bad_var[9, 9] = True
-    np.testing.assert_array_equal((mask & np.uint32(MaskPlane.BAD_VARIANCE)) > 0, bad_var)
-    assert ds.attrs["n_bad_variance"] == 4
     assert ds.variance.values[2, 2] == -1.0  # flagged, not altered
+    assert ds.attrs["n_nonfinite"] == 4
+    assert ds.attrs["n_bad_variance"] == 3
+
+
+def test_standard_no_data_pixels_round_trip_exactly(tmp_path, rng):
+    ds = make_exposure(rng, (20, 25), x0=3, y0=4)
+    image, variance, mask = ds.image.values.copy(), ds.variance.values.copy(), ds.mask.values.copy()
+    image[:, :6], variance[:, :6], mask[:, :6] = np.nan, np.inf, MaskPlane.NO_DATA
+    ds = ds.assign(image=ds.image.copy(data=image), variance=ds.variance.copy(data=variance),
+                   mask=ds.mask.copy(data=mask))
+    write_fits(ds, tmp_path / "edge.fits")
+    back = read_fits(tmp_path / "edge.fits")
+    assert_datasets_equal(ds, back)
+    assert back.attrs["n_nonfinite"] == 120 and back.attrs["n_bad_variance"] == 0
 
 
 # ------------------------------------------------------------------------------------------------

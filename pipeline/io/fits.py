@@ -56,6 +56,7 @@ ZERO_POINT_KEYWORDS = ("MAGZERO", "FLUXMAG0")
 
 _NONFINITE_BITS = np.uint32(MaskPlane.NO_DATA | MaskPlane.UNMASKEDNAN)
 _BAD_VARIANCE_BIT = np.uint32(MaskPlane.BAD_VARIANCE)
+_NO_DATA_BIT = np.uint32(MaskPlane.NO_DATA)
 # attrs carried by their own header keywords (everything else JSON-encoded in SKYATTRS)
 _KEYWORD_ATTRS = ("kind", "schema_version", "visit", "detector", "tract", "patch", "band", "mjd_obs",
                   "exptime", "zero_point", "bunit")
@@ -72,9 +73,10 @@ def read_fits(path, *, psf_file=None, psf_nodes: tuple[int, int] = (3, 3)) -> xr
     """Read an LSST-style multi-extension FITS exposure (or a warp/coadd we wrote) into a Dataset.
 
     The result is numpy-backed, in the parent pixel frame, with the file's mask planes mapped
-    by name onto the canonical bits (unknown names kept on free bits). NaN/inf image pixels get
-    ``NO_DATA|UNMASKEDNAN`` and non-positive or non-finite variance ``BAD_VARIANCE``; their counts
-    are in attrs ``n_nonfinite`` and ``n_bad_variance``.
+    by name onto the canonical bits (unknown names kept on free bits). NaN/inf image pixels not
+    already flagged ``NO_DATA`` get ``NO_DATA|UNMASKEDNAN``; other pixels whose variance is not
+    positive and finite get ``BAD_VARIANCE``. Attrs ``n_nonfinite`` counts all non-finite image
+    pixels, ``n_bad_variance`` the pixels flagged ``BAD_VARIANCE``. Neither raises nor warns.
 
     Parameters
     ----------
@@ -127,9 +129,12 @@ def read_fits(path, *, psf_file=None, psf_nodes: tuple[int, int] = (3, 3)) -> xr
         raise FitsFormatError(f"MASK HDU: {exc.reason}", ids=ids) from None
     mask = np.asarray(remap_mask(mask_file, file_planes, planes), dtype=np.uint32)
 
+    # the standard no-data pixel (NaN, NO_DATA, +inf) is already masked and stays as it is
+    no_data = (mask & _NO_DATA_BIT) != 0
     nonfinite = ~np.isfinite(image)
-    mask[nonfinite] |= _NONFINITE_BITS
-    bad_variance = ~(np.isfinite(variance) & (variance > 0))
+    mask[nonfinite & ~no_data] |= _NONFINITE_BITS
+    no_data |= nonfinite
+    bad_variance = ~(np.isfinite(variance) & (variance > 0)) & ~no_data
     mask[bad_variance] |= _BAD_VARIANCE_BIT
 
     attrs = _read_attrs(primary, header, ids)
@@ -303,8 +308,9 @@ def _file_planes(header: fits.Header, mask: np.ndarray, ids) -> dict[str, int]:
 
 def _lookup(key: str, *headers: fits.Header):
     for h in headers:
-        if key in h and h[key] is not None and not isinstance(h[key], fits.card.Undefined):
-            return h[key]
+        value = h.get(key)
+        if value is not None:
+            return value
     return None
 
 
@@ -525,6 +531,7 @@ def _primary_header(ds: xr.Dataset) -> fits.Header:
     header["BUNIT"] = attrs.get("bunit", "adu")
     rest = {k: v for k, v in attrs.items() if k not in _KEYWORD_ATTRS + _DERIVED_ATTRS}
     if rest:
-        header["SKYATTRS"] = json.dumps(rest, sort_keys=True)
+        # "/" escaped (valid JSON): astropy misreads " / " inside CONTINUE-d long strings
+        header["SKYATTRS"] = json.dumps(rest, sort_keys=True).replace("/", "\\/")
     return header
 
