@@ -389,6 +389,13 @@ def test_tile_compressed_calexp(tmp_path, rng):
     cut.write_bytes(data[: mask_starts + 10])
     with pytest.raises(FitsFormatError, match=r"truncated FITS file: HDU 2 \(MASK\)"):
         read_fits(cut)
+    with fits.open(path) as opened:
+        start, span = opened.fileinfo(1)["datLoc"], opened.fileinfo(1)["datSpan"]
+    corrupt = bytearray(data)
+    corrupt[start + span // 2 : start + span // 2 + 500] = b"\xff" * 500
+    (tmp_path / "corrupt.fits").write_bytes(bytes(corrupt))
+    with pytest.raises(FitsFormatError, match=r"truncated or unreadable IMAGE HDU: .*\[file=corrupt.fits"):
+        read_fits(tmp_path / "corrupt.fits")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -494,12 +501,20 @@ BAD_CASES = {
         lambda h: h.__setitem__(1, fits.ImageHDU(np.ones((2, 30, 44), ">f4"), header=h[1].header, name="IMAGE")),
         r"IMAGE HDU must hold a 2-D image, found data of shape \(2, 30, 44\)",
     ),
+    "empty IMAGE": (
+        lambda h: h.__setitem__(1, fits.ImageHDU(None, header=h[1].header, name="IMAGE")),
+        "IMAGE HDU holds no data; a 2-D image is expected",
+    ),
     "float MASK": (
         lambda h: h.__setitem__(2, fits.ImageHDU(np.ones((30, 44), ">f4"), header=h[2].header, name="MASK")),
         "MASK HDU holds float32 data; an integer bit field is expected",
     ),
     "duplicate MP bit": (lambda h: _set(h["MASK"], MP_OTHER=3), "MASK keywords MP_CR and MP_OTHER both claim bit 3"),
     "bad MP value": (lambda h: _set(h["MASK"], MP_OTHER=40), r"MASK keyword MP_OTHER = 40 is not a bit index in 0..31"),
+    "too many planes": (
+        lambda h: [h["MASK"].header.set(f"HIERARCH MP_EXTRA{b}", b) for b in range(10, 31)],
+        "MASK HDU: no free mask bit left for plane 'EXTRA",
+    ),
     "origins disagree": (lambda h: _set(h["IMAGE"], LTV1=-511.0), r"parent origins disagree"),
     "fractional origin": (
         lambda h: _set(h["IMAGE"], LTV1=-511.5, CRVAL1A=511.5), r"parent origin \(511.5, 1024.0\) is not an integer"

@@ -192,8 +192,6 @@ class _open:
         size = os.path.getsize(self.path)
         for i, hdu in enumerate(self.hdul):
             info = self.hdul.fileinfo(i)
-            if info is None:
-                continue
             # unpadded size for plain HDUs; on-disk span for tile-compressed ones (hdu.size is the image)
             need = info["datLoc"] + min(hdu.size, info["datSpan"])
             if need > size:
@@ -216,9 +214,10 @@ def _data(hdu, what: str, ids) -> np.ndarray:
             data = None if data is None else np.array(data)
     except Exception as exc:
         raise FitsFormatError(f"truncated or unreadable {what} HDU: {exc}", ids=ids) from None
-    if data is None or data.ndim != 2:
-        shape = None if data is None else data.shape
-        raise FitsFormatError(f"{what} HDU must hold a 2-D image, found data of shape {shape}", ids=ids)
+    if data is None:
+        raise FitsFormatError(f"{what} HDU holds no data; a 2-D image is expected", ids=ids)
+    if data.ndim != 2:
+        raise FitsFormatError(f"{what} HDU must hold a 2-D image, found data of shape {data.shape}", ids=ids)
     return data.astype(data.dtype.newbyteorder("="), copy=False)
 
 
