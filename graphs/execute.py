@@ -10,8 +10,10 @@ leaves no marker, so its partial data stay invisible and a re-run redoes it.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
@@ -159,8 +161,8 @@ def run_units(
 
     Units are taken ``batch_size`` at a time: each is checked (``done()``), built and its writes
     computed together with the rest of its batch, on ``client`` (a ``distributed.Client``, with
-    ``retries`` per task) or on the local threaded scheduler (a failed unit is recomputed up to
-    ``retries`` more times). ``finish()`` runs for each unit whose writes all succeeded. Failures
+    ``retries`` per task) or on the local threaded scheduler (one shared pool of threads; a failed
+    unit is recomputed on its own up to ``retries`` more times). ``finish()`` runs for each unit whose writes all succeeded. Failures
     are recorded per unit with the exception text; with ``raise_on_error`` a :class:`RunError`
     listing them is raised after the whole run. ``progress`` prints one line per unit to
     ``stream`` (default stderr).
@@ -222,29 +224,32 @@ def run_units(
 
 
 def _compute_local(built, retries: int) -> dict[str, tuple[str | None, int, float]]:
-    """Compute a batch on the threaded scheduler; on failure, redo units one by one."""
+    """Compute a batch on one shared thread pool, each unit in its own scheduler call.
+
+    Every unit has its own ``dask.compute`` (so a failure is attributed to its unit and retried
+    alone) while all of them share one pool of ``cpu_count`` worker threads.
+    """
     out: dict[str, tuple[str | None, int, float]] = {}
-    everything = [w for _, writes, _ in built for w in writes]
-    try:
-        if everything:
-            dask.compute(*everything, scheduler="threads")
-        t_end = time.perf_counter()
-        return {unit.key: (None, 1, t_end) for unit, _, _ in built}
-    except Exception:
-        pass
-    for unit, writes, _ in built:
-        error = None
-        attempts = 1
-        for attempt in range(retries + 1):
-            attempts = attempt + 2  # the batch attempt counts as the first
-            try:
-                if writes:
-                    dask.compute(*writes, scheduler="threads")
-                error = None
-                break
-            except Exception as exc:
-                error = _describe(exc)
-        out[unit.key] = (error, attempts, time.perf_counter())
+    workers = os.cpu_count() or 1
+    with ThreadPoolExecutor(workers, thread_name_prefix="skystack-compute") as pool:
+
+        def run(writes) -> tuple[str | None, int, float]:
+            error = None
+            attempts = 0
+            for attempts in range(1, retries + 2):
+                try:
+                    if writes:
+                        dask.compute(*writes, scheduler="threads", pool=pool)
+                    error = None
+                    break
+                except Exception as exc:
+                    error = _describe(exc)
+            return error, attempts, time.perf_counter()
+
+        with ThreadPoolExecutor(len(built), thread_name_prefix="skystack-unit") as drivers:
+            futures = {unit.key: drivers.submit(run, writes) for unit, writes, _ in built}
+            for key, future in futures.items():
+                out[key] = future.result()
     return out
 
 

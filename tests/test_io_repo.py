@@ -194,6 +194,8 @@ def test_memory_fsspec_url_round_trip(rng):
     repo.write_exposure(ds)
     back = open_repo("memory://skystack-test-repo").open_exposure(3, 7)
     assert_datasets_equal(ds, back)
+    with pytest.raises(RepositoryError, match=r"no skystack repository at memory://skystack-absent"):
+        open_repo("memory://skystack-absent")
 
 
 def test_skymap_json(tmp_path):

@@ -310,9 +310,17 @@ class Repository:
         """Create every group along ``path`` (not the last one) that is missing, with schema_version."""
         parts = path.split("/")
         for i in range(1, len(parts)):
-            sub = "/".join(parts[:i])
-            if not self._exists(sub):
-                zarr.create_group(self._store, path=sub, attributes={"schema_version": SCHEMA_VERSION}, zarr_format=3)
+            self._ensure_group("/".join(parts[:i]))
+
+    def _ensure_group(self, path: str) -> None:
+        """Create the group ``path`` with schema_version unless it exists (safe against a concurrent creator)."""
+        if self._exists(path):
+            return
+        try:
+            zarr.create_group(self._store, path=path, attributes={"schema_version": SCHEMA_VERSION}, zarr_format=3)
+        except Exception:
+            if not self._exists(path):
+                raise
 
     def _delete(self, path: str) -> None:
         sync(self._store.delete_dir(path))
@@ -366,8 +374,7 @@ class Repository:
         except (TypeError, ValueError) as exc:
             raise RepositoryError(f"completion info for {product} {unit} is not JSON-serialisable: {exc}") from None
         markers = f"{product}/{_MARKERS}"
-        if not self._exists(markers):
-            zarr.create_group(self._store, path=markers, attributes={"schema_version": SCHEMA_VERSION}, zarr_format=3)
+        self._ensure_group(markers)
         zarr.create_group(self._store, path=f"{markers}/{unit}", attributes=attrs, overwrite=True, zarr_format=3)
 
     def remove_marker(self, product: str, unit: str) -> None:
