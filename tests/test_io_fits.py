@@ -485,6 +485,10 @@ BAD_CASES = {
         lambda h: h[0].header.remove("FLUXMAG0"),
         "no photometric zero point: none of the keywords MAGZERO, FLUXMAG0 is in the primary or IMAGE header",
     ),
+    "infinite MAGZERO": (lambda h: _set(h[0], MAGZERO="inf"), r"MAGZERO = 'inf' is not finite"),
+    "unknown projection": (
+        lambda h: _set(h["IMAGE"], CTYPE1="RA---XYZ", CTYPE2="DEC--XYZ"), r"IMAGE HDU WCS cannot be parsed: Unrecognized projection code \(XYZ in CTYPE1\)\. \[file"
+    ),
     "bad FLUXMAG0": (lambda h: _set(h[0], FLUXMAG0=-5.0), r"FLUXMAG0 = -5.0 must be positive"),
     "text MAGZERO": (lambda h: _set(h[0], MAGZERO="high"), r"MAGZERO = 'high' is not a number"),
     "even PSF": (
@@ -580,6 +584,10 @@ def test_origin_from_either_keyword_set_alone(tmp_path, rng):
     ds = read_fits(_write(tmp_path, hdul, "none.fits"))
     assert (int(ds.x[0]), int(ds.y[0])) == (0, 0)
     np.testing.assert_allclose(get_wcs(ds).wcs.crpix, file_wcs.wcs.crpix)
+    # an alternate celestial 'A' WCS says nothing about the parent origin
+    hdul["IMAGE"].header.update(CTYPE1A="RA---TAN", CTYPE2A="DEC--TAN", CRVAL1A=150.0, CRVAL2A=2.0)
+    ds = read_fits(_write(tmp_path, hdul, "celestial_a.fits"))
+    assert (int(ds.x[0]), int(ds.y[0])) == (0, 0)
 
 
 def test_nJy_image_without_zero_point_keywords(tmp_path, rng):

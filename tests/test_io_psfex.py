@@ -168,6 +168,8 @@ def test_to_psf_grid_nodes_and_values(tmp_path):
     np.testing.assert_allclose([one.psf_x.item(), one.psf_y.item()], [249.5, 169.5])
     wide = model.to_psf_grid(box, n=(2, 4), size=9)
     assert wide.shape == (2, 4, 9, 9)
+    square = model.to_psf_grid(box, n=2)
+    assert square.shape == (2, 2, 13, 13)
 
 
 def test_default_size_is_odd_and_covers_model(tmp_path):
