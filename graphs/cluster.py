@@ -37,9 +37,9 @@ def start_local_cluster(
     """A client of a new local cluster of worker processes, listening on 127.0.0.1 only.
 
     ``n_workers`` defaults to the number of cores; ``memory_limit`` is per worker (``"auto"``
-    divides the machine's memory between the workers). The dashboard is off unless ``dashboard``
-    is true (then on a free port of 127.0.0.1; it needs ``bokeh``). Closing the client shuts the
-    cluster down.
+    divides the machine's memory between the workers). The scheduler's HTTP endpoints listen on a
+    free port of 127.0.0.1; the dashboard is served there only if ``dashboard`` is true (it needs
+    ``bokeh``). Closing the client shuts the cluster down.
     """
     if n_workers is None:
         n_workers = default_n_workers()
@@ -53,7 +53,9 @@ def start_local_cluster(
         memory_limit=memory_limit,
         processes=True,
         host="127.0.0.1",
-        dashboard_address="127.0.0.1:0" if dashboard else None,
+        # The scheduler always serves HTTP (health and metrics); keep it on a free local port.
+        dashboard_address="127.0.0.1:0",
+        scheduler_kwargs={"dashboard": dashboard},
     )
 
 
@@ -68,6 +70,9 @@ def connect(address: str, *, timeout: float = 10.0) -> Client:
     if not timeout > 0:
         raise ValueError(f"timeout must be positive, got {timeout!r}")
     address = address.strip()
+    looks_like_file = "://" not in address and (address.endswith(".json") or os.sep in address)
+    if looks_like_file and not os.path.isfile(address):
+        raise SkystackError(f"scheduler file {address!r} does not exist (has the scheduler started?)")
     try:
         if os.path.isfile(address):
             return Client(scheduler_file=address, timeout=timeout)

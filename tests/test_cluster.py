@@ -63,11 +63,12 @@ def _wait_for(path: Path, proc: subprocess.Popen, log: Path, timeout: float = 30
     raise RuntimeError(f"no scheduler file after {timeout} s:\n{log.read_text()}")
 
 
-@pytest.fixture
-def scheduler_and_workers(tmp_path, request):
+@pytest.fixture(scope="module")
+def scheduler_and_workers(tmp_path_factory, request):
     """A ``dask scheduler`` and two ``dask worker`` processes; all terminated at teardown."""
     started: list[subprocess.Popen] = []
     request.addfinalizer(lambda: [_stop(p) for p in reversed(started)])
+    tmp_path = tmp_path_factory.mktemp("cluster")
     sched_file = tmp_path / "scheduler.json"
     log = tmp_path / "scheduler.log"
     started.append(_spawn(["distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", "0",
@@ -124,10 +125,17 @@ def test_local_cluster_context_closes_what_it_started():
         assert len(workers) == 1
         (w,) = workers.values()
         assert w["nthreads"] == 1 and w["memory_limit"] == 2**30
-        assert client.dashboard_link is None or "127.0.0.1" in client.dashboard_link
+        http = client.scheduler_info()["services"]
+        assert set(http) == {"dashboard"}
+        with socket.create_connection(("127.0.0.1", http["dashboard"]), timeout=5):
+            pass  # the scheduler's HTTP endpoints: on a local free port, not 8787 on every interface
         total, ran_on = _sum_on(client)
         assert total == EXPECTED_SUM and ran_on == set(workers)
         pids = list(client.run(os.getpid).values())
+        # scheduler (this process), nanny and worker listen on the loopback interface only
+        for proc in (psutil.Process(), *(psutil.Process(p) for p in pids), psutil.Process(pids[0]).parent()):
+            listening = [c.laddr.ip for c in proc.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+            assert listening and set(listening) == {"127.0.0.1"}, (proc, listening)
     assert client.status == "closed"
     deadline = time.monotonic() + 20
     while any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids):
@@ -146,10 +154,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_errors():
+def test_errors(tmp_path):
     port = _free_port()
     with pytest.raises(SkystackError, match=rf"cannot reach the dask scheduler at 'tcp://127.0.0.1:{port}' within 1 s"):
         connect(f"tcp://127.0.0.1:{port}", timeout=1)
+    with pytest.raises(SkystackError, match=r"scheduler file '.*missing.json' does not exist"):
+        connect(str(tmp_path / "missing.json"))
     with pytest.raises(ValueError, match="scheduler address must be a non-empty string, got ''"):
         connect("")
     with pytest.raises(ValueError, match="timeout must be positive, got 0"):
