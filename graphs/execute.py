@@ -159,13 +159,13 @@ def run_units(
 ) -> RunReport:
     """Run every unit that is not done yet and return a :class:`RunReport`.
 
-    Units are taken ``batch_size`` at a time: each is checked (``done()``), built and its writes
-    computed together with the rest of its batch, on ``client`` (a ``distributed.Client``, with
+    Units are taken ``batch_size`` at a time: each is checked (``done()``), built, and its writes
+    computed concurrently with the rest of its batch, on ``client`` (a ``distributed.Client``, with
     ``retries`` per task) or on the local threaded scheduler (one shared pool of threads; a failed
-    unit is recomputed on its own up to ``retries`` more times). ``finish()`` runs for each unit whose writes all succeeded. Failures
-    are recorded per unit with the exception text; with ``raise_on_error`` a :class:`RunError`
-    listing them is raised after the whole run. ``progress`` prints one line per unit to
-    ``stream`` (default stderr).
+    unit is recomputed on its own up to ``retries`` more times). ``finish()`` runs for each unit
+    whose writes all succeeded. Failures are recorded per unit with the exception text; with
+    ``raise_on_error`` a :class:`RunError` listing them is raised after the whole run.
+    ``progress`` prints one line per unit to ``stream`` (default stderr).
     """
     units = list(units)
     if batch_size < 1:

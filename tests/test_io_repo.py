@@ -10,7 +10,6 @@ import dask.array as da
 from dask.delayed import Delayed
 import numpy as np
 import pytest
-import xarray as xr
 import zarr
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -22,6 +21,7 @@ from pipeline.io.repo import (
     Repository,
     coadd_path,
     exposure_path,
+    format_inventory,
     open_repo,
     patch_unit,
     visit_unit,
@@ -168,6 +168,9 @@ def test_open_schema_too_new(tmp_path):
         open_repo(path)
     root.attrs["schema_version"] = 0
     with pytest.raises(RepositoryError, match="schema_version 0, older than this code reads"):
+        open_repo(path)
+    root.attrs["schema_version"] = "1"
+    with pytest.raises(RepositoryError, match=r"is not a skystack repository \(schema_version '1' is not an integer\)"):
         open_repo(path)
 
 
@@ -692,6 +695,11 @@ def test_inventory(repo, rng):
     assert [(r["kind"], r["visit"], r["complete"]) for r in by_product[psfm]] == [("psf_matched_warp", 3, False)]
     assert {r["kind"] for r in by_product[template]} == {"template"}
     assert len(records) == 1 + 4 + 1 + 1 + 4
+    table = format_inventory(records).splitlines()
+    assert table[0].split() == ["kind", "tract", "patch", "band", "visit", "detector", "name", "complete"]
+    assert table[1].split() == ["exposure", "-", "-", "r", "3", "7", "-", "yes"]
+    assert len(table) == 1 + len(records)
+    assert format_inventory([]) == "(empty repository)"
 
 
 @settings(max_examples=12, deadline=None)

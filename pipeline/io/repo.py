@@ -53,6 +53,7 @@ __all__ = [
     "coadd_path",
     "patch_unit",
     "visit_unit",
+    "format_inventory",
     "FILL_VALUES",
     "PRODUCT_VARIABLES",
     "DEFAULT_PATCH_INNER",
@@ -210,7 +211,10 @@ def open_repo(
                 raise RepositoryError(f"{text} is not a skystack repository (no Zarr group at its root)", ids=ids)
             raise RepositoryError(f"no skystack repository at {text} (use create=True to make one)", ids=ids)
         if present and _has_any_key(store):
-            raise RepositoryError(f"{text} is not empty and is not a skystack repository; refusing to create one there", ids=ids)
+            raise RepositoryError(
+                f"{text} is not empty and is not a skystack repository; refusing to create one there",
+                ids=ids,
+            )
         zarr.create_group(
             store,
             attributes={"schema_version": SCHEMA_VERSION, "skystack_version": _version()},
@@ -223,7 +227,12 @@ def open_repo(
     version = root.attrs.get("schema_version")
     if version is None:
         raise RepositoryError(f"{text} is not a skystack repository (root has no schema_version)", ids=ids)
-    if not isinstance(version, int) or version > SCHEMA_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise RepositoryError(
+            f"{text} is not a skystack repository (schema_version {version!r} is not an integer)",
+            ids=ids,
+        )
+    if version > SCHEMA_VERSION:
         raise RepositoryError(
             f"repository {text} has schema_version {version!r}, newer than this code reads ({SCHEMA_VERSION}); "
             "upgrade skystack",
@@ -301,7 +310,10 @@ class Repository:
 
     def _check_writable(self) -> None:
         if not self.writable:
-            raise RepositoryError(f"repository {self.url} is open read-only; use open_repo(..., mode='a')", ids={"file": self.url})
+            raise RepositoryError(
+                f"repository {self.url} is open read-only; use open_repo(..., mode='a')",
+                ids={"file": self.url},
+            )
 
     def _exists(self, path: str) -> bool:
         return sync(self._store.exists(f"{path}/zarr.json" if path else "zarr.json"))
@@ -395,7 +407,9 @@ class Repository:
         """Whether a complete exposure ``visit``/``detector`` is in the repository."""
         return self.is_complete(exposure_path(visit, detector), _EXPOSURE_UNIT)
 
-    def write_exposure(self, ds: xr.Dataset, *, overwrite: bool = False, chunk_size: int = DEFAULT_EXPOSURE_CHUNK) -> str:
+    def write_exposure(
+        self, ds: xr.Dataset, *, overwrite: bool = False, chunk_size: int = DEFAULT_EXPOSURE_CHUNK
+    ) -> str:
         """Store one exposure (attrs ``visit`` and ``detector`` required) and mark it complete.
 
         This is a storage sink: it writes now (data first, then the marker). An exposure already
@@ -428,7 +442,9 @@ class Repository:
         cy, cx = min(chunk_size, ds.sizes["y"]), min(chunk_size, ds.sizes["x"])
         if any(dask.is_dask_collection(out[v].data) for v in ("image", "variance", "mask")):
             out = out.chunk({"y": cy, "x": cx})
-        encoding = {name: {"chunks": (cy, cx), "fill_value": FILL_VALUES[name]} for name in ("image", "variance", "mask")}
+        encoding = {
+            name: {"chunks": (cy, cx), "fill_value": FILL_VALUES[name]} for name in ("image", "variance", "mask")
+        }
         if "psf" in out.variables:
             encoding["psf"] = {"chunks": out["psf"].shape}
         out.to_zarr(self._store, group=path, mode="w", zarr_format=3, consolidated=False, encoding=encoding)
@@ -481,7 +497,10 @@ class Repository:
         attrs = self._group_attrs(product)
         layout = attrs.get(_LAYOUT)
         if layout is None:
-            raise RepositoryError(f"{product} in {self.url} is not a tract product (no {_LAYOUT} attrs)", ids={"file": self.url})
+            raise RepositoryError(
+                f"{product} in {self.url} is not a tract product (no {_LAYOUT} attrs)",
+                ids={"file": self.url},
+            )
         return layout
 
     def _unit_ids(self, product: str, layout: Mapping, unit: str | None) -> dict:
@@ -530,7 +549,10 @@ class Repository:
                 raise SchemaError(f"template lacks the {axis!r} coordinate", ids=ids)
         box = Box.of(template)
         if (box.x0, box.y0) != (0, 0):
-            raise SchemaError(f"template must cover the tract bbox from pixel (0, 0), starts at ({box.x0}, {box.y0})", ids=ids)
+            raise SchemaError(
+                f"template must cover the tract bbox from pixel (0, 0), starts at ({box.x0}, {box.y0})",
+                ids=ids,
+            )
         if not has_wcs(template):
             raise SchemaError("template has no 'wcs' coordinate", ids=ids)
         names = list(variables) if variables is not None else [v for v in PRODUCT_VARIABLES if v in template.data_vars]
@@ -540,7 +562,10 @@ class Repository:
             if name not in template.data_vars:
                 raise SchemaError(f"template lacks variable {name!r}", ids=ids)
             if template[name].dims != ("y", "x"):
-                raise SchemaError(f"template variable {name!r} has dims {template[name].dims}, expected ('y', 'x')", ids=ids)
+                raise SchemaError(
+                    f"template variable {name!r} has dims {template[name].dims}, expected ('y', 'x')",
+                    ids=ids,
+                )
         ny, nx = box.shape
         inner = _pair(patch_inner if patch_inner is not None else DEFAULT_PATCH_INNER, "patch_inner")
         if chunk_size is None:
@@ -552,7 +577,9 @@ class Repository:
         unit_map = self._default_units(template, units, patch_inner, inner, box, ids)
         for unit, ubox in unit_map.items():
             b = ubox["box"]
-            if (b[0] % chunks[1] or b[1] % chunks[0] or (b[2] % chunks[1] and b[2] != nx) or (b[3] % chunks[0] and b[3] != ny)):
+            ragged_x = b[2] % chunks[1] and b[2] != nx
+            ragged_y = b[3] % chunks[0] and b[3] != ny
+            if b[0] % chunks[1] or b[1] % chunks[0] or ragged_x or ragged_y:
                 raise RepositoryError(f"unit {unit} box {b} is not aligned to the chunks {chunks} (y, x)", ids=ids)
         layout = {
             "kind": template.attrs.get("kind"),
@@ -598,7 +625,7 @@ class Repository:
         skeleton.to_zarr(
             self._store, group=path, mode="w", zarr_format=3, consolidated=False, compute=False, encoding=encoding
         )
-        zarr.create_group(self._store, path=f"{path}/{_MARKERS}", attributes={"schema_version": SCHEMA_VERSION}, zarr_format=3)
+        self._ensure_group(f"{path}/{_MARKERS}")
         return path
 
     def _default_units(self, template, units, patch_inner, inner, box: Box, ids) -> dict:
@@ -610,7 +637,10 @@ class Repository:
                 if not isinstance(ubox, Box):
                     raise RepositoryError(f"unit {name} needs a Box, got {ubox!r}", ids=ids)
                 if ubox.empty or ubox.intersect(box) != ubox:
-                    raise RepositoryError(f"unit {name} box {ubox.to_list()} is empty or outside the tract {box.to_list()}", ids=ids)
+                    raise RepositoryError(
+                        f"unit {name} box {ubox.to_list()} is empty or outside the tract {box.to_list()}",
+                        ids=ids,
+                    )
                 uid = {}
                 if name.startswith("patch_"):
                     uid["patch"] = name[len("patch_"):].replace("_", ",")
@@ -659,7 +689,8 @@ class Repository:
         cy, cx = layout["chunks"]
         if wbox.intersect(ubox) != wbox or wbox.empty:
             raise RepositoryError(
-                f"window {wbox.to_list()} lies outside the box {ubox.to_list()} owned by unit {unit} of {product}", ids=ids
+                f"window {wbox.to_list()} lies outside the box {ubox.to_list()} owned by unit {unit} of {product}",
+                ids=ids,
             )
         aligned = (
             wbox.x0 % cx == 0
@@ -678,7 +709,10 @@ class Repository:
             if name not in ds_window.data_vars:
                 raise SchemaError(f"window lacks variable {name!r} that {product} holds", ids=ids)
             if ds_window[name].dims != ("y", "x"):
-                raise SchemaError(f"window variable {name!r} has dims {ds_window[name].dims}, expected ('y', 'x')", ids=ids)
+                raise SchemaError(
+                    f"window variable {name!r} has dims {ds_window[name].dims}, expected ('y', 'x')",
+                    ids=ids,
+                )
         if "mask" in layout["variables"]:
             want = planes_from_attrs(group["mask"].attrs)
             got = planes_from_attrs(ds_window["mask"].attrs)
@@ -689,7 +723,10 @@ class Repository:
             self._check_same_wcs(ds_window, product, wbox, ids)
         if self.is_complete(product, unit):
             if not overwrite:
-                raise RepositoryError(f"unit {unit} of {product} is already complete; use overwrite=True to rewrite it", ids=ids)
+                raise RepositoryError(
+                    f"unit {unit} of {product} is already complete; use overwrite=True to rewrite it",
+                    ids=ids,
+                )
             self.remove_marker(product, unit)
         sources, targets, regions = [], [], []
         for name in layout["variables"]:
@@ -729,7 +766,8 @@ class Repository:
         sep = np.hypot(dra * np.cos(np.radians(np.asarray(b[1]))), np.asarray(a[1]) - np.asarray(b[1]))
         if not np.all(np.isfinite(sep)) or np.max(sep) > 1e-9:
             raise SchemaError(
-                f"the window's WCS differs from that of {product} (corner offsets up to {np.nanmax(sep) * 3.6e6:.3g} mas)",
+                f"the window's WCS differs from that of {product} "
+                f"(corner offsets up to {np.nanmax(sep) * 3.6e6:.3g} mas)",
                 ids=ids,
             )
 
@@ -751,13 +789,19 @@ class Repository:
             wanted = list(units)
             unknown = [u for u in wanted if u not in unit_boxes]
             if unknown:
-                raise RepositoryError(f"product {product} has no units {unknown}", ids=self._unit_ids(product, layout, None))
+                raise RepositoryError(
+                    f"product {product} has no units {unknown}",
+                    ids=self._unit_ids(product, layout, None),
+                )
             if window is None and wanted:
                 bs = [unit_boxes[u] for u in wanted]
                 window = Box(min(b.x0 for b in bs), min(b.y0 for b in bs), max(b.x1 for b in bs), max(b.y1 for b in bs))
         if window is not None:
             if not isinstance(window, Box):
-                raise RepositoryError(f"window must be a Box, got {window!r}", ids=self._unit_ids(product, layout, None))
+                raise RepositoryError(
+                    f"window must be a Box, got {window!r}",
+                    ids=self._unit_ids(product, layout, None),
+                )
             clipped = window.intersect(tract_box)
             if clipped.empty:
                 raise RepositoryError(
@@ -823,7 +867,8 @@ class Repository:
                 products.append((f"{tkey}/artifacts/{vkey}", "artifact_mask", None))
             for band in self._children(f"{tkey}/coadds"):
                 for name in self._children(f"{tkey}/coadds/{band}"):
-                    products.append((f"{tkey}/coadds/{band}/{name}", "template" if name == "template" else "coadd", name))
+                    kind = "template" if name == "template" else "coadd"
+                    products.append((f"{tkey}/coadds/{band}/{name}", kind, name))
             for path, kind, name in products:
                 attrs = self._group_attrs(path)
                 layout = attrs.get(_LAYOUT)
@@ -848,8 +893,30 @@ class Repository:
         return records
 
 
+_TABLE_COLUMNS = ("kind", "tract", "patch", "band", "visit", "detector", "name", "complete")
+
+
+def format_inventory(records: Iterable[Mapping[str, Any]]) -> str:
+    """A plain-text table of :meth:`Repository.inventory` records (``-`` where not applicable)."""
+    rows = [[_cell(r.get(c)) for c in _TABLE_COLUMNS] for r in records]
+    if not rows:
+        return "(empty repository)"
+    widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(_TABLE_COLUMNS)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(_TABLE_COLUMNS, widths)).rstrip()]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in rows]
+    return "\n".join(lines)
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value)
+
+
 def _record(**kw) -> dict:
-    out = {k: None for k in ("kind", "tract", "patch", "band", "visit", "detector", "name", "product", "unit", "complete")}
+    out = dict.fromkeys(("kind", "tract", "patch", "band", "visit", "detector", "name", "product", "unit", "complete"))
     out.update(kw)
     return out
 
