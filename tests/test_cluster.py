@@ -182,7 +182,7 @@ def test_slurm_script_is_valid_bash_and_runs_the_cli_on_its_cluster():
     subprocess.run(["bash", "-n", str(script)], check=True)
     text = script.read_text()
     assert "dask scheduler" in text and "dask worker --scheduler-file" in text
-    assert 'skystack coadd --scheduler "$SCHEDULER_FILE"' in text
+    assert 'skystack --scheduler "$SCHEDULER_FILE" coadd' in text
     assert "trap cleanup EXIT" in text
 
 
@@ -200,7 +200,7 @@ def test_kubernetes_manifests():
     worker = by_name["Deployment", "skystack-worker"]["spec"]["template"]["spec"]["containers"][0]
     assert worker["command"][:3] == ["dask", "worker", f"tcp://skystack-scheduler:{port}"]
     job = by_name["Job", "skystack-coadd"]["spec"]["template"]["spec"]["containers"][0]
-    assert f"tcp://skystack-scheduler:{port}" in job["command"]
+    assert job["command"][:3] == ["skystack", "--scheduler", f"tcp://skystack-scheduler:{port}"]
     for d in docs:
         if d["kind"] in ("Deployment", "Job"):
             assert d["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
