@@ -76,7 +76,7 @@ def _resample_matrix(n_out: int, n_samples: int, samp: float, kernel: str) -> np
     return w
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class PsfexModel:
     """A PSFEx PSF model (see the module docstring for the conventions).
 
