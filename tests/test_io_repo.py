@@ -316,6 +316,10 @@ def test_write_exposure_validation(repo, rng):
     bad_visit.attrs = dict(ds.attrs, visit="12")
     with pytest.raises(RepositoryError, match="visit must be an integer, got '12'"):
         repo.write_exposure(bad_visit)
+    stacked = ds.drop_vars("psf").expand_dims(visit=[3])
+    stacked.attrs = dict(ds.attrs)
+    with pytest.raises(SchemaError, match=r"an exposure cannot have a 'visit' dimension \[visit=3 detector=7"):
+        repo.write_exposure(stacked)
     with pytest.raises(RepositoryError, match="chunk_size must be positive, got 0"):
         repo.write_exposure(ds, chunk_size=0)
     assert repo.list_exposures() == []
@@ -528,6 +532,14 @@ def test_open_product_by_units(repo, rng):
         repo.open_product(path, window=(0, 0, 10, 10))
     with pytest.raises(RepositoryError, match=r"no product tract_0/coadds/g/deep in"):
         repo.open_coadd(0, "g")
+
+
+def test_align_box(repo):
+    path = coadd_product(repo)  # chunks 20 (y) x 25 (x) on a 160 x 200 tract
+    assert repo.align_box(path, Box(30, 15, 70, 45)) == Box(25, 0, 75, 60)
+    assert repo.align_box(path, Box(-10, 150, 190, 300)) == Box(0, 140, 200, 160)
+    assert repo.align_box(path, Box(0, 0, 25, 20)) == Box(0, 0, 25, 20)
+    assert repo.align_box(path, Box(500, 500, 600, 600)).empty
 
 
 def test_warp_product_single_visit_unit(repo, rng):

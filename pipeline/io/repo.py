@@ -436,8 +436,8 @@ class Repository:
             raise RepositoryError(f"chunk_size must be positive, got {chunk_size}", ids=ids)
         self.remove_marker(path, _EXPOSURE_UNIT)
         self._require_groups(path)
-        out = ds.copy()
-        for name, var in out.variables.items():
+        out = ds.copy(deep=False)
+        for var in out.variables.values():
             var.encoding = {}
         cy, cx = min(chunk_size, ds.sizes["y"]), min(chunk_size, ds.sizes["x"])
         if any(dask.is_dask_collection(out[v].data) for v in ("image", "variance", "mask")):
@@ -661,6 +661,22 @@ class Repository:
     def product_units(self, product: str) -> dict[str, Box]:
         """The units of a tract product and the boxes their writers own."""
         return {name: Box(*u["box"]) for name, u in self._layout(product)["units"].items()}
+
+    def align_box(self, product: str, box: Box) -> Box:
+        """The smallest chunk-aligned box holding ``box`` (clipped to the tract): what a writer of
+        ``box`` (e.g. a warp's footprint) must write so that each chunk has one writer."""
+        layout = self._layout(product)
+        ny, nx = layout["shape"]
+        cy, cx = layout["chunks"]
+        clipped = box.intersect(Box(0, 0, nx, ny))
+        if clipped.empty:
+            return clipped
+        return Box(
+            clipped.x0 // cx * cx,
+            clipped.y0 // cy * cy,
+            min(-(-clipped.x1 // cx) * cx, nx),
+            min(-(-clipped.y1 // cy) * cy, ny),
+        )
 
     def region_write(self, ds_window: xr.Dataset, product: str, unit: str, *, overwrite: bool = False):
         """A lazy write (``dask.delayed``) of a tract-frame window into ``product`` for ``unit``.
