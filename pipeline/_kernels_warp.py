@@ -78,11 +78,16 @@ def interp_positions(gx0, gy0, step, nodes_x, nodes_y, X, Y, out_x, out_y):
 
 
 @numba.njit(**_NOGIL)
-def kernel_weights(f, order, bilinear, out):
+def kernel_weights(f, order, bilinear, linear, out):
     """Fill ``out[:2*order]`` with the 1-D weights for fractional offset ``f`` in [0, 1); return their sum.
 
     Lanczos-n: ``L(j - f)`` for ``j = -(n-1) .. n`` with ``L(t) = sinc(pi t) sinc(pi t / n)``, evaluated
     exactly (no tabulation); at ``f == 0`` the weights are the exact delta. Bilinear: ``(1-f, f)``.
+
+    ``linear``: move ``m1 = sum w (j-f)`` of weight from the tap at offset 1 to the tap at offset 0.
+    The sum is unchanged and the first moment becomes zero, so linear functions (and the centroids
+    of smooth sources) are reproduced exactly; plain Lanczos-3 shifts them by up to 0.02 px. The
+    correction vanishes at ``f = 0``, ``1/2`` and ``f -> 1`` and is continuous in between.
     """
     if bilinear:
         out[0] = 1.0 - f
@@ -110,6 +115,12 @@ def kernel_weights(f, order, bilinear, out):
         w = num / (math.pi * math.pi * t * t)
         out[k] = w
         total += w
+    if linear:
+        m1 = 0.0
+        for k in range(2 * n):
+            m1 += out[k] * (k - (n - 1) - f)
+        out[n - 1] += m1
+        out[n] -= m1
     return total
 
 
@@ -190,6 +201,7 @@ def warp_block(
     out_msk,
     order,
     bilinear,
+    linear,
     mask_order,
     grow_full,
     nodata,
@@ -241,8 +253,8 @@ def warp_block(
             j = int(fj)
             fx = x - i
             fy = y - j
-            sx = kernel_weights(fx, n, bilinear, wx)
-            sy = kernel_weights(fy, n, bilinear, wy)
+            sx = kernel_weights(fx, n, bilinear, linear, wx)
+            sy = kernel_weights(fy, n, bilinear, linear, wy)
             # relative area from the left neighbour and the one below
             ax = x - cur_x[c]
             ay = y - cur_y[c]
@@ -309,7 +321,7 @@ def warp_block(
 
 
 @numba.njit(**_NOGIL)
-def correlation_sums(nodes_x, nodes_y, gx0, gy0, step, X0, Y0, nx, ny, valid, order, bilinear, qx0, qy0, cmap, hits):
+def correlation_sums(nodes_x, nodes_y, gx0, gy0, step, X0, Y0, nx, ny, valid, order, bilinear, linear, qx0, qy0, cmap, hits):
     """Ingredients of the variance correlation factor on a destination window.
 
     For every good destination pixel p of the window, with weights ``w_pq`` and relative area
@@ -340,8 +352,8 @@ def correlation_sums(nodes_x, nodes_y, gx0, gy0, step, X0, Y0, nx, ny, valid, or
                 continue
             i = int(fi)
             j = int(fj)
-            sx = kernel_weights(x - i, n, bilinear, wx)
-            sy = kernel_weights(y - j, n, bilinear, wy)
+            sx = kernel_weights(x - i, n, bilinear, linear, wx)
+            sy = kernel_weights(y - j, n, bilinear, linear, wy)
             area = abs((x - xl) * (y - yb) - (y - yl) * (x - xb))
             s = sx * sy
             g = 0.0
@@ -359,7 +371,7 @@ def correlation_sums(nodes_x, nodes_y, gx0, gy0, step, X0, Y0, nx, ny, valid, or
 
 
 @numba.njit(**_NOGIL)
-def warp_psf_image(src, m00, m01, m10, m11, half_y, half_x, out):
+def warp_psf_image(src, m00, m01, m10, m11, half_y, half_x, linear, out):
     """Resample a centred PSF image through the affine map ``src_offset = M @ dst_offset``.
 
     Lanczos-3 taps (exact), zero padding outside ``src``, per-pixel rule ``(A/s) sum w I`` with
@@ -386,8 +398,8 @@ def warp_psf_image(src, m00, m01, m10, m11, half_y, half_x, out):
                 y = ry
             i = int(math.floor(x))
             j = int(math.floor(y))
-            sx = kernel_weights(x - i, n, False, wx)
-            sy = kernel_weights(y - j, n, False, wy)
+            sx = kernel_weights(x - i, n, False, linear, wx)
+            sy = kernel_weights(y - j, n, False, linear, wy)
             acc = 0.0
             for b in range(2 * n):
                 yy = j - (n - 1) + b
