@@ -38,7 +38,7 @@ def wcs_header_string(wcs: WCS | fits.Header | str) -> str:
     if isinstance(wcs, fits.Header):
         wcs = _wcs_from_header(wcs)
     header = wcs.to_header(relax=True)
-    for key in ("DATE-OBS", "MJD-OBS", "DATEREF", "MJDREFI", "MJDREFF", "WCSAXES"):
+    for key in ("DATE-OBS", "MJD-OBS", "DATEREF", "MJDREF", "MJDREFI", "MJDREFF", "WCSAXES"):
         header.remove(key, ignore_missing=True)
     if wcs.sip is not None:
         for key in ("CTYPE1", "CTYPE2"):
