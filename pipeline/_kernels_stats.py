@@ -62,6 +62,31 @@ ERROR_INPUT_VARIANCE = 1
 ERROR_MOSAIC = 2
 
 
+def _batcher_pairs(n):
+    """Comparators of Batcher's odd-even merge sorting network for ``n`` (a power of two) keys."""
+    pairs = []
+    p = 1
+    while p < n:
+        k = p
+        while k >= 1:
+            for j in range(k % p, n - k, 2 * k):
+                for i in range(min(k, n - j - k)):
+                    if (i + j) // (2 * p) == (i + j + k) // (2 * p):
+                        pairs.append((i + j, i + j + k))
+            k //= 2
+        p *= 2
+    return pairs
+
+
+#: largest sample count sorted by a network (all selected samples finite)
+NETWORK_MAX = 32
+_NET_SIZES = (2, 4, 8, 16, 32)
+_NETWORKS = [np.array(_batcher_pairs(n), dtype=np.int64).reshape(-1, 2) for n in _NET_SIZES]
+_NET_PAIRS = np.concatenate(_NETWORKS)
+_NET_START = np.cumsum([0] + [len(a) for a in _NETWORKS])[:-1].astype(np.int64)
+_NET_STOP = np.cumsum([len(a) for a in _NETWORKS]).astype(np.int64)
+
+
 @njit(cache=True, nogil=True)
 def _less(xa, wa, va, ma, xb, wb, vb, mb):
     """Total order on samples: value first (NaN last), then weight, variance, mask."""
@@ -87,8 +112,91 @@ def _less(xa, wa, va, ma, xb, wb, vb, mb):
 
 
 @njit(cache=True, nogil=True)
-def _order_samples(xs, ws, vs, ms, n):
+def _tie_less(ia, ib, ws, vs, ms):
+    """Order of two samples with equal values: by weight, then variance, then mask."""
+    if ws[ia] != ws[ib]:
+        return ws[ia] < ws[ib]
+    if vs[ia] != vs[ib]:
+        return vs[ia] < vs[ib]
+    return ms[ia] < ms[ib]
+
+
+@njit(cache=True, nogil=True)
+def _network_sort(xs, ws, vs, ms, n, keys, idx_unused, tw, tv, tm):
+    """Sort ``n <= NETWORK_MAX`` float32-exact finite samples by value, ties by (w, v, m).
+
+    Each value is packed with its buffer position into a uint64 key (order bits of the float32
+    value above, position below) and the keys go through a padded sorting network of branch-free
+    min/max; runs of equal values are then put in (weight, variance, mask) order.
+    """
+    size = 2
+    net = 0
+    while size < n:
+        size *= 2
+        net += 1
+    f32 = tm.view(np.float32)
+    for i in range(n):
+        f32[i] = xs[i]
+    for i in range(n):
+        b = np.uint64(tm[i])
+        if b >> np.uint64(31):
+            b = (~b) & np.uint64(0xFFFFFFFF)
+        else:
+            b = b | np.uint64(0x80000000)
+        keys[i] = (b << np.uint64(32)) | np.uint64(i)
+    for i in range(n, size):
+        keys[i] = np.uint64(0xFFFFFFFFFFFFFFFF)
+    for c in range(_NET_START[net], _NET_STOP[net]):
+        i = _NET_PAIRS[c, 0]
+        j = _NET_PAIRS[c, 1]
+        a = keys[i]
+        b = keys[j]
+        keys[i] = min(a, b)
+        keys[j] = max(a, b)
+    low = np.uint64(0xFFFFFFFF)
+    for i in range(n):
+        k = np.int64(keys[i] & low)
+        tw[i] = xs[k]
+    for i in range(n):
+        xs[i] = tw[i]
+    for i in range(n):
+        k = np.int64(keys[i] & low)
+        tw[i] = ws[k]
+        tv[i] = vs[k]
+        tm[i] = ms[k]
+    for i in range(n):
+        ws[i] = tw[i]
+        vs[i] = tv[i]
+        ms[i] = tm[i]
+    # equal values: order by the rest of the sample so the result is independent of input order
+    i = 0
+    while i < n - 1:
+        if xs[i] != xs[i + 1]:
+            i += 1
+            continue
+        e = i + 1
+        while e < n and xs[e] == xs[i]:
+            e += 1
+        for a in range(i + 1, e):
+            w, v, m = ws[a], vs[a], ms[a]
+            b = a - 1
+            while b >= i and (w < ws[b] or (w == ws[b] and (v < vs[b] or (v == vs[b] and m < ms[b])))):
+                ws[b + 1] = ws[b]
+                vs[b + 1] = vs[b]
+                ms[b + 1] = ms[b]
+                b -= 1
+            ws[b + 1] = w
+            vs[b + 1] = v
+            ms[b + 1] = m
+        i = e
+
+
+@njit(cache=True, nogil=True)
+def _order_samples(xs, ws, vs, ms, n, network_ok, keys, scratch_i, scratch_f, scratch_m):
     """Sort the first ``n`` entries of the four buffers together by value (ties by the rest)."""
+    if network_ok and n <= NETWORK_MAX:
+        _network_sort(xs, ws, vs, ms, n, keys, scratch_i, scratch_f[0], scratch_f[1], scratch_m)
+        return
     if n <= EXACT_ORDER_MAX:
         for i in range(1, n):
             x, w, v, m = xs[i], ws[i], vs[i], ms[i]
@@ -116,39 +224,48 @@ def _order_samples(xs, ws, vs, ms, n):
 
 
 @njit(cache=True, nogil=True)
-def _moments(xs, ws, vs, n, clip, centre, width, error_mode):
-    """Weighted moments of the samples (optionally only those with ``|x - centre| <= width``).
+def make_scratch(k):
+    """Scratch buffers for :func:`reduce_one` with up to ``k`` samples."""
+    size = max(k, NETWORK_MAX)
+    return (
+        np.empty(size, dtype=np.float64),
+        np.empty(size, dtype=np.float64),
+        np.empty(size, dtype=np.float64),
+        np.empty(size, dtype=np.uint32),
+        np.empty(size, dtype=np.int64),
+        np.empty((2, size), dtype=np.float64),
+        np.empty(size, dtype=np.uint32),
+        np.empty(size, dtype=np.uint64),
+    )
+
+
+@njit(cache=True, nogil=True)
+def _moments(xs, ws, vs, a, b, error_mode):
+    """Weighted moments of the samples ``a:b`` of the buffers.
 
     Returns ``(count, S1, S2, mean, variance, error variance of the mean, weighted sum)``.
     """
-    cnt = 0
     s1 = 0.0
     s2 = 0.0
     swx = 0.0
     swv = 0.0
     sw2v = 0.0
-    for i in range(n):
-        x = xs[i]
-        if clip and not (abs(x - centre) <= width):
-            continue
+    for i in range(a, b):
         w = ws[i]
-        cnt += 1
         s1 += w
         s2 += w * w
-        swx += w * x
+        swx += w * xs[i]
         swv += w * vs[i]
         sw2v += w * w * vs[i]
+    cnt = b - a
     mean = swx / s1 if s1 != 0.0 else np.nan
     m2 = 0.0
-    for i in range(n):
-        x = xs[i]
-        if clip and not (abs(x - centre) <= width):
-            continue
-        d = x - mean
+    for i in range(a, b):
+        d = xs[i] - mean
         m2 += ws[i] * d * d
     denom = s1 * s1 - s2
     var = m2 * s1 / denom if denom != 0.0 else np.nan
-    if cnt == 0:
+    if cnt <= 0:
         mean = np.nan
         var = np.nan
     if error_mode == ERROR_INPUT_VARIANCE:
@@ -185,13 +302,15 @@ def quantile_sorted(s, lo, hi, f):
 @njit(cache=True, nogil=True)
 def reduce_one(
     x, m, v, w, and_mask, nan_safe, weight_mode, error_mode, num_sigma, num_iter, do_quantiles, do_clip,
-    prop_bits, prop_thr, xs, ws, vs, ms, rejected, out,
+    prop_bits, prop_thr, scratch, rejected, out,
 ):
     """Reduce one sample set (1-D ``x``, ``m``, ``v``, ``w``) into ``out[C_*]``; returns ORMASK.
 
-    ``xs``, ``ws``, ``vs``, ``ms`` (length >= len(x)) and ``rejected`` (one per propagated bit)
-    are scratch buffers.
+    ``scratch`` comes from :func:`make_scratch` (for at least len(x) samples), ``rejected`` holds
+    one float per propagated bit.
     """
+    xs, ws, vs, ms, s_idx, s_f, s_m, s_keys = scratch
+    network_ok = True
     k = x.shape[0]
     nprop = prop_bits.shape[0]
     andm = np.uint32(and_mask)
@@ -216,15 +335,17 @@ def reduce_one(
                 if (mi & prop_bits[b]) != 0:
                     rejected[b] += wi
             continue
+        if not math.isfinite(xi) or np.float64(np.float32(xi)) != xi:
+            network_ok = False
         xs[n] = xi
         ws[n] = wi
         vs[n] = vi
         ms[n] = mi
         orm |= mi
         n += 1
-    _order_samples(xs, ws, vs, ms, n)
+    _order_samples(xs, ws, vs, ms, n, network_ok, s_keys, s_idx, s_f, s_m)
 
-    cnt, s1, s2, mean, var, errvar, swx = _moments(xs, ws, vs, n, False, 0.0, 0.0, error_mode)
+    cnt, s1, s2, mean, var, errvar, swx = _moments(xs, ws, vs, 0, n, error_mode)
     for b in range(nprop):
         total = s1 + rejected[b]
         if total != 0.0 and rejected[b] / total > prop_thr[b]:
@@ -284,7 +405,14 @@ def reduce_one(
             out[C_NCLIPPED] = n
             out[C_NKEPT] = 0
             return orm
-        kept, _s1, _s2, cmean, cvar, cerr, _swx = _moments(xs, ws, vs, n, True, centre, width, error_mode)
+        # sorted values: the kept samples |x - centre| <= width are a contiguous run of [lo, hi)
+        a = lo
+        while a < hi and not (abs(xs[a] - centre) <= width):
+            a += 1
+        b = hi
+        while b > a and not (abs(xs[b - 1] - centre) <= width):
+            b -= 1
+        kept, _s1, _s2, cmean, cvar, cerr, _swx = _moments(xs, ws, vs, a, b, error_mode)
     out[C_MEANCLIP] = cmean
     out[C_VARCLIP] = cvar
     out[C_MEANCLIP_ERRVAR] = cerr
@@ -305,15 +433,12 @@ def reduce_rows(
     (uint32) and ``prop_thr`` (float64) list the bits with a propagation threshold.
     """
     n_sets, k = x.shape
-    xs = np.empty(k, dtype=np.float64)
-    ws = np.empty(k, dtype=np.float64)
-    vs = np.empty(k, dtype=np.float64)
-    ms = np.empty(k, dtype=np.uint32)
+    scratch = make_scratch(k)
     rejected = np.zeros(prop_bits.shape[0], dtype=np.float64)
     for r in range(n_sets):
         ormask[r] = reduce_one(
             x[r], m[r], v[r], w[r], and_mask, nan_safe, weight_mode, error_mode, num_sigma, num_iter,
-            do_quantiles, do_clip, prop_bits, prop_thr, xs, ws, vs, ms, rejected, out[r],
+            do_quantiles, do_clip, prop_bits, prop_thr, scratch, rejected, out[r],
         )
 
 
@@ -322,213 +447,227 @@ STACK_MEANCLIP = 1
 STACK_MEDIAN = 2
 
 
+def network_pairs(n):
+    """Comparator pairs (int64, shape (m, 2)) of a sorting network for ``n`` keys (padded to 2^p)."""
+    size = 1
+    while size < n:
+        size *= 2
+    return np.array(_batcher_pairs(size), dtype=np.int64).reshape(-1, 2)
+
+
+@njit(cache=True, nogil=True)
+def _row_moments(X, W, V, G, nk, nx, centre, width, error_mode, mean, var, errvar, cnt, s1, s2, a1, a2, a3):
+    """Per-pixel weighted moments over planes with ``G`` set and ``|X - centre| <= width``."""
+    for j in range(nx):
+        s1[j] = 0.0
+        s2[j] = 0.0
+        a1[j] = 0.0
+        a2[j] = 0.0
+        a3[j] = 0.0
+        cnt[j] = 0
+    for k in range(nk):
+        for j in range(nx):
+            keep = G[k, j] and abs(X[k, j] - centre[j]) <= width[j]
+            w = W[k, j] if keep else 0.0
+            x = X[k, j]
+            v = V[k, j]
+            s1[j] += w
+            s2[j] += w * w
+            a1[j] += w * x
+            a2[j] += w * w * v
+            a3[j] += w * v
+            cnt[j] += 1 if keep else 0
+    for j in range(nx):
+        mean[j] = a1[j] / s1[j] if (cnt[j] > 0 and s1[j] != 0.0) else np.nan
+        a1[j] = 0.0
+    for k in range(nk):
+        for j in range(nx):
+            keep = G[k, j] and abs(X[k, j] - centre[j]) <= width[j]
+            d = X[k, j] - mean[j]
+            a1[j] += W[k, j] * d * d if keep else 0.0
+    for j in range(nx):
+        if cnt[j] == 0 or s1[j] == 0.0:
+            var[j] = np.nan
+            errvar[j] = np.nan
+            continue
+        denom = s1[j] * s1[j] - s2[j]
+        var[j] = a1[j] * s1[j] / denom if denom != 0.0 else np.nan
+        if error_mode == ERROR_INPUT_VARIANCE:
+            errvar[j] = a2[j] / (s1[j] * s1[j])
+        elif error_mode == ERROR_MOSAIC:
+            errvar[j] = a3[j] / s1[j]
+        else:
+            errvar[j] = var[j] * s2[j] / (s1[j] * s1[j])
+
+
+@njit(cache=True, nogil=True)
+def _column_quantile(Y, j, n, f):
+    """numpy "linear" quantile of the sorted column ``Y[:n, j]``."""
+    if n <= 0:
+        return np.nan
+    if n == 1:
+        return Y[0, j]
+    t = f * (n - 1)
+    q = int(math.floor(t))
+    if q >= n - 1:
+        return Y[n - 1, j]
+    g = t - q
+    a = Y[q, j]
+    b = Y[q + 1, j]
+    d = b - a
+    if g >= 0.5:
+        return b - d * (1.0 - g)
+    return a + d * g
+
+
 @njit(cache=True, nogil=True)
 def stack_pixels(
     image, variance, mask, weights, and_mask, weight_mode, error_mode, statistic, num_sigma, num_iter,
-    prop_bits, prop_thr, no_data, clipped, map_from, map_to, out_image, out_variance, out_mask, out_n,
+    prop_bits, prop_thr, no_data, clipped, map_from, map_to, pairs, out_image, out_variance, out_mask, out_n,
 ):
     """Per-pixel stack of ``(K, ny, nx)`` planes (section 3 of the statistics spec).
 
-    ``weights`` has one entry per plane (multiplicative) or is ignored. Writes the statistic, the
-    square of its error, the stacked mask (ORMASK, NO_DATA replacing it where nothing survives,
-    ``clipped`` where a sample was clipped, the mask map where any sample was masked) and the count
-    of planes without an and-mask bit.
+    ``weights`` has one entry per plane (used when ``weight_mode`` is multiplicative); ``pairs``
+    is the sorting network of :func:`network_pairs` for K keys. Writes the statistic, the square
+    of its error, the stacked mask (ORMASK with threshold-propagated bits, NO_DATA replacing it
+    where nothing survives, ``clipped`` where a sample was clipped, the mask map where any sample
+    was masked) and the count of planes without an and-mask bit.
+
+    The work runs row by row with the pixels of a row as the inner (vectorisable) loop: sums run
+    over the planes in their given order; the median and quartiles come from a sorting network
+    applied to whole rows at once (excluded samples sort last as +inf).
     """
     nk, ny, nx = image.shape
-    xs = np.empty(nk, dtype=np.float64)
-    ws = np.empty(nk, dtype=np.float64)
-    vs = np.empty(nk, dtype=np.float64)
-    ms = np.empty(nk, dtype=np.uint32)
-    rejected = np.zeros(prop_bits.shape[0], dtype=np.float64)
-    row = np.empty(N_COLUMNS, dtype=np.float64)
+    size = 1
+    while size < nk:
+        size *= 2
+    X = np.empty((nk, nx), dtype=np.float64)
+    W = np.empty((nk, nx), dtype=np.float64)
+    V = np.empty((nk, nx), dtype=np.float64)
+    G = np.empty((nk, nx), dtype=np.bool_)
+    Y = np.empty((size, nx), dtype=np.float64)
+    n = np.empty(nx, dtype=np.int64)
+    n_unmasked = np.empty(nx, dtype=np.int64)
+    orm = np.empty(nx, dtype=np.uint32)
+    any_mask = np.empty(nx, dtype=np.uint32)
+    nprop = prop_bits.shape[0]
+    rejected = np.empty((max(nprop, 1), nx), dtype=np.float64)
+    centre = np.empty(nx, dtype=np.float64)
+    width = np.empty(nx, dtype=np.float64)
+    iqr = np.empty(nx, dtype=np.float64)
+    mean = np.empty(nx, dtype=np.float64)
+    var = np.empty(nx, dtype=np.float64)
+    errvar = np.empty(nx, dtype=np.float64)
+    cnt = np.empty(nx, dtype=np.int64)
+    s1 = np.empty(nx, dtype=np.float64)
+    s2 = np.empty(nx, dtype=np.float64)
+    a1 = np.empty(nx, dtype=np.float64)
+    a2 = np.empty(nx, dtype=np.float64)
+    a3 = np.empty(nx, dtype=np.float64)
     andm = np.uint32(and_mask)
-    do_clip = statistic == STACK_MEANCLIP
-    do_quantiles = statistic != STACK_MEAN
     nmap = map_from.shape[0]
+    need_sort = statistic != STACK_MEAN
     for i in range(ny):
         for j in range(nx):
-            orm = reduce_one(
-                image[:, i, j], mask[:, i, j], variance[:, i, j], weights, and_mask, True, weight_mode,
-                error_mode, num_sigma, num_iter, do_quantiles, do_clip, prop_bits, prop_thr, xs, ws, vs, ms,
-                rejected, row,
-            )
-            n_unmasked = 0
-            any_mask = np.uint32(0)
-            for k in range(nk):
+            n[j] = 0
+            n_unmasked[j] = 0
+            orm[j] = 0
+            any_mask[j] = 0
+            centre[j] = 0.0
+            width[j] = np.inf
+            s1[j] = 0.0
+        for b in range(nprop):
+            for j in range(nx):
+                rejected[b, j] = 0.0
+        for k in range(nk):
+            wconst = np.float64(weights[k]) if weight_mode == WEIGHT_MULTIPLICATIVE else 1.0
+            for j in range(nx):
                 mk = np.uint32(mask[k, i, j])
-                any_mask |= mk
-                if (mk & andm) == 0:
-                    n_unmasked += 1
-            npoint = row[C_NPOINT]
-            if statistic == STACK_MEAN:
-                value = row[C_MEAN]
-                errvar = row[C_MEAN_ERRVAR]
-            elif statistic == STACK_MEANCLIP:
-                value = row[C_MEANCLIP]
-                errvar = row[C_MEANCLIP_ERRVAR]
-            else:
-                value = row[C_MEDIAN]
-                errvar = 0.5 * math.pi * row[C_VARIANCE] / npoint if npoint > 0 else np.nan
-            if npoint == 0:
-                orm = np.uint32(no_data)
-                value = np.nan
-                errvar = np.nan
-            if row[C_NCLIPPED] > 0:
-                orm |= np.uint32(clipped)
-            if row[C_NMASKED] > 0:
-                for p in range(nmap):
-                    if (any_mask & map_from[p]) != 0:
-                        orm |= map_to[p]
-            out_image[i, j] = value
-            out_variance[i, j] = errvar
-            out_mask[i, j] = orm
-            out_n[i, j] = n_unmasked
-
-
-# ---------------------------------------------------------------------------------------------
-# whole-array reductions in mergeable pieces (one call per chunk)
-
-#: layout of a partial-moments vector (followed by one rejected weight per propagated bit)
-P_N = 0
-P_TOTAL = 1
-P_S1 = 2
-P_S2 = 3
-P_MEAN = 4
-P_M2 = 5
-P_SW2V = 6
-P_SWV = 7
-P_SWX = 8
-P_MIN = 9
-P_MAX = 10
-P_ORMASK = 11
-P_FIXED = 12
-
-RADIX_BITS = 16
-RADIX_BINS = 1 << RADIX_BITS
-RADIX_LEVELS = 64 // RADIX_BITS
-
-
-@njit(cache=True, nogil=True)
-def _weight(vi, wi, weight_mode):
-    if weight_mode == WEIGHT_INVERSE_VARIANCE:
-        return 1.0 / vi
-    if weight_mode == WEIGHT_MULTIPLICATIVE:
-        return wi
-    return 1.0
-
-
-@njit(cache=True, nogil=True)
-def partial_moments(x, m, v, w, and_mask, nan_safe, weight_mode, clip, centre, width, prop_bits, out):
-    """Mergeable moments of the selected samples of 1-D ``x`` (clipped to ``|x-centre|<=width``).
-
-    ``out`` has ``P_FIXED + len(prop_bits)`` entries; the mean and M2 are about the chunk's own
-    weighted mean, to be merged with the parallel-variance formula.
-    """
-    andm = np.uint32(and_mask)
-    n = 0
-    s1 = 0.0
-    s2 = 0.0
-    swx = 0.0
-    swv = 0.0
-    sw2v = 0.0
-    lo = np.inf
-    hi = -np.inf
-    orm = np.uint32(0)
-    nprop = prop_bits.shape[0]
-    for b in range(nprop):
-        out[P_FIXED + b] = 0.0
-    total = x.shape[0]
-    for i in range(total):
-        xi = np.float64(x[i])
-        mi = np.uint32(m[i])
-        vi = np.float64(v[i])
-        if weight_mode == WEIGHT_INVERSE_VARIANCE and not (vi > 0.0):
-            continue
-        wi = _weight(vi, np.float64(w[i]), weight_mode)
-        if (mi & andm) != 0 or (nan_safe and not math.isfinite(xi)):
-            if not clip:
+                xk = np.float64(image[k, i, j])
+                vk = np.float64(variance[k, i, j])
+                any_mask[j] |= mk
+                unmasked = (mk & andm) == 0
+                if unmasked:
+                    n_unmasked[j] += 1
+                wk = wconst
+                wvalid = True
+                if weight_mode == WEIGHT_INVERSE_VARIANCE:
+                    wvalid = vk > 0.0
+                    wk = 1.0 / vk if wvalid else 0.0
+                good = unmasked and wvalid and math.isfinite(xk)
+                G[k, j] = good
+                X[k, j] = xk if good else 0.0
+                W[k, j] = wk if good else 0.0
+                V[k, j] = vk if good else 0.0
+                Y[k, j] = xk if good else np.inf
+                n[j] += 1 if good else 0
+                orm[j] |= mk if good else np.uint32(0)
+                s1[j] += wk if good else 0.0
                 for b in range(nprop):
-                    if (mi & prop_bits[b]) != 0:
-                        out[P_FIXED + b] += wi
-            continue
-        if clip and not (abs(xi - centre) <= width):
-            continue
-        n += 1
-        s1 += wi
-        s2 += wi * wi
-        swx += wi * xi
-        swv += wi * vi
-        sw2v += wi * wi * vi
-        orm |= mi
-        if xi < lo:
-            lo = xi
-        if xi > hi:
-            hi = xi
-    mean = swx / s1 if s1 != 0.0 else 0.0
-    m2 = 0.0
-    if n > 0:
-        for i in range(total):
-            xi = np.float64(x[i])
-            mi = np.uint32(m[i])
-            vi = np.float64(v[i])
-            if weight_mode == WEIGHT_INVERSE_VARIANCE and not (vi > 0.0):
-                continue
-            if (mi & andm) != 0 or (nan_safe and not math.isfinite(xi)):
-                continue
-            if clip and not (abs(xi - centre) <= width):
-                continue
-            d = xi - mean
-            m2 += _weight(vi, np.float64(w[i]), weight_mode) * d * d
-    out[P_N] = n
-    out[P_TOTAL] = total
-    out[P_S1] = s1
-    out[P_S2] = s2
-    out[P_MEAN] = mean
-    out[P_M2] = m2
-    out[P_SW2V] = sw2v
-    out[P_SWV] = swv
-    out[P_SWX] = swx
-    out[P_MIN] = lo
-    out[P_MAX] = hi
-    out[P_ORMASK] = orm
-
-
-_SIGN = np.uint64(1) << np.uint64(63)
-
-
-def order_keys(values):
-    """uint64 keys whose unsigned order is the numeric order of the (non-NaN) float64 ``values``."""
-    bits = np.ascontiguousarray(values, dtype=np.float64).view(np.uint64)
-    return np.where(bits >> np.uint64(63) != 0, ~bits, bits | _SIGN)
-
-
-def key_values(keys):
-    """Inverse of :func:`order_keys`."""
-    keys = np.asarray(keys, dtype=np.uint64)
-    bits = np.where(keys >> np.uint64(63) != 0, keys & ~_SIGN, ~keys)
-    return np.ascontiguousarray(bits).view(np.float64)
-
-
-@njit(cache=True, nogil=True)
-def radix_histogram(keys, valid, level, prefixes, out):
-    """Histogram of the ``level``-th 16-bit digit of ``keys[valid]``.
-
-    Row ``r`` of ``out`` (shape ``(R, RADIX_BINS)``) counts only keys whose higher digits equal
-    those of ``prefixes[r]`` (at level 0 every row counts every key).
-    """
-    nr = out.shape[0]
-    shift = np.uint64(64 - RADIX_BITS * (level + 1))
-    digit_mask = np.uint64(RADIX_BINS - 1)
-    high = np.uint64(64 - RADIX_BITS * level) if level > 0 else np.uint64(0)
-    for i in range(keys.shape[0]):
-        if not valid[i]:
-            continue
-        key = keys[i]
-        digit = (key >> shift) & digit_mask
-        if level == 0:
-            out[0, digit] += 1
+                    hit = (not good) and wvalid and (mk & prop_bits[b]) != 0
+                    rejected[b, j] += wk if hit else 0.0
+        if need_sort:
+            for k in range(nk, size):
+                for j in range(nx):
+                    Y[k, j] = np.inf
+            for c in range(pairs.shape[0]):
+                p = pairs[c, 0]
+                q = pairs[c, 1]
+                for j in range(nx):
+                    lo = Y[p, j]
+                    hi = Y[q, j]
+                    Y[p, j] = min(lo, hi)
+                    Y[q, j] = max(lo, hi)
+        for j in range(nx):
+            total_w = s1[j]
+            for b in range(nprop):
+                tot = total_w + rejected[b, j]
+                if tot != 0.0 and rejected[b, j] / tot > prop_thr[b]:
+                    orm[j] |= prop_bits[b]
+        if statistic != STACK_MEANCLIP:
+            # plain pass over all good samples: the mean, or the variance for the median error
+            _row_moments(X, W, V, G, nk, nx, centre, width, error_mode, mean, var, errvar, cnt, s1, s2, a1, a2, a3)
+        if statistic == STACK_MEDIAN:
+            for j in range(nx):
+                nj = n[j]
+                out_image[i, j] = _column_quantile(Y, j, nj, 0.5)
+                out_variance[i, j] = 0.5 * math.pi * var[j] / nj if nj > 0 else np.nan
+        elif statistic == STACK_MEAN:
+            for j in range(nx):
+                out_image[i, j] = mean[j]
+                out_variance[i, j] = errvar[j]
         else:
-            top = key >> high
-            for r in range(nr):
-                if (prefixes[r] >> high) == top:
-                    out[r, digit] += 1
+            for j in range(nx):
+                nj = n[j]
+                centre[j] = _column_quantile(Y, j, nj, 0.5)
+                iqr[j] = _column_quantile(Y, j, nj, 0.75) - _column_quantile(Y, j, nj, 0.25)
+            for it in range(num_iter):
+                for j in range(nx):
+                    if it > 0:
+                        centre[j] = mean[j]
+                    if it == 0 or n[j] <= 1:
+                        width[j] = num_sigma * IQR_TO_SIGMA * iqr[j]
+                    elif math.isnan(var[j]):
+                        width[j] = np.nan
+                    else:
+                        width[j] = num_sigma * math.sqrt(max(var[j], 0.0))
+                _row_moments(
+                    X, W, V, G, nk, nx, centre, width, error_mode, mean, var, errvar, cnt, s1, s2, a1, a2, a3
+                )
+            for j in range(nx):
+                out_image[i, j] = mean[j]
+                out_variance[i, j] = errvar[j]
+                if n[j] - cnt[j] > 0:
+                    orm[j] |= np.uint32(clipped)
+        for j in range(nx):
+            m_out = orm[j]
+            if n[j] == 0:
+                m_out = np.uint32(no_data)
+                out_image[i, j] = np.nan
+                out_variance[i, j] = np.nan
+            if nk - n[j] > 0:
+                for p in range(nmap):
+                    if (any_mask[j] & map_from[p]) != 0:
+                        m_out |= map_to[p]
+            out_mask[i, j] = m_out
+            out_n[i, j] = n_unmasked[j]

@@ -12,6 +12,7 @@ bounded by one chunk column per image, and the task count grows with the number 
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Literal
@@ -144,6 +145,7 @@ class _StackPlan:
             self.clipped,
             self.map_from,
             self.map_to,
+            _pairs(image.shape[0]),
             out_image,
             out_variance,
             out_mask,
@@ -158,6 +160,11 @@ class _StackPlan:
         for i, o in enumerate(outs):
             packed[i] = o
         return packed
+
+
+@functools.lru_cache(maxsize=16)
+def _pairs(nk: int) -> np.ndarray:
+    return K.network_pairs(nk)
 
 
 def _combine_inputs(warps) -> xr.Dataset:
@@ -234,6 +241,13 @@ def stack(
         warnings.warn("weights were given but config.weighted is False: the weights are ignored", SkystackWarning, stacklevel=2)
         weights = None
     wdata = _weights_vector(weights, ds, ids)
+    if "visit" in ds.coords:
+        # a canonical visit order makes the sums, hence the result, independent of the input order
+        order = np.argsort(ds.indexes["visit"].values, kind="stable")
+        if not np.array_equal(order, np.arange(nvisit)):
+            ds = ds.isel(visit=order)
+            if wdata is not None:
+                wdata = wdata[order]
     plan = _StackPlan(config, planes, wdata is not None)
     if wdata is None:
         wdata = np.ones(nvisit, dtype=np.float64)
@@ -294,6 +308,9 @@ def stack(
 
 def _weights_vector(weights, ds: xr.Dataset, ids):
     """The per-visit weights as a 1-D (numpy or dask) array in the order of ``ds.visit``."""
+    if "visit" in ds.coords and not ds.indexes["visit"].is_unique:
+        dup = ds.indexes["visit"][ds.indexes["visit"].duplicated()].tolist()
+        raise SchemaError(f"visits {dup} appear more than once in the stack", ids=ids)
     if weights is None:
         return None
     if not isinstance(weights, xr.DataArray):
