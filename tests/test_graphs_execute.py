@@ -22,7 +22,7 @@ from pipeline.testing import assert_datasets_equal, graph_size, raise_if_dask_co
 from conftest import make_tan_wcs
 
 TRACT_SHAPE = (160, 200)
-PATCH_INNER = (80, 100)
+PATCH_INNER = (100, 80)  # (x, y)
 
 
 def template():

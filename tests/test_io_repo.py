@@ -35,7 +35,7 @@ from pipeline.testing import assert_datasets_equal, assert_lazy, graph_size, rai
 from conftest import make_tan_wcs
 
 TRACT_SHAPE = (160, 200)  # (ny, nx): 2 x 2 patches of 80 x 100
-PATCH_INNER = (80, 100)
+PATCH_INNER = (100, 80)  # (x, y), as the sky map
 CHUNKS = (20, 25)
 
 
@@ -560,9 +560,52 @@ def test_warp_product_single_visit_unit(repo, rng):
         repo.open_warp(0, 12, kind="psf")
 
 
+def small_tract():
+    from pipeline.model.skymap import Tract
+
+    return Tract(id=3, ra=150.0, dec=2.0, radius_deg=0.005, tract_overlap_deg=0.0, patch_inner=(100, 80), patch_border=10)
+
+
+def test_products_from_a_skymap_tract(repo, rng):
+    from pipeline.model.skymap import SkyMap
+
+    tract = small_tract()
+    assert tract.bbox == Box(0, 0, 200, 240)
+    repo.set_skymap(SkyMap(tracts=(tract,)))
+    assert SkyMap.from_json(repo.skymap_json) == SkyMap(tracts=(tract,))
+    deep = repo.create_coadd(tract, "g")
+    assert deep == "tract_3/coadds/g/deep"
+    assert repo.product_units(deep) == {patch_unit(p): p.inner for p in tract.patches()}
+    assert zarr.open_array(repo.store, path=f"{deep}/image", mode="r").chunks == (20, 25)
+    n_image = zarr.open_array(repo.store, path=f"{deep}/n_image", mode="r")
+    assert n_image.dtype == np.int32 and n_image.fill_value == 0
+    patch = tract.patch("1,2")
+    tmpl = empty_like_frame(x0=0, y0=0, nx=200, ny=240, wcs=tract.wcs_header(), kind="coadd", chunks=40)
+    win = window_data(rng, patch.inner, template=tmpl)
+    win["n_image"] = (("y", "x"), np.full(patch.inner.shape, 3, np.int32))
+    dask.compute(repo.region_write(win, deep, patch_unit(patch)))
+    repo.mark_complete(deep, patch_unit(patch))
+    got = repo.open_coadd(3, "g", patch_box=patch.inner)
+    assert_datasets_equal(win, got)
+    assert got.attrs["tract"] == 3 and got.attrs["band"] == "g" and got.attrs["kind"] == "coadd"
+    np.testing.assert_array_equal(got["n_image"].values, 3)
+    with pytest.raises(ProductIncompleteError, match=r"unit\(s\) patch_0_1, patch_1_1, patch_0_2 not marked complete \[tract=3 patch=0,1 band=g"):
+        repo.open_coadd(3, "g", patch_box=patch.outer)
+    template = repo.create_coadd(tract, "g", "template", n_image=False)
+    assert zarr.open_group(repo.store, path=template, mode="r").attrs["kind"] == "template"
+    warp = repo.create_warp(tract, 21, band="g")
+    assert repo.product_units(warp) == {"visit_21": tract.bbox}
+    psf_warp = repo.create_warp(tract, 21, kind="psf_matched", band="g")
+    assert zarr.open_group(repo.store, path=psf_warp, mode="r").attrs["kind"] == "psf_matched_warp"
+    art = repo.create_artifacts(tract, 21)
+    assert sorted(zarr.open_group(repo.store, path=art, mode="r").array_keys()) == ["mask", "wcs", "x", "y"]
+    kinds = {(r["kind"], r["name"]) for r in repo.inventory()}
+    assert kinds == {("coadd", "deep"), ("template", "template"), ("warp", None), ("psf_matched_warp", None), ("artifact_mask", None)}
+
+
 def test_artifact_product_mask_only(repo, rng):
     tmpl = tract_template(kind="artifact_mask", attrs={"tract": 0, "visit": 4}).drop_vars(["image", "variance"])
-    path = repo.create_tract_product(("tract_0", "artifacts", "visit_4"), tmpl, chunk_size=(20, 25))
+    path = repo.create_tract_product(("tract_0", "artifacts", "visit_4"), tmpl, chunk_size=(25, 20))
     win = Box(0, 0, 50, 40).sel(tmpl).copy()
     win["mask"] = (("y", "x"), np.full((40, 50), int(MaskPlane.CLIPPED), np.uint32), dict(win["mask"].attrs))
     dask.compute(repo.region_write(win, path, "visit_4"))
@@ -581,7 +624,7 @@ def test_region_write_validation(repo, rng):
     with pytest.raises(RepositoryError, match=r"window \[0, 0, 100, 80\] lies outside the box \[100, 0, 200, 80\] owned by unit patch_1_0"):
         repo.region_write(good, path, "patch_1_0")
     shifted = window_data(rng, Box(10, 0, 100, 80))
-    with pytest.raises(RepositoryError, match=r"window \[10, 0, 100, 80\] .* is not aligned to the chunks 20x25"):
+    with pytest.raises(RepositoryError, match=r"window \[10, 0, 100, 80\] .* is not aligned to the chunks 25x20 \(x, y\)"):
         repo.region_write(shifted, path, "patch_0_0")
     ragged = window_data(rng, Box(0, 0, 100, 70))
     with pytest.raises(RepositoryError, match="is not aligned to the chunks"):
@@ -630,7 +673,7 @@ def test_create_tract_product_idempotent_and_overwrite(repo, rng, tmp_path):
     repo.mark_complete(path, "patch_0_0")
     assert coadd_product(repo) == path
     assert repo.is_complete(path, "patch_0_0")
-    with pytest.raises(RepositoryError, match=r"exists with another layout \(shape \[160, 200\], chunks \[20, 25\]"):
+    with pytest.raises(RepositoryError, match=r"exists with another layout \(shape \[160, 200\] \(y, x\), chunks \[20, 25\] \(y, x\)"):
         repo.create_tract_product(path, tract_template(attrs={"tract": 0, "band": "r"}), patch_inner=PATCH_INNER, chunk_size=10)
     dask.compute(repo.region_write(window_data(rng, Box(0, 0, 100, 80)), path, "patch_0_0", overwrite=True))
     repo.create_tract_product(path, tract_template(attrs={"tract": 0, "band": "r"}), patch_inner=PATCH_INNER, overwrite=True)
@@ -640,7 +683,7 @@ def test_create_tract_product_idempotent_and_overwrite(repo, rng, tmp_path):
 
 def test_create_tract_product_validation(repo):
     tmpl = tract_template()
-    with pytest.raises(RepositoryError, match=r"chunk size \(30, 30\) does not divide the patch inner size \(80, 100\)"):
+    with pytest.raises(RepositoryError, match=r"chunk size \(30, 30\) \(x, y\) does not divide the patch inner size \(100, 80\) \(x, y\)"):
         repo.create_tract_product("tract_0/coadds/r/deep", tmpl, patch_inner=PATCH_INNER, chunk_size=30)
     with pytest.raises(SchemaError, match=r"template must cover the tract bbox from pixel \(0, 0\), starts at \(5, 0\)"):
         repo.create_tract_product("tract_0/coadds/r/deep", tmpl.isel(x=slice(5, None)), patch_inner=PATCH_INNER)
@@ -652,7 +695,7 @@ def test_create_tract_product_validation(repo):
         repo.create_tract_product("tract_0/coadds/r/deep", tmpl, variables=["image", "n_image"])
     with pytest.raises(SchemaError, match="template must be an xarray.Dataset, got DataArray"):
         repo.create_tract_product("tract_0/coadds/r/deep", tmpl["image"])
-    with pytest.raises(RepositoryError, match=r"unit patch_a box \[0, 0, 30, 30\] is not aligned to the chunks \(20, 25\)"):
+    with pytest.raises(RepositoryError, match=r"unit patch_a box \[0, 0, 30, 30\] is not aligned to the chunks 25x20 \(x, y\)"):
         repo.create_tract_product("tract_0/coadds/r/deep", tmpl, patch_inner=PATCH_INNER, units={"patch_a": Box(0, 0, 30, 30)})
     with pytest.raises(RepositoryError, match=r"unit big box \[0, 0, 300, 80\] is empty or outside the tract"):
         repo.create_tract_product("tract_0/coadds/r/deep", tmpl, units={"big": Box(0, 0, 300, 80)})
@@ -728,7 +771,7 @@ def test_aligned_region_writes_round_trip(cy, cx, j0, i0, nj, ni, seed):
     """Any chunk-aligned window written into a fresh product reads back exactly; the rest stays no-data."""
     rng = np.random.default_rng(seed)
     repo = open_repo(MemoryStore(), create=True)
-    path = repo.create_tract_product("tract_1/coadds/z/deep", tract_template(attrs={"tract": 1, "band": "z"}), chunk_size=(cy, cx), units={"all": Box(0, 0, 200, 160)})
+    path = repo.create_tract_product("tract_1/coadds/z/deep", tract_template(attrs={"tract": 1, "band": "z"}), chunk_size=(cx, cy), units={"all": Box(0, 0, 200, 160)})
     ny, nx = TRACT_SHAPE
     y0, x0 = min(j0 * cy, ny - cy), min(i0 * cx, nx - cx)
     box = Box(x0, y0, min(x0 + ni * cx, nx), min(y0 + nj * cy, ny))

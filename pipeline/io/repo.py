@@ -41,7 +41,7 @@ from zarr.storage import FsspecStore, LocalStore
 from ..errors import MaskPlaneError, ProductIncompleteError, RepositoryError, SchemaError
 from ..model.geometry import Box
 from ..model.masks import MaskPlane, planes_from_attrs
-from ..model.schema import SCHEMA_VERSION, data_ids, validate
+from ..model.schema import SCHEMA_VERSION, data_ids, empty_like_frame, validate
 from ..model.wcs import WCS_COORD, get_wcs, has_wcs
 
 __all__ = [
@@ -125,6 +125,8 @@ def coadd_path(tract: int, band: str, name: str = "deep") -> str:
 
 
 def _patch_id(patch) -> str:
+    if hasattr(patch, "i") and hasattr(patch, "j"):
+        return f"{int(patch.i)},{int(patch.j)}"
     if isinstance(patch, (tuple, list)) and len(patch) == 2:
         return f"{int(patch[0])},{int(patch[1])}"
     if isinstance(patch, (int, np.integer)) and not isinstance(patch, bool):
@@ -135,7 +137,7 @@ def _patch_id(patch) -> str:
 
 
 def patch_unit(patch) -> str:
-    """Unit name of a patch: ``(1, 2)`` or ``"1,2"`` -> ``patch_1_2``; ``7`` -> ``patch_7``."""
+    """Unit name of a patch: a sky-map ``Patch``, ``(1, 2)``/``"1,2"`` -> ``patch_1_2``; ``7`` -> ``patch_7``."""
     return "patch_" + _patch_id(patch).replace(",", "_")
 
 
@@ -153,12 +155,13 @@ def _largest_divisor_at_most(n: int, limit: int) -> int:
 
 
 def _pair(value, what: str) -> tuple[int, int]:
+    """An int or a pair of ints as a pair (order kept)."""
     if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
         pair = (int(value), int(value))
     elif isinstance(value, (tuple, list)) and len(value) == 2:
         pair = (int(value[0]), int(value[1]))
     else:
-        raise RepositoryError(f"{what} must be an int or a (ny, nx) pair, got {value!r}")
+        raise RepositoryError(f"{what} must be an int or an (x, y) pair, got {value!r}")
     if min(pair) < 1:
         raise RepositoryError(f"{what} must be positive, got {value!r}")
     return pair
@@ -530,10 +533,13 @@ class Repository:
         product takes; ``variables`` (default: those of ``PRODUCT_VARIABLES`` in the template)
         are created with their no-data fill values.
 
-        ``chunk_size`` (int or ``(ny, nx)``) defaults to the largest divisor of ``patch_inner``
-        (default 4000) not above a quarter of it. ``units`` maps unit names to the boxes their
+        ``patch_inner`` and ``chunk_size`` are an int or an ``(x, y)`` pair, as the sky map's
+        ``Tract.patch_inner``; ``chunk_size`` must divide ``patch_inner`` and defaults to the
+        largest divisor of it (default 4000) not above a quarter of it. ``units`` maps unit names to the boxes their
         writers own; by default a template with a ``visit`` attr gives one unit ``visit_<V>``
         covering the tract, else ``patch_inner`` gives the patch grid ``patch_<i>_<j>``.
+        :meth:`create_coadd`, :meth:`create_warp` and :meth:`create_artifacts` do all this from a
+        sky-map tract.
 
         An existing product with the same shape, chunks and variables is kept as it is (its
         markers too); ``overwrite`` deletes it (markers first) and creates it again.
@@ -567,20 +573,26 @@ class Repository:
                     ids=ids,
                 )
         ny, nx = box.shape
-        inner = _pair(patch_inner if patch_inner is not None else DEFAULT_PATCH_INNER, "patch_inner")
+        inner_xy = _pair(patch_inner if patch_inner is not None else DEFAULT_PATCH_INNER, "patch_inner")
+        inner = (inner_xy[1], inner_xy[0])
         if chunk_size is None:
             chunks = tuple(_largest_divisor_at_most(n, max(1, n // 4)) for n in inner)
         else:
-            chunks = _pair(chunk_size, "chunk_size")
+            chunks_xy = _pair(chunk_size, "chunk_size")
+            chunks = (chunks_xy[1], chunks_xy[0])
             if patch_inner is not None and (inner[0] % chunks[0] or inner[1] % chunks[1]):
-                raise RepositoryError(f"chunk size {chunks} does not divide the patch inner size {inner}", ids=ids)
+                raise RepositoryError(
+                    f"chunk size {chunks_xy} (x, y) does not divide the patch inner size {inner_xy} (x, y)", ids=ids
+                )
         unit_map = self._default_units(template, units, patch_inner, inner, box, ids)
         for unit, ubox in unit_map.items():
             b = ubox["box"]
             ragged_x = b[2] % chunks[1] and b[2] != nx
             ragged_y = b[3] % chunks[0] and b[3] != ny
             if b[0] % chunks[1] or b[1] % chunks[0] or ragged_x or ragged_y:
-                raise RepositoryError(f"unit {unit} box {b} is not aligned to the chunks {chunks} (y, x)", ids=ids)
+                raise RepositoryError(
+                    f"unit {unit} box {b} is not aligned to the chunks {chunks[1]}x{chunks[0]} (x, y)", ids=ids
+                )
         layout = {
             "kind": template.attrs.get("kind"),
             "shape": [ny, nx],
@@ -595,8 +607,8 @@ class Repository:
                 same = all(old.get(k) == layout[k] for k in ("shape", "chunks", "variables", "units"))
                 if not same:
                     raise RepositoryError(
-                        f"product {path} exists with another layout (shape {old.get('shape')}, chunks "
-                        f"{old.get('chunks')}, variables {old.get('variables')}); use overwrite=True to replace it",
+                        f"product {path} exists with another layout (shape {old.get('shape')} (y, x), chunks "
+                        f"{old.get('chunks')} (y, x), variables {old.get('variables')}); use overwrite=True to replace it",
                         ids=ids,
                     )
                 return path
@@ -649,7 +661,7 @@ class Repository:
                 out[name] = {"box": ubox.to_list(), "ids": uid}
             return out
         visit = template.attrs.get("visit")
-        if visit is not None and patch_inner is None:
+        if visit is not None:
             return {visit_unit(visit): {"box": box.to_list(), "ids": {"visit": int(visit)}}}
         iy, ix = inner
         for j in range(math.ceil(box.height / iy)):
@@ -657,6 +669,100 @@ class Repository:
                 b = Box(i * ix, j * iy, min((i + 1) * ix, box.width), min((j + 1) * iy, box.height))
                 out[patch_unit((i, j))] = {"box": b.to_list(), "ids": {"patch": f"{i},{j}"}}
         return out
+
+    # -- tract products from a sky-map tract -----------------------------------------------
+
+    def _tract_template(self, tract, kind: str, attrs: Mapping[str, Any] | None, chunk_size) -> xr.Dataset:
+        bbox = tract.bbox
+        inner_x, inner_y = tract.patch_inner
+        if chunk_size is None:
+            cx = _largest_divisor_at_most(inner_x, max(1, inner_x // 4))
+            cy = _largest_divisor_at_most(inner_y, max(1, inner_y // 4))
+        else:
+            cx, cy = _pair(chunk_size, "chunk_size")
+        base = {"tract": int(tract.id)}
+        base.update(attrs or {})
+        return empty_like_frame(
+            x0=0, y0=0, nx=bbox.width, ny=bbox.height, wcs=tract.wcs_header(), kind=kind, attrs=base, chunks=(cy, cx)
+        )
+
+    def create_coadd(
+        self,
+        tract,
+        band: str,
+        name: str = "deep",
+        *,
+        kind: str | None = None,
+        attrs: Mapping[str, Any] | None = None,
+        n_image: bool = True,
+        chunk_size: int | tuple[int, int] | None = None,
+        overwrite: bool = False,
+    ) -> str:
+        """Create the coadd ``name`` of ``band`` on a sky-map tract: one unit per patch inner box.
+
+        ``tract`` is a ``pipeline.model.skymap.Tract`` (its bbox, WCS and patch layout are used).
+        ``kind`` defaults to ``template`` for ``name="template"``, else ``coadd``; ``n_image``
+        adds an int32 count of inputs per pixel. See :meth:`create_tract_product`.
+        """
+        kind = kind or ("template" if name == "template" else "coadd")
+        template = self._tract_template(tract, kind, {"band": band, **(attrs or {})}, chunk_size)
+        if n_image:
+            ny, nx = template.sizes["y"], template.sizes["x"]
+            counts = da.zeros((ny, nx), dtype=np.int32, chunks=template["image"].data.chunksize)
+            template["n_image"] = (("y", "x"), counts)
+        units = {patch_unit(p): p.inner for p in tract.patches()}
+        return self.create_tract_product(
+            coadd_path(tract.id, band, name),
+            template,
+            units=units,
+            patch_inner=tract.patch_inner,
+            chunk_size=chunk_size,
+            overwrite=overwrite,
+        )
+
+    def create_warp(
+        self,
+        tract,
+        visit: int,
+        *,
+        kind: str = "direct",
+        band: str | None = None,
+        attrs: Mapping[str, Any] | None = None,
+        chunk_size: int | tuple[int, int] | None = None,
+        overwrite: bool = False,
+    ) -> str:
+        """Create a visit's warp (``kind`` ``direct`` or ``psf_matched``) on a sky-map tract: one unit."""
+        path = warp_path(tract.id, visit, kind)
+        extra = {"visit": int(visit), **({"band": band} if band is not None else {}), **(attrs or {})}
+        template = self._tract_template(tract, _WARP_KINDS[kind], extra, chunk_size)
+        return self.create_tract_product(
+            path,
+            template,
+            patch_inner=tract.patch_inner,
+            chunk_size=chunk_size,
+            overwrite=overwrite,
+            units={visit_unit(visit): tract.bbox},
+        )
+
+    def create_artifacts(
+        self,
+        tract,
+        visit: int,
+        *,
+        attrs: Mapping[str, Any] | None = None,
+        chunk_size: int | tuple[int, int] | None = None,
+        overwrite: bool = False,
+    ) -> str:
+        """Create a visit's artifact mask (mask only) on a sky-map tract: one unit."""
+        template = self._tract_template(tract, "artifact_mask", {"visit": int(visit), **(attrs or {})}, chunk_size)
+        return self.create_tract_product(
+            artifact_path(tract.id, visit),
+            template.drop_vars(["image", "variance"]),
+            patch_inner=tract.patch_inner,
+            chunk_size=chunk_size,
+            overwrite=overwrite,
+            units={visit_unit(visit): tract.bbox},
+        )
 
     def product_units(self, product: str) -> dict[str, Box]:
         """The units of a tract product and the boxes their writers own."""
@@ -716,7 +822,7 @@ class Repository:
         )
         if not aligned:
             raise RepositoryError(
-                f"window {wbox.to_list()} (x0, y0, x1, y1) is not aligned to the chunks {cy}x{cx} (y x) of {product}; "
+                f"window {wbox.to_list()} (x0, y0, x1, y1) is not aligned to the chunks {cx}x{cy} (x, y) of {product}; "
                 "start on a chunk boundary and end on one or at the tract edge",
                 ids=ids,
             )
