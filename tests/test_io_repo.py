@@ -189,6 +189,17 @@ def test_read_only_repo_refuses_writes(tmp_path, rng):
         ro.write_exposure(make_exposure(rng))
     with pytest.raises(RepositoryError, match="open read-only"):
         ro.set_skymap({"a": 1})
+    rw = open_repo(path, mode="r+")
+    product = coadd_product(rw)
+    ro = open_repo(path)
+    with pytest.raises(RepositoryError, match="open read-only"):
+        ro.create_tract_product(product, tract_template(), patch_inner=PATCH_INNER)
+    with pytest.raises(RepositoryError, match="open read-only"):
+        ro.region_write(window_data(rng, Box(0, 0, 100, 80)), product, "patch_0_0")
+    with pytest.raises(RepositoryError, match="open read-only"):
+        ro.mark_complete(product, "patch_0_0")
+    with pytest.raises(RepositoryError, match="open read-only"):
+        ro.remove_marker(product, "patch_0_0")
 
 
 def test_memory_fsspec_url_round_trip(rng):
@@ -542,6 +553,26 @@ def test_align_box(repo):
     assert repo.align_box(path, Box(500, 500, 600, 600)).empty
 
 
+@settings(max_examples=50, deadline=None)
+@given(x0=st.integers(-50, 250), y0=st.integers(-50, 200), w=st.integers(1, 300), h=st.integers(1, 300))
+def test_align_box_property(x0, y0, w, h):
+    """The aligned box holds the (clipped) box, is chunk-aligned, and is the smallest such box."""
+    repo = open_repo(MemoryStore(), create=True)
+    path = repo.create_tract_product("tract_0/coadds/r/deep", tract_template(), patch_inner=PATCH_INNER)
+    box = Box(x0, y0, x0 + w, y0 + h)
+    clipped = box.intersect(Box(0, 0, 200, 160))
+    aligned = repo.align_box(path, box)
+    if clipped.empty:
+        assert aligned.empty
+        return
+    assert aligned.intersect(clipped) == clipped
+    assert aligned.x0 % 25 == 0 and aligned.y0 % 20 == 0
+    assert aligned.x1 % 25 == 0 or aligned.x1 == 200
+    assert aligned.y1 % 20 == 0 or aligned.y1 == 160
+    assert aligned.x0 > clipped.x0 - 25 and aligned.y0 > clipped.y0 - 20
+    assert aligned.x1 < clipped.x1 + 25 and aligned.y1 < clipped.y1 + 20
+
+
 def test_warp_product_single_visit_unit(repo, rng):
     tmpl = tract_template(kind="warp", attrs={"tract": 0, "visit": 12, "band": "i"})
     path = repo.create_tract_product(warp_path(0, 12), tmpl, chunk_size=40)
@@ -693,6 +724,11 @@ def test_create_tract_product_validation(repo):
         repo.create_tract_product("tract_0/coadds/r/deep", tmpl.drop_vars(["image", "variance", "mask"]))
     with pytest.raises(SchemaError, match="template lacks variable 'n_image'"):
         repo.create_tract_product("tract_0/coadds/r/deep", tmpl, variables=["image", "n_image"])
+    no_nodata = tmpl.copy()
+    no_nodata["mask"] = tmpl["mask"].copy()
+    no_nodata["mask"].attrs = {"flag_masks": [1, 2], "flag_meanings": "BAD SAT"}
+    with pytest.raises(MaskPlaneError, match="the template's mask planes lack NO_DATA"):
+        repo.create_tract_product("tract_0/coadds/r/deep", no_nodata, patch_inner=PATCH_INNER)
     with pytest.raises(SchemaError, match="template must be an xarray.Dataset, got DataArray"):
         repo.create_tract_product("tract_0/coadds/r/deep", tmpl["image"])
     with pytest.raises(RepositoryError, match=r"unit patch_a box \[0, 0, 30, 30\] is not aligned to the chunks 25x20 \(x, y\)"):

@@ -608,7 +608,8 @@ class Repository:
                 if not same:
                     raise RepositoryError(
                         f"product {path} exists with another layout (shape {old.get('shape')} (y, x), chunks "
-                        f"{old.get('chunks')} (y, x), variables {old.get('variables')}); use overwrite=True to replace it",
+                        f"{old.get('chunks')} (y, x), variables {old.get('variables')}); "
+                        "use overwrite=True to replace it",
                         ids=ids,
                     )
                 return path
@@ -621,6 +622,11 @@ class Repository:
         for name in names:
             dtype = template[name].dtype
             fill = FILL_VALUES.get(name, np.nan if np.issubdtype(dtype, np.floating) else 0)
+            if name == "mask":
+                planes = planes_from_attrs(template["mask"].attrs)
+                if "NO_DATA" not in planes:
+                    raise MaskPlaneError("the template's mask planes lack NO_DATA, the fill of unwritten chunks", ids=ids)
+                fill = np.uint32(1 << planes["NO_DATA"])
             data[name] = xr.Variable(
                 ("y", "x"), da.full((ny, nx), fill, dtype=dtype, chunks=chunks), dict(template[name].attrs)
             )
