@@ -41,8 +41,8 @@ _SIZES = (15, 25, 27, 45, 75, 81, 125, 135, 225, 243, 375, 405, 625, 675, 1125, 
 #: largest argument of the tabulated profile transforms; beyond it the transform is taken as zero
 _SERSIC_U_MAX = 24.0
 _MOFFAT_Z_MAX = 60.0
-_SERSIC_STEP = 0.002
-_MOFFAT_STEP = 0.002
+_SERSIC_STEP = 0.0005
+_MOFFAT_STEP = 0.0005
 #: relative flux allowed to fall outside a stamp (it wraps back in: the sum is still exact)
 _TAIL = 1e-5
 _TAIL_MOFFAT = 1e-4
