@@ -290,9 +290,10 @@ def plan_warp(
     """Plan the warp of ``exposure`` onto ``box`` of the pixel frame of ``wcs`` (eager, metadata only).
 
     The destination -> source pixel mapping (destination WCS to sky to exposure WCS) is evaluated
-    exactly on a lattice of destination pixels ``box.x0 - 1 + k*interp_length`` (rows likewise)
-    restricted to the exposure's footprint, and interpolated bilinearly in between (the
-    reference's ``interpLength``). Destination chunks have edges at multiples of ``chunks`` in the
+    exactly on a lattice of destination pixels ``-1 + k*interp_length`` (rows likewise) restricted
+    to the exposure's footprint, and interpolated bilinearly in between (the reference's
+    ``interpLength``; the reference starts its lattice at ``box.x0 - 1``, we anchor it in the
+    destination frame so that the warp of a pixel does not depend on the box it is part of). Destination chunks have edges at multiples of ``chunks`` in the
     destination parent frame (so they align with a store chunked the same way), clipped to
     ``box``. For every chunk holding at least one good pixel the plan records the source window
     its kernel taps read.
@@ -315,7 +316,9 @@ def plan_warp(
     bilinear = config.kernel == "bilinear"
     valid = _valid_range(src, n)
     step = config.interp_length
-    gx, gy = box.x0 - 1, box.y0 - 1
+    # lattice anchored in the destination parent frame (nodes at -1 + k*step), not at the box:
+    # a warp onto a sub-box equals the same pixels of a warp onto a larger box, bit for bit
+    gx, gy = (box.x0 // step) * step - 1, (box.y0 // step) * step - 1
     kx_total = -(-(box.x1 - 1 - gx) // step) + 1
     ky_total = -(-(box.y1 - 1 - gy) // step) + 1
 

@@ -433,9 +433,9 @@ def test_numpy_and_dask_paths_agree(rng):
 @settings(max_examples=15, deadline=None)
 @given(
     cy=st.integers(5, 70), cx=st.integers(5, 70), sy=st.integers(7, 60), sx=st.integers(7, 60),
-    interp=st.integers(1, 15),
+    interp=st.integers(1, 15), bx0=st.integers(-5, 40), by0=st.integers(-5, 40),
 )
-def test_result_independent_of_chunking(cy, cx, sy, sx, interp):
+def test_result_independent_of_chunking_and_box(cy, cx, sy, sx, interp, bx0, by0):
     rng = np.random.default_rng(7)
     src_wcs = make_tan_wcs(crpix=(30.0, 30.0))
     dst_wcs = make_tan_wcs(crpix=(33.7, 28.2), rotation_deg=4.0, scale_arcsec=0.19)
@@ -446,6 +446,12 @@ def test_result_independent_of_chunking(cy, cx, sy, sx, interp):
     np.testing.assert_array_equal(out.image.values, ref.image.values)
     np.testing.assert_array_equal(out.mask.values, ref.mask.values)
     np.testing.assert_array_equal(out.variance.values, ref.variance.values)
+    # a warp onto a sub-box gives the same pixels as the warp onto the larger box
+    sub = Box(bx0, by0, bx0 + 25, by0 + 21)
+    part = warp_exposure(ds, wcs=dst_wcs, box=sub, chunks=(cy, cx), config=cfg)
+    big = warp_exposure(ds, wcs=dst_wcs, box=Box(-5, -5, 70, 66), chunks=1000, config=cfg)
+    np.testing.assert_array_equal(part.image.values, sub.sel(big).image.values)
+    np.testing.assert_array_equal(part.mask.values, sub.sel(big).mask.values)
 
 
 def test_building_the_graph_computes_nothing(rng):

@@ -1,0 +1,178 @@
+"""Direct warps of every visit onto the tracts it touches, written to the repository.
+
+One :class:`~graphs.execute.Unit` per (tract, visit): the exposures of the visit's detectors that
+touch the tract are warped (:func:`pipeline.warp.warp_exposure`) onto the chunk-aligned tract box
+that holds their footprints, combined as the reference's ``copyGoodPixels`` (a later detector's
+good pixels overwrite an earlier one's, in detector order), and written by one region write into
+``tract_<T>/warps/direct/visit_<V>``. The completion marker records, per detector, the number of
+good pixels and the variance correlation factor of the warp.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import xarray as xr
+import zarr
+
+from pipeline.errors import RepositoryError
+from pipeline.io.repo import Repository, visit_unit, warp_path
+from pipeline.model.geometry import Box
+from pipeline.model.masks import CANONICAL_PLANES, MaskPlane, remap_mask
+from pipeline.model.schema import NJY_ZERO_POINT, mask_planes
+from pipeline.model.skymap import SkyMap, Tract
+from pipeline.model.wcs import get_wcs
+from pipeline.warp import WarpConfig, WarpPlan, plan_warp, warp_exposure
+
+from .execute import Unit
+
+__all__ = ["warp_units", "copy_good_pixels", "plan_footprint"]
+
+log = logging.getLogger(__name__)
+
+_NO_DATA = np.uint32(MaskPlane.NO_DATA)
+
+
+def plan_footprint(plan: WarpPlan) -> Box:
+    """The smallest box holding every destination chunk the plan covers (empty if none)."""
+    boxes = [plan.block_box(by, bx) for by, bx in plan.covered_blocks]
+    if not boxes:
+        return Box(plan.dst_box.x0, plan.dst_box.y0, plan.dst_box.x0, plan.dst_box.y0)
+    return Box(min(b.x0 for b in boxes), min(b.y0 for b in boxes), max(b.x1 for b in boxes), max(b.y1 for b in boxes))
+
+
+def copy_good_pixels(warps: Iterable[xr.Dataset]) -> xr.Dataset:
+    """Combine warps of one frame: each later warp's good (not NO_DATA) pixels replace earlier ones.
+
+    Notes
+    -----
+    LSST: ``lsst.coadd.utils.copyGoodPixels`` as used by ``MakeDirectWarpTask`` (no averaging in
+    detector overlaps; the last detector wins). Lazy when the warps are.
+    """
+    warps = list(warps)
+    out = warps[0]
+    for new in warps[1:]:
+        good = (new["mask"] & _NO_DATA) == 0
+        combined = out.copy()
+        for name in ("image", "variance", "mask"):
+            combined[name] = out[name].where(~good, new[name])
+            combined[name].attrs = dict(out[name].attrs)
+        out = combined
+    return out
+
+
+def _touches(repo: Repository, visit: int, detector: int, tract: Tract) -> bool:
+    ds = repo.open_exposure(visit, detector)
+    shape = (ds.sizes["y"], ds.sizes["x"])
+    x0, y0 = int(ds.indexes["x"][0]), int(ds.indexes["y"][0])
+    return bool(tract.patches_overlapping(get_wcs(ds), shape, x0=x0, y0=y0))
+
+
+def warp_units(
+    repo: Repository,
+    *,
+    tract: int | None = None,
+    visits: Iterable[int] | None = None,
+    kind: str = "direct",
+    overwrite: bool = False,
+    config: WarpConfig = WarpConfig(),
+) -> list[Unit]:
+    """One unit per (tract, visit) that touches: the visit's direct warp on the tract.
+
+    ``tract`` restricts to one tract of the repository's sky map, ``visits`` to some visits (each
+    must have exposures). Visits that touch no tract make no unit (logged). ``overwrite`` redoes
+    units already complete. Run the units with :func:`graphs.execute.run_units`; read a result with
+    ``repo.open_warp(tract, visit, window=patch.outer)`` (nJy, tract WCS, NO_DATA where no detector
+    of the visit covers).
+    """
+    if kind != "direct":
+        raise RepositoryError(
+            f"warp kind {kind!r} is not built by warp_units; only 'direct' (PSF-matched warps come from PSF matching)"
+        )
+    if repo.skymap_json is None:
+        raise RepositoryError(f"the repository {repo.url} has no sky map; ingest exposures first", ids={"file": repo.url})
+    skymap = SkyMap.from_json(repo.skymap_json)
+    tracts = [skymap.tract(tract)] if tract is not None else [skymap.tract(t) for t in skymap.tract_ids]
+    records = [r for r in repo.list_exposures() if r["complete"]]
+    wanted = None if visits is None else sorted({int(v) for v in visits})
+    by_visit: dict[int, list[int]] = {}
+    for r in records:
+        if wanted is None or r["visit"] in wanted:
+            by_visit.setdefault(r["visit"], []).append(r["detector"])
+    if wanted is not None:
+        missing = [v for v in wanted if v not in by_visit]
+        if missing:
+            raise RepositoryError(f"no exposures of visit(s) {missing} in {repo.url}", ids={"visit": missing[0]})
+    units = []
+    for t in tracts:
+        for visit in sorted(by_visit):
+            detectors = [d for d in sorted(by_visit[visit]) if _touches(repo, visit, d, t)]
+            if not detectors:
+                log.info("visit %s does not touch tract %s: no warp", visit, t.id)
+                continue
+            units.append(_warp_unit(repo, t, visit, detectors, overwrite, config))
+    return units
+
+
+def _warp_unit(
+    repo: Repository, tract: Tract, visit: int, detectors: list[int], overwrite: bool, config: WarpConfig
+) -> Unit:
+    product = warp_path(tract.id, visit, "direct")
+    unit = visit_unit(visit)
+    info: dict[str, Any] = {}
+
+    def done() -> bool:
+        return not overwrite and repo.is_complete(product, unit)
+
+    def build():
+        exposures = [repo.open_exposure(visit, d) for d in detectors]
+        band = exposures[0].attrs.get("band")
+        attrs = {"bunit": "nJy", "zero_point": NJY_ZERO_POINT, "warp_kernel": config.kernel}
+        path = repo.create_warp(tract, visit, kind="direct", band=band, attrs=attrs, overwrite=overwrite)
+        cy, cx = zarr.open_array(repo.store, path=f"{path}/image", mode="r").chunks
+        header = tract.wcs_header()
+        plans = [plan_warp(ds, wcs=header, box=tract.bbox, chunks=(cy, cx), config=config) for ds in exposures]
+        info.clear()
+        info.update(
+            tract=int(tract.id),
+            visit=int(visit),
+            detectors=[
+                {
+                    "detector": int(d),
+                    "n_good_pixels": int(p.n_good_pixels),
+                    "variance_correlation_factor": float(p.variance_correlation_factor),
+                }
+                for d, p in zip(detectors, plans)
+            ],
+            config=config.model_dump(mode="json"),
+        )
+        used = [(ds, p) for ds, p in zip(exposures, plans) if not p.empty]
+        if not used:
+            return []
+        boxes = [plan_footprint(p) for _, p in used]
+        union = Box(min(b.x0 for b in boxes), min(b.y0 for b in boxes), max(b.x1 for b in boxes), max(b.y1 for b in boxes))
+        window = repo.align_box(path, union)
+        warps = []
+        for ds, _ in used:
+            w = warp_exposure(ds, wcs=header, box=window, chunks=(cy, cx), config=config)
+            planes = mask_planes(w)
+            if planes != CANONICAL_PLANES:
+                remapped = remap_mask(w["mask"].data, planes, CANONICAL_PLANES)
+                w = w.assign(mask=(("y", "x"), remapped, {**w["mask"].attrs, **_canonical_mask_attrs()}))
+            warps.append(w.drop_vars([v for v in ("psf", "psf_y", "psf_x") if v in w.variables]))
+        combined = copy_good_pixels(warps)
+        return [repo.region_write(combined, path, unit, overwrite=overwrite)]
+
+    def finish() -> None:
+        repo.mark_complete(product, unit, task="warp_exposure", **info)
+
+    return Unit(key=f"warp tract={tract.id} visit={visit}", build=build, done=done, finish=finish)
+
+
+def _canonical_mask_attrs() -> dict:
+    from pipeline.model.masks import mask_attrs
+
+    return mask_attrs(CANONICAL_PLANES)
