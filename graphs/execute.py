@@ -207,11 +207,12 @@ def run_units(
         for unit, _, t0 in built:
             error, attempts, t_end = outcomes[unit.key]
             if error is None:
+                t_finish = time.perf_counter()
                 try:
                     unit.finish()
                 except Exception as exc:
                     error = "finish: " + _describe(exc)
-                t_end = time.perf_counter()
+                t_end += time.perf_counter() - t_finish
             status = "done" if error is None else "failed"
             res = UnitResult(unit.key, status, t_end - t0, error, attempts)
             results[unit.key] = res
