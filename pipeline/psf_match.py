@@ -82,6 +82,9 @@ class ModelPsfMatchConfig(BaseModel):
     spatial_kernel_order: int = Field(2, ge=0, le=6, description="order of the spatial model (spatialKernelOrder)")
     size_cell_x: int = Field(128, ge=32, le=8192, description="spatial cell width in pixels (sizeCellX)")
     size_cell_y: int = Field(128, ge=32, le=8192, description="spatial cell height in pixels (sizeCellY)")
+    grow_cell_grid: bool = Field(
+        False, description="reference cell layout: cells over the exposure grown by one cell per side (centres "
+        "outside the exposure, PSFs extrapolated); default: at least order+1 cells per axis inside the exposure")
     do_auto_pad_psf: bool = Field(True, description="pad PSF stamps to auto_pad_psf_to x kernel_size (doAutoPadPsf)")
     auto_pad_psf_to: float = Field(1.4, ge=1.0, le=2.0, description="minimum stamp size / kernel size (autoPadPsfTo)")
     pad_psf_by: int = Field(0, ge=0, le=200, description="even number of pixels to pad stamps when not auto-padding")
@@ -179,7 +182,11 @@ def alard_lupton_basis(kernel_size: int, sigmas, degrees) -> np.ndarray:
         s = basis[i].sum()
         if abs(s) > _FLOAT32_EPS:
             basis[i] = basis[i] / s - basis[0]
-        basis[i] /= math.sqrt((basis[i] ** 2).sum())
+        norm = math.sqrt((basis[i] ** 2).sum())
+        if not norm > 0:
+            raise PsfMatchError(
+                f"basis function {i} vanishes after renormalisation (repeated Gaussian sigmas {tuple(sigmas)}?)")
+        basis[i] /= norm
     return basis
 
 
@@ -462,13 +469,33 @@ def _solve_normal(m: np.ndarray, b: np.ndarray, *, limit: float | None, what: st
     return a, cond
 
 
-def _cells(box: Box, cx: int, cy: int) -> tuple[Box, np.ndarray, np.ndarray]:
-    grown = Box(box.x0 - cx, box.y0 - cy, box.x1 + cx, box.y1 + cy)
-    ncx, ncy = grown.width // cx, grown.height // cy  # >= 2: the box is grown by one cell per side
-    xs = grown.x0 + cx * np.arange(ncx) + cx // 2
-    ys = grown.y0 + cy * np.arange(ncy) + cy // 2
+def _cells(box: Box, cx: int, cy: int, *, grow: bool, min_cells: int) -> tuple[Box, np.ndarray, np.ndarray]:
+    """Cell centres and the box of the spatial model.
+
+    ``grow``: the reference layout, cells of ``cx x cy`` over the box grown by one cell per side
+    (centres may lie outside the exposure). Otherwise ``max(size // cell, min_cells)`` cells per
+    axis tile the exposure itself.
+    """
+    if grow:
+        outer = Box(box.x0 - cx, box.y0 - cy, box.x1 + cx, box.y1 + cy)
+        ncx, ncy = outer.width // cx, outer.height // cy  # >= 2: the box is grown by one cell per side
+        xs = outer.x0 + cx * np.arange(ncx) + cx // 2
+        ys = outer.y0 + cy * np.arange(ncy) + cy // 2
+    else:
+        outer = box
+        ncx, ncy = max(box.width // cx + 1, min_cells), max(box.height // cy + 1, min_cells)
+        xs = np.linspace(box.x0, box.x1 - 1, ncx)
+        ys = np.linspace(box.y0, box.y1 - 1, ncy)
     gx, gy = np.meshgrid(xs, ys)
-    return grown, gx.ravel().astype(np.float64), gy.ravel().astype(np.float64)
+    return outer, gx.ravel().astype(np.float64), gy.ravel().astype(np.float64)
+
+
+def _check_kernel_sums(sums: np.ndarray, ids) -> np.ndarray:
+    if not np.all(np.isfinite(sums)) or np.any(sums <= 0):
+        raise PsfMatchError(
+            f"the fitted kernel sum is not positive and finite at every cell (min {np.nanmin(sums):.3g}); "
+            "cannot normalise the kernel", ids=ids)
+    return sums
 
 
 def _next_odd(v: float) -> int:
@@ -490,7 +517,8 @@ def solve_kernel_model(
     PSF stamp size used, which is also the size of the declared output PSF.
     """
     ids = dict(ids or {})
-    grown, cxs, cys = _cells(box, config.size_cell_x, config.size_cell_y)
+    grown, cxs, cys = _cells(box, config.size_cell_x, config.size_cell_y, grow=config.grow_cell_grid,
+                             min_cells=config.spatial_kernel_order + 1)
     centre = ((box.x0 + box.x1 - 1) / 2.0, (box.y0 + box.y1 - 1) / 2.0)
 
     try:
@@ -589,11 +617,7 @@ def solve_kernel_model(
     model = KernelModel(
         basis=basis, coefficients=coeffs, box=cbox, order=config.spatial_kernel_order,
         spatial_model_type=kind, kernel_sum_fit=kernel_sum_fit, flux_conservation=config.flux_conservation)
-    sums = np.array([model.kernel_sum(x, y) for x, y in zip(cxs, cys)])
-    if not np.all(np.isfinite(sums)) or np.any(sums <= 0):
-        raise PsfMatchError(
-            f"the fitted kernel sum is not positive and finite at every cell (min {sums.min():.3g}); "
-            "cannot normalise the kernel", ids=ids)
+    sums = _check_kernel_sums(np.array([model.kernel_sum(x, y) for x, y in zip(cxs, cys)]), ids)
 
     report = _report(model, cxs, cys, box, sci_stamps, ref_stamps, fwhm_sci, fwhm_ref, single_sums, sums)
     report.attrs.update(

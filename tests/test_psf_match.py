@@ -1,0 +1,539 @@
+import math
+import pickle
+
+import dask
+import numpy as np
+import pytest
+import xarray as xr
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+from pipeline._kernels_convolve import correlate_direct, correlate_varying, or_dilate
+from pipeline.errors import SchemaError
+from pipeline.model.geometry import Box
+from pipeline.model.masks import MaskPlane
+from pipeline.model.schema import make_dataset, provenance
+from pipeline.psf import DoubleGaussianPsf, GaussianPsf, GridPsf, adaptive_moments, model_psf
+from pipeline.psf_match import (
+    KernelModel,
+    MatchedPsf,
+    ModelPsfMatchConfig,
+    PsfMatchError,
+    alard_lupton_basis,
+    alard_lupton_sigmas,
+    convolve_kernel_model,
+    delta_function_basis,
+    difference_operator,
+    model_psf_match,
+    regularization_matrix,
+    solve_kernel_model,
+    spatial_terms,
+)
+from pipeline.testing import assert_lazy, graph_size, raise_if_dask_computes
+
+WARP_SIGMAS = (1.0, 2.0, 4.5)  # MakePsfMatchedWarp's alardSigGauss
+
+
+def _exposure(wcs, psf, *, shape=(150, 170), x0=7, y0=-5, image=None, variance=None, mask=None, grid=5, seed=3):
+    rng = np.random.default_rng(seed)
+    ny, nx = shape
+    box = Box(x0, y0, x0 + nx, y0 + ny)
+    image = rng.normal(size=shape) if image is None else image
+    variance = rng.uniform(0.5, 2.0, size=shape) if variance is None else variance
+    mask = np.zeros(shape, np.uint32) if mask is None else mask
+    psf_var = psf.to_grid(box, grid) if psf is not None else None
+    return make_dataset(image, variance, mask, wcs=wcs, x0=x0, y0=y0, psf=psf_var,
+                        attrs={"visit": 42, "detector": 1, "band": "r"})
+
+
+def _chunk(ds, chunks):
+    """Dask-backed pixels, PSF grid kept in memory (as graphs/ load it)."""
+    out = ds.copy()
+    for name in ("image", "variance", "mask"):
+        out[name] = ds[name].chunk(dict(zip(("y", "x"), chunks)))
+    return out
+
+
+def _residual(km, sci, tgt, x, y, size):
+    a = km.achieved_psf(sci, x, y, size=size)
+    r = tgt.image_at(x, y, size=size)
+    return float(np.abs(a - r).max() / r.max())
+
+
+# ---------------------------------------------------------------------------------------------- bases
+
+
+def test_alard_lupton_basis_sum_rules_and_order():
+    b = alard_lupton_basis(21, (0.7, 1.5, 3.0), (4, 2, 2))
+    assert b.shape == (27, 21, 21)
+    np.testing.assert_allclose(b[0].sum(), 1.0, rtol=1e-14)
+    np.testing.assert_allclose(b[1:].sum(axis=(1, 2)), 0.0, atol=1e-12)
+    np.testing.assert_allclose((b[1:] ** 2).sum(axis=(1, 2)), 1.0, rtol=1e-12)
+    # B_0 is the narrowest Gaussian, point-sampled
+    np.testing.assert_allclose(b[0][10, 11] / b[0][10, 10], math.exp(-1 / (2 * 0.49)), rtol=1e-12)
+    # order 1, x, y, ...: B_1 odd in x, B_2 odd in y, B_3 (x²) even
+    np.testing.assert_allclose(b[1], -b[1][:, ::-1], atol=1e-15)
+    np.testing.assert_allclose(b[2], -b[2][::-1, :], atol=1e-15)
+    np.testing.assert_allclose(b[3], b[3][:, ::-1], atol=1e-15)
+    np.testing.assert_allclose(b[2], b[1].T, atol=1e-15)
+    assert alard_lupton_basis(15, (1.0, 2.0), (0, 1)).shape == (4, 15, 15)
+    with pytest.raises(PsfMatchError, match="positive odd integer, got 20"):
+        alard_lupton_basis(20, (1.0,), (0,))
+    with pytest.raises(PsfMatchError, match="basis function 1 vanishes"):
+        alard_lupton_basis(21, (1.0, 1.0), (0, 0))
+    with pytest.raises(PsfMatchError, match="2 sigmas but 1 degrees"):
+        alard_lupton_basis(21, (1.0, 2.0), (1,))
+
+
+@settings(max_examples=20, deadline=None)
+@given(sigmas=st.lists(st.floats(0.5, 5.0), min_size=1, max_size=3, unique_by=lambda v: round(v, 2)), k=st.integers(3, 12).map(lambda v: 2 * v + 1),
+       data=st.data())
+def test_property_basis_normalisation(sigmas, k, data):
+    degrees = data.draw(st.lists(st.integers(0, 4), min_size=len(sigmas), max_size=len(sigmas)))
+    b = alard_lupton_basis(k, tuple(sigmas), tuple(degrees))
+    assert b.shape[0] == sum((d + 1) * (d + 2) // 2 for d in degrees)
+    np.testing.assert_allclose(b[0].sum(), 1.0, rtol=1e-12)
+    if len(b) > 1:
+        np.testing.assert_allclose(b[1:].sum(axis=(1, 2)), 0.0, atol=1e-9)
+        np.testing.assert_allclose((b[1:] ** 2).sum(axis=(1, 2)), 1.0, rtol=1e-9)
+
+
+def test_alard_lupton_sigmas_rule():
+    fw = 2.0 * math.sqrt(2 * math.log(2))
+    cfg = ModelPsfMatchConfig(scale_by_fwhm=True)
+    sig, size = alard_lupton_sigmas(cfg, 1.2 * fw, 3.5 * fw)
+    sk = math.sqrt(3.5**2 - 1.2**2)
+    np.testing.assert_allclose(sig, (sk / 2, sk, 2 * sk), rtol=1e-12)
+    assert size == 35  # int(6 * 6.58) = 39, clipped to kernel_size_max
+    sig, size = alard_lupton_sigmas(cfg, 3.0 * fw, 3.2 * fw)  # sigma_K = 1.11 -> first = max(0.7, 0.56)
+    np.testing.assert_allclose(sig, (0.7, 1.4, 2.8), rtol=1e-12)
+    assert size == 21  # int(6 * 2.8) = 16 -> 17 -> raised to kernel_size_min
+    sig, _ = alard_lupton_sigmas(cfg, 3.0 * fw, 2.0 * fw)  # deconvolution: rule with alardMinSigDeconv
+    np.testing.assert_allclose(sig[0], math.sqrt(5.0) / 2, rtol=1e-12)
+    assert alard_lupton_sigmas(cfg, 2.0, 2.0) == ((0.7, 1.5, 3.0), 21)
+    assert alard_lupton_sigmas(ModelPsfMatchConfig(), 1.0, 9.0) == ((0.7, 1.5, 3.0), 21)
+
+
+def test_delta_basis_and_regularisation():
+    b = delta_function_basis(5)
+    assert b.shape == (25, 5, 5) and b[7][1, 2] == 1.0 and b.sum() == 25
+    with pytest.raises(PsfMatchError, match="positive odd integer"):
+        delta_function_basis(4)
+    k = 7
+    ramp = np.add.outer(np.arange(k), 2 * np.arange(k)).astype(float).ravel()  # linear in x and y
+    for stencil in (5, 9):
+        op = difference_operator(k, stencil=stencil, border_penalty=3.0)
+        interior = [i * k + j for i in range(1, k - 1) for j in range(1, k - 1)]
+        np.testing.assert_allclose((op @ ramp)[interior], 0.0, atol=1e-12)  # Laplacian kills linear ramps
+        assert op[0, 0] == 3.0 and op[k + 1, k + 1] == pytest.approx(-4.0 if stencil == 5 else -20 / 6)
+    fwd = difference_operator(k, kind="forwardDifference", orders=(2,), border_penalty=2.0)
+    assert fwd.shape == (2 * k * k, k * k)
+    rows_y, rows_x = fwd[: k * k].reshape(k, k, -1), fwd[k * k:].reshape(k, k, -1)
+    np.testing.assert_allclose(rows_x[:, : k - 2] @ ramp, 0.0, atol=1e-12)  # order 2 kills ramps
+    np.testing.assert_allclose(rows_y[: k - 2] @ ramp, 0.0, atol=1e-12)
+    np.testing.assert_allclose(rows_x[3, k - 2] @ ramp, 2.0)  # tapered to order 1 near the edge: d/dx
+    np.testing.assert_allclose(rows_y[k - 2, 3] @ ramp, 1.0)  # d/dy
+    assert rows_x[3, k - 1, 3 * k + k - 1] == 2.0 and rows_x[3, k - 1].sum() == 2.0  # border penalty
+    h = regularization_matrix(k, kind="forwardDifference", orders=(1, 2))
+    np.testing.assert_allclose(h, h.T)
+    assert np.linalg.eigvalsh(h).min() > -1e-9
+    with pytest.raises(PsfMatchError, match="stencil must be 5 or 9"):
+        difference_operator(k, stencil=7)
+    with pytest.raises(PsfMatchError, match="order must be 1..3"):
+        difference_operator(k, kind="forwardDifference", orders=(4,))
+    with pytest.raises(PsfMatchError, match="unknown regularisation type"):
+        difference_operator(k, kind="tikhonov")
+
+
+def test_spatial_terms_order_and_scaling():
+    box = (-0.5, -0.5, 99.5, 49.5)
+    f = spatial_terms(99.5, 24.5, box, 2)  # x' = 1, y' = 0
+    np.testing.assert_allclose(f, [1, 1, 0, 1, 0, -1])  # 1, T1x, T1y, T2x, T1xT1y, T2y
+    f = spatial_terms(74.5, 37.0, box, 2)  # x' = 0.5, y' = 0.5
+    np.testing.assert_allclose(f, [1, 0.5, 0.5, -0.5, 0.25, -0.5])
+    np.testing.assert_allclose(spatial_terms(74.5, 37.0, box, 2, "polynomial"), [1, 0.5, 0.5, 0.25, 0.25, 0.25])
+    assert spatial_terms(np.zeros(4), np.zeros(4), box, 3).shape == (10, 4)
+
+
+# ---------------------------------------------------------------------------------------------- kernels
+
+
+def test_correlate_varying_and_or_dilate_against_direct(rng):
+    ext = rng.normal(size=(70, 61))
+    kernels = rng.normal(size=(3, 9, 9))
+    wy, wx = rng.normal(size=(3, 62)), rng.normal(size=(3, 53))
+    got = correlate_varying(ext, kernels, wy, wx, tile=16)
+    want = sum(correlate_direct(ext, kernels[t]) * np.outer(wy[t], wx[t]) for t in range(3))
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-11)
+    m = rng.integers(0, 2**16, size=(30, 30)).astype(np.uint32)
+    fp = np.ones((5, 5), bool)
+    fp[0, 4] = False
+    for foot in (np.ones((5, 5), bool), fp):
+        want = np.zeros((26, 26), np.uint32)
+        for v, u in zip(*np.nonzero(foot)):
+            want |= m[v:v + 26, u:u + 26]
+        np.testing.assert_array_equal(or_dilate(m, foot), want)
+    with pytest.raises(ValueError, match="square and odd"):
+        correlate_varying(ext, np.ones((1, 4, 4)), wy[:1], wx[:1])
+
+
+# ---------------------------------------------------------------------------------------------- solve
+
+
+@pytest.mark.parametrize("sigma", [2.0, 2.5, 3.0])
+def test_default_basis_matches_representable_gaussian(sigma):
+    sci, tgt = GaussianPsf(sigma), GaussianPsf(3.5)
+    km, size = solve_kernel_model(sci, tgt, Box(0, 0, 200, 200))
+    rep = km.report
+    assert size == 31 and rep.attrs["kernel_size"] == 21
+    assert float(rep["residual_max"].max()) < 1e-3
+    # the report is honest: it equals an independent evaluation
+    np.testing.assert_allclose(rep["residual_max"].values[4], _residual(km, sci, tgt, 99.5, 99.5, size), rtol=1e-9)
+    # flux: the applied kernel sums to 1 everywhere, the fitted one within 1e-3
+    for x, y in [(0, 0), (57, 170), (199, 199)]:
+        np.testing.assert_allclose(km.kernel_image(x, y).sum(), 1.0, rtol=1e-12)
+        big = km.achieved_psf(sci, x, y, size=61)
+        np.testing.assert_allclose(big.sum(), 1.0, atol=1e-4)
+    assert abs(km.kernel_sum_fit - 1.0) < 1e-3
+
+
+@pytest.mark.parametrize("sigma", [1.2, 1.6, 2.2, 3.0])
+@pytest.mark.parametrize("target", [GaussianPsf(3.5), GaussianPsf(4.0)])
+def test_kernel_sized_from_psfs_matches_all_widths(sigma, target):
+    km, size = solve_kernel_model(GaussianPsf(sigma), target, Box(0, 0, 128, 128),
+                                  config=ModelPsfMatchConfig(scale_by_fwhm=True))
+    assert float(km.report["residual_max"].max()) < 1e-3
+    assert abs(km.kernel_sum_fit - 1.0) < 1e-4
+
+
+@pytest.mark.parametrize("sigma, target, low", [
+    (1.2, GaussianPsf(4.0), 1e-2),  # default basis too narrow for a 3.8-px kernel
+    (2.0, model_psf(), 5e-2),  # 21-px kernel cannot make the model's 8.2-px wing
+])
+def test_unrepresentable_target_reported_honestly(sigma, target, low):
+    sci = GaussianPsf(sigma)
+    km, size = solve_kernel_model(sci, target, Box(0, 0, 128, 128))
+    rep = km.report
+    worst = float(rep["residual_max"].max())
+    assert worst > low
+    for i in range(rep.sizes["cell"]):
+        x, y = float(rep["cell_x"][i]), float(rep["cell_y"][i])
+        np.testing.assert_allclose(rep["residual_max"].values[i], _residual(km, sci, target, x, y, size), rtol=1e-9)
+        np.testing.assert_allclose(rep["achieved_psf"].values[i], km.achieved_psf(sci, x, y, size=size), atol=1e-15)
+    assert np.all(rep["achieved_fwhm"] < rep["target_fwhm"])  # the missing wing makes it narrower
+
+
+def test_spatially_varying_psf_matched_everywhere():
+    box = Box(0, 0, 256, 256)
+    sci = GaussianPsf(2.0, gradient=(0.0047, 0.0), center=(127.5, 127.5))  # sigma 1.40 .. 2.60 across x
+    tgt = GaussianPsf(3.5)
+    km, size = solve_kernel_model(sci, tgt, box)
+    pos = [(x, y) for x in (10, 127.5, 245) for y in (10, 127.5, 245)]
+    res = {p: _residual(km, sci, tgt, *p, size) for p in pos}
+    centre = res[(127.5, 127.5)]
+    assert centre < 5e-3
+    assert max(res.values()) <= 2.0 * centre, res
+    # the reference cell layout (cells outside the exposure, extrapolated PSF) does much worse at the corners
+    ref_km, _ = solve_kernel_model(sci, tgt, box, config=ModelPsfMatchConfig(grow_cell_grid=True))
+    ref_res = [_residual(ref_km, sci, tgt, *p, size) for p in pos]
+    assert max(ref_res) > 5 * max(res.values())
+
+
+def test_delta_function_basis_fit():
+    sci, tgt = GaussianPsf(1.5), GaussianPsf(2.0)  # kernel sigma 1.32: a 9x9 kernel holds +-3 sigma
+    base = dict(kernel_basis="delta-function", kernel_size=9, spatial_kernel_order=0)
+    # default stamp 13: 5x5 = 25 equations for 81 unknowns per cell
+    km, size = solve_kernel_model(sci, tgt, Box(0, 0, 100, 100), config=ModelPsfMatchConfig(**base))
+    assert km.basis.shape == (81, 9, 9) and size == 13
+    with pytest.raises(PsfMatchError, match=r"cell at \(0, 0\): the fit is numerically singular"):
+        solve_kernel_model(sci, tgt, Box(0, 0, 100, 100), config=ModelPsfMatchConfig(**base, use_regularization=False))
+    # 23-px stamps: 15x15 equations; unregularised and weakly regularised fits both reach the target
+    big = dict(base, do_auto_pad_psf=False, pad_psf_by=10)
+    for extra in ({"use_regularization": False}, {"lambda_value": 1e-8},
+                  {"lambda_value": 1e-8, "regularization_type": "forwardDifference"}):
+        km, size = solve_kernel_model(sci, tgt, Box(0, 0, 100, 100), config=ModelPsfMatchConfig(**big, **extra))
+        assert size == 23 and _residual(km, sci, tgt, 50, 50, size) < 1e-3, extra
+    # strong regularisation smooths the kernel at the expense of the residual
+    km, _ = solve_kernel_model(sci, tgt, Box(0, 0, 100, 100), config=ModelPsfMatchConfig(**big, lambda_value=1.0))
+    assert _residual(km, sci, tgt, 50, 50, 23) > 1e-3
+
+
+# ---------------------------------------------------------------------------------------------- convolution
+
+
+def _stars(shape, psf, positions, flux, x0, y0):
+    img = np.zeros(shape)
+    for x, y in positions:
+        stamp = psf.image_at(x, y, size=31)
+        j, i = y - y0, x - x0
+        img[j - 15:j + 16, i - 15:i + 16] += flux * stamp
+    return img
+
+
+def test_matched_stars_have_target_moments(tan_wcs):
+    x0, y0, n = 4, 9, 256
+    sci = GaussianPsf(2.0, gradient=(0.0024, 0.0012), center=(131.5, 136.5))
+    positions = [(x0 + i, y0 + j) for i in range(35, 230, 38) for j in range(35, 230, 38)]
+    img = _stars((n, n), sci, positions, 1e4, x0, y0)
+    ds = _exposure(tan_wcs, sci, shape=(n, n), x0=x0, y0=y0, image=img, variance=np.ones((n, n)))
+    tgt = GaussianPsf(3.5)
+    out, km = model_psf_match(_chunk(ds, (64, 100)), tgt)
+    out = out.compute()
+    matched = out["image"].values
+    errs = []
+    for x, y in positions:
+        j, i = y - y0, x - x0
+        stamp = matched[j - 15:j + 16, i - 15:i + 16]
+        _, _, ixx, iyy, ixy = adaptive_moments(stamp, sigma0=3.5)
+        errs += [ixx / 3.5**2 - 1, iyy / 3.5**2 - 1]
+        assert abs(ixy) < 0.02 * 3.5**2
+        np.testing.assert_allclose(stamp.sum(), 1e4, rtol=1e-4)  # flux conserved
+    assert max(abs(e) for e in errs) < 0.02, max(abs(e) for e in errs)
+
+
+def test_variance_is_k2_convolved_and_mask_or(tan_wcs, rng):
+    sci = GaussianPsf(1.6, gradient=(0.002, -0.002), center=(90, 70))
+    ds = _exposure(tan_wcs, sci)
+    mask = ds["mask"].values.copy()
+    mask[60, 80] = MaskPlane.CR
+    mask[120, 30] = MaskPlane.SAT
+    mask[0, 0] = MaskPlane.BAD  # in the border: replaced by NO_DATA
+    image = ds["image"].values.copy()
+    image[100, 100] = np.nan
+    variance = ds["variance"].values.copy()
+    variance[30, 140] = np.inf
+    ds = ds.assign(mask=ds["mask"].copy(data=mask), image=ds["image"].copy(data=image),
+                   variance=ds["variance"].copy(data=variance))
+    out, km = model_psf_match(ds, GaussianPsf(3.0))
+    h = km.radius
+    v, img_out, m_out = out["variance"].values, out["image"].values, out["mask"].values
+    x0, y0 = int(ds.x[0]), int(ds.y[0])
+    for j, i in [(15, 20), (75, 85), (134, 150), (40, 100)]:
+        k = km.kernel_image(x0 + i, y0 + j)
+        win = (slice(j - h, j + h + 1), slice(i - h, i + h + 1))
+        np.testing.assert_allclose(v[j, i], (k * k * variance[win]).sum(), rtol=2e-6)
+        np.testing.assert_allclose(img_out[j, i], (k * image[win]).sum(), rtol=2e-5, atol=1e-6)
+    # mask: OR under the (2h+1)² footprint, border replaced by NO_DATA
+    cr = (m_out & MaskPlane.CR) != 0
+    assert cr.sum() == (2 * h + 1) ** 2 and cr[60 - h:60 + h + 1, 80 - h:80 + h + 1].all()
+    sat = (m_out & MaskPlane.SAT) != 0
+    assert sat[120 - h:120 + h + 1, 30 - h:30 + h + 1].all() and sat.sum() == (2 * h + 1) ** 2
+    border = np.ones(m_out.shape, bool)
+    border[h:-h, h:-h] = False
+    assert np.all(m_out[border] == MaskPlane.NO_DATA)
+    assert np.all(np.isnan(img_out[border])) and np.all(np.isinf(v[border]))
+    assert not np.any(m_out[~border] & MaskPlane.NO_DATA)
+    # non-finite inputs spread over the footprint
+    nan = np.isnan(img_out) & ~border
+    assert nan.sum() == (2 * h + 1) ** 2 and nan[100 - h:100 + h + 1, 100 - h:100 + h + 1].all()
+    inf = np.isinf(v) & ~border
+    assert inf[30 - h:30 + h + 1, 140 - h:140 + h + 1].all() and inf.sum() == (2 * h + 1) ** 2
+
+
+def test_white_noise_variance_and_correlation(tan_wcs):
+    sci, tgt = GaussianPsf(1.5), GaussianPsf(3.0)
+    n = 256
+    ds0 = _exposure(tan_wcs, sci, shape=(n, n), x0=0, y0=0, variance=np.full((n, n), 2.0))
+    km, _ = solve_kernel_model(GridPsf.from_dataset(ds0), tgt, Box(0, 0, n, n))
+    rng = np.random.default_rng(2024)
+    h, b = km.radius, 16
+    pix, sums = [], []
+    for _ in range(10):
+        ds = ds0.assign(image=ds0["image"].copy(data=rng.normal(scale=math.sqrt(2.0), size=(n, n)).astype("f4")))
+        out = convolve_kernel_model(ds, km)
+        inner = out["image"].values[h:-h, h:-h].astype(float)
+        pix.append(inner.ravel())
+        nb = inner.shape[0] // b
+        sums.append(inner[: nb * b, : nb * b].reshape(nb, b, nb, b).sum(axis=(1, 3)).ravel())
+    var_plane = out["variance"].values[h:-h, h:-h]
+    k = km.kernel_image(128, 128)
+    np.testing.assert_allclose(var_plane, 2.0 * (k * k).sum(), rtol=1e-5)
+    measured = np.var(np.concatenate(pix))
+    np.testing.assert_allclose(measured, var_plane.mean(), rtol=0.04)
+    # box sums: the variance plane alone underestimates; its sum weighted by the correlation is right
+    rho = km.noise_correlation(128, 128)
+    c = rho.shape[0] // 2
+    lag = np.arange(-c, c + 1)
+    w = np.outer(np.clip(b - np.abs(lag), 0, None), np.clip(b - np.abs(lag), 0, None))
+    predicted = var_plane.mean() * (w * rho).sum()
+    np.testing.assert_allclose(np.var(np.concatenate(sums)), predicted, rtol=0.1)
+    assert np.var(np.concatenate(sums)) > 5 * b * b * var_plane.mean()
+    np.testing.assert_allclose(km.noise_correlation_factor(128, 128), rho.sum(), rtol=1e-10)
+    np.testing.assert_allclose(rho[c, c], 1.0)
+    np.testing.assert_allclose(rho[c, c + 1], rho[c + 1, c], rtol=1e-6)
+
+
+def test_reference_mode_core_spike(tan_wcs):
+    """Spec §8: overwriting the constant coefficient re-inserts the flux deficit as a narrow core."""
+    n, tgt = 128, model_psf()
+    sci = GaussianPsf(1.5)
+    img = _stars((n, n), sci, [(64, 64)], 1.0, 0, 0)
+    ds = _exposure(tan_wcs, sci, shape=(n, n), x0=0, y0=0, image=img, variance=np.ones((n, n)), grid=1)
+    ref_cfg = ModelPsfMatchConfig(alard_sig_gauss=WARP_SIGMAS, flux_conservation="reference", declared_psf="target")
+    new_cfg = ModelPsfMatchConfig(alard_sig_gauss=WARP_SIGMAS)
+    ref_out, ref_km = model_psf_match(ds, tgt, config=ref_cfg)
+    new_out, new_km = model_psf_match(ds, tgt, config=new_cfg)
+    declared_ref = ref_out["psf"].values[0, 0]
+    declared_new = new_out["psf"].values[0, 0]
+    np.testing.assert_allclose(declared_ref, tgt.image_at(64, 64, size=31), rtol=1e-12)
+    c = 15
+    star_ref = ref_out["image"].values[64 - c:64 + c + 1, 64 - c:64 + c + 1]
+    star_new = new_out["image"].values[64 - c:64 + c + 1, 64 - c:64 + c + 1]
+    # both conserve flux (the reference by construction, we by rescaling)
+    np.testing.assert_allclose([star_ref.sum(), star_new.sum()], 1.0, atol=2e-4)
+    # the fitted kernel sum is well below 1 (spec: 0.88-0.94)
+    assert 0.87 < ref_km.kernel_sum_fit < 0.92
+    # measured spike: matched peak / declared model peak; the spec predicted 1.5 for sigma 1.5
+    spike = star_ref.max() / declared_ref.max()
+    assert 1.45 < spike < 1.56, spike
+    # default mode: no spike relative to the fit, and the pixels equal the declared (achieved) PSF
+    assert star_new.max() / tgt.image_at(0, 0, size=31).max() < 1.15
+    assert np.abs(star_new - declared_new).max() < 1e-3 * declared_new.max()
+    np.testing.assert_allclose(new_out.attrs["psf_match_residual_max"], float(new_km.report["residual_max"].max()))
+    # reference-mode pixels differ from the declared model by far more than the bound
+    assert np.abs(star_ref - declared_ref).max() > 0.3 * declared_ref.max()
+
+
+def test_spike_shrinks_with_seeing():
+    """Spec §8: about 1.09x for sigma 3 (reference mode, warp basis)."""
+    cfg = ModelPsfMatchConfig(alard_sig_gauss=WARP_SIGMAS, flux_conservation="reference")
+    km, size = solve_kernel_model(GaussianPsf(3.0), model_psf(), Box(0, 0, 128, 128), config=cfg)
+    spike = km.achieved_psf(GaussianPsf(3.0), 64, 64, size=size).max() / model_psf().image_at(0, 0, size=size).max()
+    assert 1.06 < spike < 1.11, spike
+
+
+# ---------------------------------------------------------------------------------------------- dask
+
+
+def test_numpy_dask_equal_and_lazy(tan_wcs):
+    sci = GaussianPsf(1.8, gradient=(0.003, 0.002), center=(80, 70))
+    ds = _exposure(tan_wcs, sci)
+    eager, km = model_psf_match(ds, GaussianPsf(3.2))
+    dsk = _chunk(ds, (37, 41))
+    with raise_if_dask_computes():
+        lazy, km2 = model_psf_match(dsk, GaussianPsf(3.2))
+    for name in ("image", "variance", "mask"):
+        assert dask.is_dask_collection(lazy[name].data)
+    got = lazy.compute()
+    for name in ("image", "variance"):
+        np.testing.assert_allclose(got[name].values, eager[name].values, rtol=1e-6, atol=1e-7, equal_nan=True)
+    np.testing.assert_array_equal(got["mask"].values, eager["mask"].values)
+    xr.testing.assert_identical(got["psf"], eager["psf"])
+    np.testing.assert_array_equal(km2.coefficients, km.coefficients)
+    assert got.attrs["visit"] == 42 and provenance(got)[-1]["task"] == "model_psf_match"
+    assert_lazy(lambda: model_psf_match(dsk, GaussianPsf(3.2))[0].drop_vars("psf"))
+    # inputs untouched
+    assert "psf_match_residual_max" not in ds.attrs and np.isfinite(ds["image"].values).all()
+
+
+def test_graph_size_grows_with_chunks_only(tan_wcs):
+    ds = _exposure(tan_wcs, GaussianPsf(1.8), shape=(200, 220))
+    sizes = {}
+    for chunks in [(100, 110), (50, 55), (37, 41)]:
+        out, _ = model_psf_match(_chunk(ds, chunks), GaussianPsf(3.0))
+        nchunks = math.ceil(200 / chunks[0]) * math.ceil(220 / chunks[1])
+        sizes[nchunks] = sum(graph_size(out[v].data) for v in ("image", "variance", "mask"))
+    # map_overlap costs about 22 tasks per chunk and variable (neighbour slices, concatenation, the block)
+    for nchunks, size in sizes.items():
+        assert size <= 3 * (25 * nchunks + 60), (nchunks, size)
+    assert sizes[36] - sizes[16] <= 3 * 25 * 20
+    # the kernel model does not bloat the graph: no task holds the report
+    out, km = model_psf_match(_chunk(ds, (100, 110)), GaussianPsf(3.0))
+    assert len(pickle.dumps(dict(out["image"].data.__dask_graph__()))) < 2_000_000
+    assert len(pickle.dumps(km)) < 150_000 and pickle.loads(pickle.dumps(km)).report is None
+
+
+@settings(max_examples=6, deadline=None)
+@given(cy=st.integers(11, 90), cx=st.integers(11, 90))
+def test_property_chunk_invariance(cy, cx):
+    from tests.conftest import make_tan_wcs
+
+    ds = _exposure(make_tan_wcs(), GaussianPsf(1.7, gradient=(0.002, 0.0), center=(90, 70)), shape=(90, 100))
+    km, _ = solve_kernel_model(GridPsf.from_dataset(ds), GaussianPsf(2.6), Box.of(ds))
+    eager = convolve_kernel_model(ds, km)
+    lazy = convolve_kernel_model(_chunk(ds, (cy, cx)), km).compute()
+    for name in ("image", "variance"):
+        np.testing.assert_allclose(lazy[name].values, eager[name].values, rtol=1e-6, atol=1e-7, equal_nan=True)
+    np.testing.assert_array_equal(lazy["mask"].values, eager["mask"].values)
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+
+def test_errors(tan_wcs):
+    ds = _exposure(tan_wcs, GaussianPsf(1.5), shape=(100, 100))
+    tgt = GaussianPsf(3.0)
+    with pytest.raises(PsfMatchError, match=r"no PSF.*visit=42"):
+        model_psf_match(ds.drop_vars(["psf", "psf_x", "psf_y"]), tgt)
+    with pytest.raises(SchemaError, match="reference_psf must be a PsfModel"):
+        model_psf_match(ds, "gauss")
+    with pytest.raises(PsfMatchError, match=r"deconvolution.*visit=42"):
+        model_psf_match(ds, GaussianPsf(1.2))
+    small = _exposure(tan_wcs, GaussianPsf(1.5, size=15), shape=(100, 100))
+    with pytest.raises(PsfMatchError, match="kernel size 21 is larger than PSF stamps of 15 px allow"):
+        model_psf_match(small, tgt, config=ModelPsfMatchConfig(do_auto_pad_psf=False))
+    model_psf_match(small, tgt, config=ModelPsfMatchConfig(do_auto_pad_psf=False, pad_psf_by=16))
+    with pytest.raises(PsfMatchError, match="numerically singular"):
+        model_psf_match(ds, tgt, config=ModelPsfMatchConfig(kernel_basis="delta-function", use_regularization=False))
+    with pytest.raises(PsfMatchError, match=r"cell at .* ill-conditioned \(eigenvalue ratio .* > 5e\+07\)"):
+        model_psf_match(ds, tgt, config=ModelPsfMatchConfig(check_condition_number=True))
+    with pytest.raises(PsfMatchError, match=r"spatial kernel fit: normal matrix is ill-conditioned"):
+        model_psf_match(ds, tgt, config=ModelPsfMatchConfig(
+            check_condition_number=True, max_condition_number=1e30, max_spatial_condition_number=10.0))
+    with pytest.raises(PsfMatchError, match="spatial kernel fit: the fit is numerically singular"):
+        model_psf_match(ds, tgt, config=ModelPsfMatchConfig(spatial_kernel_order=4, grow_cell_grid=True))
+    with pytest.raises(PsfMatchError, match="cannot evaluate the PSF shape"):
+        solve_kernel_model(GaussianPsf(1.0, gradient=(-0.1, 0.0)), tgt, Box(0, 0, 100, 100))
+    stack = xr.concat([ds.drop_vars(["psf", "psf_x", "psf_y"])] * 2, dim="visit")
+    with pytest.raises(SchemaError, match="single exposure"):
+        convolve_kernel_model(stack, solve_kernel_model(GaussianPsf(1.5), tgt, Box.of(ds))[0])
+    no_nodata = ds.copy()
+    no_nodata["mask"].attrs.update(flag_masks=[1], flag_meanings="BAD")
+    with pytest.raises(SchemaError, match="no NO_DATA plane"):
+        model_psf_match(no_nodata, tgt)
+
+
+def test_kernel_sum_check():
+    from pipeline.psf_match import _check_kernel_sums
+
+    np.testing.assert_array_equal(_check_kernel_sums(np.array([0.9, 1.1]), {}), [0.9, 1.1])
+    with pytest.raises(PsfMatchError, match=r"kernel sum is not positive and finite.*min -0.1.*visit=3"):
+        _check_kernel_sums(np.array([0.9, -0.1]), {"visit": 3})
+    with pytest.raises(PsfMatchError, match="kernel sum is not positive and finite"):
+        _check_kernel_sums(np.array([np.nan, 1.0]), {})
+
+
+@pytest.mark.parametrize("update, message", [
+    ({"kernel_size": 20}, "kernel_size must be odd"),
+    ({"alard_n_gauss": 2}, "need alard_n_gauss=2 entries"),
+    ({"alard_deg_gauss": (4, 2, 11)}, r"alard_deg_gauss entries must be in 0..10"),
+    ({"alard_sig_gauss": (0.7, 1.5, -1.0)}, r"alard_sig_gauss entries must be in \(0, 50\]"),
+    ({"pad_psf_by": 3}, "pad_psf_by must be even"),
+    ({"forward_regularization_orders": (1, 5)}, "forward_regularization_orders must be in 1..3"),
+    ({"kernel_size_min": 41}, "kernel_size_min 41 exceeds kernel_size_max 35"),
+    ({"kernel_basis": "delta-function", "flux_conservation": "reference"}, "needs the alard-lupton basis"),
+    ({"size_cell_x": 16}, "greater than or equal to 32"),
+    ({"bogus": 1}, "Extra inputs are not permitted"),
+])
+def test_config_validation(update, message):
+    with pytest.raises(ValidationError, match=message):
+        ModelPsfMatchConfig(**update)
+    cfg = ModelPsfMatchConfig()
+    with pytest.raises(ValidationError):
+        cfg.kernel_size = 23  # frozen
+    assert cfg.condition_limit == 5e7
+    assert ModelPsfMatchConfig(kernel_basis="delta-function").condition_limit == 5e6
+    assert ModelPsfMatchConfig(max_condition_number=10.0).condition_limit == 10.0
+
+
+def test_matched_psf_model_and_kernel_model_api():
+    sci = GaussianPsf(1.5)
+    km, size = solve_kernel_model(sci, GaussianPsf(3.0), Box(0, 0, 64, 64))
+    mp = MatchedPsf(sci, km, size)
+    np.testing.assert_allclose(mp.image_at(10, 10), km.achieved_psf(sci, 10, 10, size=size) /
+                               km.achieved_psf(sci, 10, 10, size=size).sum(), rtol=1e-12)
+    np.testing.assert_allclose(mp.fwhm(10, 10), GaussianPsf(3.0).fwhm(0, 0), rtol=1e-3)
+    assert isinstance(km, KernelModel) and km.kernel_size == 21 and km.radius == 10
+    assert km.component_kernels().shape == (6, 21, 21)
+    np.testing.assert_allclose(km.raw_kernel(5, 5).sum(), km.kernel_sum(5, 5), rtol=1e-12)
