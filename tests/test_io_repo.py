@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -553,12 +554,17 @@ def test_align_box(repo):
     assert repo.align_box(path, Box(500, 500, 600, 600)).empty
 
 
+@functools.cache
+def _align_repo():
+    repo = open_repo(MemoryStore(), create=True)
+    return repo, repo.create_tract_product("tract_0/coadds/r/deep", tract_template(), patch_inner=PATCH_INNER)
+
+
 @settings(max_examples=50, deadline=None)
 @given(x0=st.integers(-50, 250), y0=st.integers(-50, 200), w=st.integers(1, 300), h=st.integers(1, 300))
 def test_align_box_property(x0, y0, w, h):
     """The aligned box holds the (clipped) box, is chunk-aligned, and is the smallest such box."""
-    repo = open_repo(MemoryStore(), create=True)
-    path = repo.create_tract_product("tract_0/coadds/r/deep", tract_template(), patch_inner=PATCH_INNER)
+    repo, path = _align_repo()
     box = Box(x0, y0, x0 + w, y0 + h)
     clipped = box.intersect(Box(0, 0, 200, 160))
     aligned = repo.align_box(path, box)
@@ -793,7 +799,7 @@ def test_inventory(repo, rng):
     assert format_inventory([]) == "(empty repository)"
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=8, deadline=None)
 @given(
     cy=st.sampled_from([10, 20, 40]),
     cx=st.sampled_from([10, 25, 50]),
