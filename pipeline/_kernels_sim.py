@@ -29,6 +29,7 @@ __all__ = [
     "moffat_ft_table",
     "stamp_size",
     "render_sources",
+    "MAX_STAMP_SIZE",
     "psf_stamp",
 ]
 
@@ -37,6 +38,7 @@ FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
 
 #: odd FFT-friendly stamp sizes (3- and 5-smooth), so there is no Nyquist bin and a true centre
 _SIZES = (15, 25, 27, 45, 75, 81, 125, 135, 225, 243, 375, 405, 625, 675, 1125, 1215, 2025, 2187)
+MAX_STAMP_SIZE = _SIZES[-1]
 
 #: largest argument of the tabulated profile transforms; beyond it the transform is taken as zero
 _SERSIC_U_MAX = 24.0

@@ -18,6 +18,7 @@ number of visits, and visit ``i`` does not depend on how many visits follow it.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
@@ -25,7 +26,7 @@ from typing import Literal
 import numpy as np
 import xarray as xr
 from astropy.io import fits
-from astropy.wcs import WCS
+from astropy.wcs import WCS, FITSFixedWarning
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from scipy import ndimage
 
@@ -176,6 +177,12 @@ class SimConfig(BaseModel):
                 raise ValueError(f"{name}={(lo, hi)} must satisfy {vmin} <= min <= max <= {vmax}")
         if self.psf_stamp_size % 2 == 0:
             raise ValueError(f"psf_stamp_size={self.psf_stamp_size} must be odd")
+        if 2 * self.edge_width >= min(ny, nx):
+            raise ValueError(f"edge_width={self.edge_width} leaves no interior on a {self.shape} detector")
+        if self.n_bad_columns > nx - 2 * self.edge_width:
+            raise ValueError(f"n_bad_columns={self.n_bad_columns} exceeds the {nx - 2 * self.edge_width} interior columns")
+        if self.no_data_corner > min(ny, nx):
+            raise ValueError(f"no_data_corner={self.no_data_corner} is larger than the {self.shape} detector")
         return self
 
     @classmethod
@@ -222,13 +229,14 @@ def _to_tangent(ra0, dec0, ra, dec):
 
 
 def _as_wcs(wcs) -> WCS:
+    """A fresh astropy WCS from a WCS, a FITS header or a header string."""
     if isinstance(wcs, WCS):
         return wcs.deepcopy()
     if isinstance(wcs, (str, fits.Header)):
-        from .model.wcs import _wcs_from_header
-
         header = fits.Header.fromstring(wcs) if isinstance(wcs, str) else wcs
-        return _wcs_from_header(header)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FITSFixedWarning)
+            return WCS(header, relax=True)
     raise SkystackError(f"expected an astropy WCS, a FITS header or a header string, got {type(wcs).__name__}")
 
 
@@ -452,11 +460,11 @@ class Truth:
         out = np.zeros((ny, nx), dtype=np.float64)
         _render_catalogue(
             out, w, x0, y0, self.stars["ra"], self.stars["dec"], self.stars["flux"], None, kind, param, image,
-            self.config, margin=0,
+            self.config,
         )
         _render_catalogue(
             out, w, x0, y0, self.galaxies["ra"], self.galaxies["dec"], self.galaxies["flux"], self.galaxies, kind,
-            param, image, self.config, margin=0,
+            param, image, self.config,
         )
         return out
 
@@ -578,13 +586,13 @@ def _footprint_detector(vt: VisitTruth, xd, yd, kinds, *, pad: int) -> np.ndarra
     return hit & inside
 
 
-def _render_catalogue(out, w, x0, y0, ra, dec, flux, gal, kind, param_fn, image, config, *, margin):
+def _render_catalogue(out, w, x0, y0, ra, dec, flux, gal, kind, param_fn, image, config):
     """Render sources at sky positions onto ``out`` (grid with origin x0, y0); flux in out's units."""
     if ra.size == 0:
         return
     px, py = w.all_world2pix(ra, dec, 0)
     ny, nx = out.shape
-    lim = 300.0 + margin
+    lim = _k.MAX_STAMP_SIZE // 2 + 1  # no stamp reaches further
     near = (px - x0 > -lim) & (px - x0 < nx + lim) & (py - y0 > -lim) & (py - y0 < ny + lim)
     if not near.any():
         return
@@ -618,9 +626,9 @@ def _visit_model(truth: Truth, vt: VisitTruth) -> tuple[np.ndarray, np.ndarray]:
 
     kind = vt.psf_model
     st = truth.stars
-    _render_catalogue(total, w, 0, 0, st["ra"], st["dec"], st["flux"] * scale, None, kind, param_fn, None, cfg, margin=0)
+    _render_catalogue(total, w, 0, 0, st["ra"], st["dec"], st["flux"] * scale, None, kind, param_fn, None, cfg)
     ga = truth.galaxies
-    _render_catalogue(total, w, 0, 0, ga["ra"], ga["dec"], ga["flux"] * scale, ga, kind, param_fn, None, cfg, margin=0)
+    _render_catalogue(total, w, 0, 0, ga["ra"], ga["dec"], ga["flux"] * scale, ga, kind, param_fn, None, cfg)
     for rec in (vt.asteroid, vt.variable):
         if rec is not None:
             _k.render_sources(

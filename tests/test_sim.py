@@ -10,6 +10,7 @@ import pydantic
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from scipy import ndimage
 from scipy.special import erf
 
 from conftest import make_tan_wcs
@@ -23,6 +24,8 @@ from pipeline.sim import (
     SimConfig,
     _galaxy_matrices,
     _jacobian_arcsec,
+    _to_sky,
+    _to_tangent,
     simulate,
 )
 
@@ -78,6 +81,10 @@ def bright_star():
         (dict(banana=1), "Extra inputs are not permitted"),
         (dict(psf_model="airy"), "'gaussian' or 'moffat'"),
         (dict(sky_subtraction="some"), "'none', 'constant' or 'model'"),
+        (dict(shape=(64, 64), edge_width=32), r"edge_width=32 leaves no interior on a \(64, 64\) detector"),
+        (dict(shape=(64, 64), n_bad_columns=61), "n_bad_columns=61 exceeds the 60 interior columns"),
+        (dict(shape=(64, 64), no_data_corner=65), r"no_data_corner=65 is larger than the \(64, 64\) detector"),
+        (dict(cosmic_ray_adu=(10.0, 1.0)), "cosmic_ray_adu"),
     ],
 )
 def test_config_validation(kwargs, message):
@@ -151,6 +158,20 @@ def test_exposures_follow_the_data_model(small):
 
 
 # ---------------------------------------------------------------------------- rendering exactness
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    ra0=st.floats(0.0, 359.9), dec0=st.floats(-80.0, 80.0), xi=st.floats(-3600.0, 3600.0), eta=st.floats(-3600.0, 3600.0)
+)
+def test_tangent_plane_round_trip(ra0, dec0, xi, eta):
+    ra, dec = _to_sky(ra0, dec0, xi, eta)
+    back = _to_tangent(ra0, dec0, ra, dec)
+    np.testing.assert_allclose(back, (xi, eta), atol=1e-7)
+    # the gnomonic projection of astropy agrees
+    w = make_tan_wcs(ra=ra0, dec=dec0, scale_arcsec=1.0, crpix=(0.0, 0.0))
+    x, y = w.all_world2pix([ra], [dec], 0)
+    np.testing.assert_allclose([-x[0], y[0]], [xi, eta], atol=1e-6)
 
 
 @settings(max_examples=25, deadline=None)
@@ -560,9 +581,6 @@ def test_artifact_mask_on_another_grid(small):
     assert inside.all()
     foot = vt.footprint(kinds)
     # every flagged grid pixel lies on (or within one pixel of) a flagged detector pixel
-    near = np.zeros_like(foot)
-    from scipy import ndimage
-
     near = ndimage.binary_dilation(foot, structure=np.ones((3, 3), bool))
     assert near[np.clip(np.round(yd).astype(int), 0, 255), np.clip(np.round(xd).astype(int), 0, 255)].all()
     # same pixel scale: the areas agree (the CR footprint is dilated by one pixel on other grids)
@@ -623,7 +641,7 @@ def test_default_configuration_speed():
     cpu, wall = time.process_time(), time.perf_counter()
     sim = simulate(seed=0)
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
-    n = sum(len(sim.truth.stars) for _ in [0]) + len(sim.truth.galaxies)
+    n = len(sim.truth.stars) + len(sim.truth.galaxies)
     print(f"\ndefault simulate: {len(sim.exposures)} x {sim.config.shape} with {n} sources in the field: "
           f"{cpu:.2f} s CPU, {wall:.2f} s wall")
     assert len(sim.exposures) == 6
