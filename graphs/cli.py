@@ -116,14 +116,9 @@ def ls_(url, as_json):
             nx, ny = tract.n_patches
             click.echo(f"tract {tract.id}: centre ({tract.ra:.5f}, {tract.dec:.5f}) deg, {tract.pixel_scale_arcsec}\"/px, "
                        f"{nx}x{ny} patches of {tract.patch_inner[0]}x{tract.patch_inner[1]} px")
-    cols = ("kind", "tract", "patch", "band", "visit", "detector", "name", "complete")
-    rows = [[("" if r.get(c) is None else str(r[c])) for c in cols] for r in records]
-    widths = [max([len(c)] + [len(row[i]) for row in rows]) for i, c in enumerate(cols)]
-    click.echo("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
-    for row in rows:
-        click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths)))
-    if not rows:
-        click.echo("(empty repository)")
+    from pipeline.io.repo import format_inventory
+
+    click.echo(format_inventory(records))
 
 
 @main.command()
