@@ -33,8 +33,8 @@ from scipy import ndimage
 from . import _kernels_sim as _k
 from .errors import SkystackError
 from .model.masks import CANONICAL_PLANES, MaskPlane
-from .model.schema import NJY_ZERO_POINT, make_dataset, njy_per_unit, psf_grid
-from .model.wcs import pixel_scale_arcsec, wcs_header_string
+from .model.schema import NJY_ZERO_POINT, make_dataset, njy_per_unit, origin, psf_grid
+from .model.wcs import get_wcs, pixel_scale_arcsec, wcs_header_string
 
 __all__ = [
     "SimConfig",
@@ -468,6 +468,11 @@ class Truth:
         )
         return out
 
+    def static_sky_like(self, ds: xr.Dataset, *, psf=None) -> np.ndarray:
+        """:meth:`static_sky` on the frame of a Dataset of the data model (only metadata is read)."""
+        x0, y0 = origin(ds)
+        return self.static_sky(get_wcs(ds), (ds.sizes["y"], ds.sizes["x"]), x0=x0, y0=y0, psf=psf)
+
     def _grid_psf(self, w: WCS, psf):
         if psf is None:
             fwhm = float(np.mean([v.seeing_fwhm_arcsec for v in self.visits])) / pixel_scale_arcsec(w)
@@ -490,6 +495,11 @@ class Truth:
         vt = self.visit(visit)
         total, sky = _visit_model(self, vt)
         return total - _subtracted_image(vt, sky)
+
+    def artifact_mask_like(self, visit: int, ds: xr.Dataset, *, kinds: Iterable[str] = _DEFAULT_KINDS) -> np.ndarray:
+        """:meth:`artifact_mask` on the frame of a Dataset of the data model (only metadata is read)."""
+        x0, y0 = origin(ds)
+        return self.artifact_mask(visit, get_wcs(ds), (ds.sizes["y"], ds.sizes["x"]), x0=x0, y0=y0, kinds=kinds)
 
     def artifact_mask(
         self,

@@ -590,6 +590,17 @@ def test_artifact_mask_on_another_grid(small):
     a_mask = truth.artifact_mask(vt.visit, grid, shape, x0=x0, y0=y0, kinds=("asteroid",))
     rad = small.config.footprint_fwhm * vt.asteroid["fwhm_px"]
     assert a_mask.sum() == pytest.approx(math.pi * rad**2, rel=0.1)
+    # the same through a Dataset of the frame, lazily backed: nothing is computed
+    from pipeline.model.schema import empty_like_frame
+    from pipeline.testing import raise_if_dask_computes
+
+    frame = empty_like_frame(x0=x0, y0=y0, nx=shape[1], ny=shape[0], wcs=grid, kind="coadd", chunks=(37, 41))
+    with raise_if_dask_computes():
+        like = truth.artifact_mask_like(vt.visit, frame, kinds=kinds)
+        sky_like = truth.static_sky_like(frame, psf=1.5)
+    np.testing.assert_array_equal(like, mask)
+    direct = truth.static_sky(grid, shape, x0=x0, y0=y0, psf=1.5)
+    np.testing.assert_allclose(sky_like, direct, atol=1e-6 * direct.max())  # header text rounds the WCS
     # a grid that does not overlap the detector is empty
     far = make_tan_wcs(ra=float(cra[0]) + 1.0, dec=float(cdec[0]))
     assert not truth.artifact_mask(vt.visit, far, (50, 50)).any()
