@@ -240,6 +240,13 @@ def _as_wcs(wcs) -> WCS:
     raise SkystackError(f"expected an astropy WCS, a FITS header or a header string, got {type(wcs).__name__}")
 
 
+def _world2pix(w: WCS, ra, dec):
+    """0-based pixel positions, inverting any SIP distortion to 1e-9 pixel."""
+    if w.sip is None:
+        return w.wcs_world2pix(ra, dec, 0)
+    return w.all_world2pix(ra, dec, 0, tolerance=1e-9, maxiter=100, quiet=True)
+
+
 def _jacobian_arcsec(wcs: WCS, x, y, ra, dec) -> np.ndarray:
     """Local d(xi, eta)/d(x, y) in arcsec per pixel at each position (central differences)."""
     n = x.size
@@ -537,7 +544,7 @@ class Truth:
         cx = np.array([-0.5, dnx - 0.5, dnx - 0.5, -0.5])
         cy = np.array([-0.5, -0.5, dny - 0.5, dny - 0.5])
         det = vt.wcs()
-        tx, ty = w.all_world2pix(*det.all_pix2world(cx, cy, 0), 0)
+        tx, ty = _world2pix(w, *det.all_pix2world(cx, cy, 0))
         xa = max(int(math.floor(np.min(tx))) - 1, x0)
         xb = min(int(math.ceil(np.max(tx))) + 2, x0 + nx)
         ya = max(int(math.floor(np.min(ty))) - 1, y0)
@@ -545,7 +552,7 @@ class Truth:
         if xa >= xb or ya >= yb:
             return out
         gy, gx = np.mgrid[ya:yb, xa:xb]
-        xd, yd = det.all_world2pix(*w.all_pix2world(gx.ravel(), gy.ravel(), 0), 0)
+        xd, yd = _world2pix(det, *w.all_pix2world(gx.ravel(), gy.ravel(), 0))
         ratio = pixel_scale_arcsec(w) / pixel_scale_arcsec(det)
         pad = int(math.ceil(0.5 * ratio * math.sqrt(2.0) - 1e-9))
         sub = _footprint_detector(vt, xd, yd, kinds, pad=pad).reshape(gx.shape)
@@ -600,7 +607,7 @@ def _render_catalogue(out, w, x0, y0, ra, dec, flux, gal, kind, param_fn, image,
     """Render sources at sky positions onto ``out`` (grid with origin x0, y0); flux in out's units."""
     if ra.size == 0:
         return
-    px, py = w.all_world2pix(ra, dec, 0)
+    px, py = _world2pix(w, ra, dec)
     ny, nx = out.shape
     lim = _k.MAX_STAMP_SIZE // 2 + 1  # no stamp reaches further
     near = (px - x0 > -lim) & (px - x0 < nx + lim) & (py - y0 > -lim) & (py - y0 < ny + lim)
@@ -900,7 +907,7 @@ def _draw_visit(cfg, seed, i, mjd, truth, bad_cols, trail_visit, trail_pos, trai
     beta = cfg.moffat_beta
 
     def point(ra, dec, flux):
-        x, y = w.all_world2pix(np.atleast_1d(ra), np.atleast_1d(dec), 0)
+        x, y = _world2pix(w, np.atleast_1d(ra), np.atleast_1d(dec))
         x, y = float(x[0]), float(y[0])
         fw = fwhm_px * (1.0 + gradient[0] * (x - (nx - 1) / 2.0) / nx + gradient[1] * (y - (ny - 1) / 2.0) / ny)
         return dict(ra=float(ra), dec=float(dec), x=x, y=y, flux=float(flux), flux_adu=float(flux / njy_per_unit(zp)), fwhm_px=float(fw))

@@ -112,6 +112,32 @@ def test_simulate_argument_errors():
         simulate(SimConfig.small(), n_visits=-2)
 
 
+def test_catalogue_distributions():
+    cfg = SimConfig(n_visits=1, shape=(512, 512), n_stars=3000.0, n_galaxies=2000.0, star_count_slope=0.6)
+    from pipeline.sim import _draw_catalogue
+
+    stars, gals = _draw_catalogue(cfg, 7)
+    assert stars.size > 5000 and gals.size > 3000
+    normal = stars[~stars["saturating"]]
+    # cumulative counts N(>f) ~ f**-0.6 between the limits: P(F > f) = (f^-s - fmax^-s) / (fmin^-s - fmax^-s)
+    fmin, fmax = 10 ** (-0.4 * (np.array(cfg.star_mag_range)[::-1] - 31.4))
+    for f in (3 * fmin, 30 * fmin, 300 * fmin):
+        p = (f**-0.6 - fmax**-0.6) / (fmin**-0.6 - fmax**-0.6)
+        frac = np.mean(normal["flux"] > f)
+        assert abs(frac - p) < 4 * math.sqrt(p * (1 - p) / normal.size)
+    np.testing.assert_allclose(normal["flux"], 10 ** (-0.4 * (normal["mag"] - 31.4)), rtol=1e-12)
+    assert (stars["saturating"].sum() == cfg.n_saturated_stars)
+    lo, hi = cfg.galaxy_r_e_arcsec
+    assert gals["r_e"].min() >= lo and gals["r_e"].max() <= hi
+    # log-uniform sizes: median at the geometric mean
+    assert np.median(gals["r_e"]) == pytest.approx(math.sqrt(lo * hi), rel=0.05)
+    assert np.mean(gals["sersic_n"] == 4.0) == pytest.approx(cfg.devaucouleurs_fraction, abs=0.03)
+    # uniform on the sky: a disc around the field centre
+    xi, eta = _to_tangent(cfg.ra, cfg.dec, stars["ra"], stars["dec"])
+    r = np.hypot(xi, eta)
+    assert np.mean(r < r.max() / math.sqrt(2)) == pytest.approx(0.5, abs=0.03)
+
+
 # ---------------------------------------------------------------------------- determinism, schema
 
 
