@@ -799,10 +799,13 @@ def simulate(config: SimConfig | None = None, *, seed: int = 0, **overrides) -> 
     frame = detector, ``psf`` grid of the true PSF) and mimic LSST calibrated exposures
     ("calexp", the output of CalibrateTask): ``zero_point`` converts ADU to AB magnitudes
     (``flux_nJy = ADU * 10**((31.4 - zero_point) / 2.5)``). The variance plane is the true
-    expected variance ``(sky + sources) / gain + read_noise**2`` (ADU^2) times
-    ``variance_factor``; cosmic rays are not in it. Saturated pixels are clipped at
-    ``saturation_adu`` (sky included) and flagged SAT; bad columns carry
-    ``bad_column_offset_adu`` and are flagged BAD; the border is flagged EDGE.
+    expected variance ``(sky + light) / gain + read_noise**2`` (ADU^2) times
+    ``variance_factor``, where light includes stars, galaxies, trails, the asteroid and the
+    variable star but not cosmic rays (deposited after the noise). Saturated pixels are clipped
+    at ``saturation_adu`` (sky included) and flagged SAT; bad columns carry
+    ``bad_column_offset_adu`` and are flagged BAD; the border is flagged EDGE; trails are not
+    masked. ``sky_subtraction`` decides how much of the true sky is left in the image
+    (``VisitTruth.background``), as a background-subtracted calexp has none of it.
     """
     if config is None:
         config = SimConfig()
