@@ -28,11 +28,23 @@ _NOGIL = dict(nogil=True, cache=True)
 
 
 @numba.njit(**_NOGIL)
-def _lerp(a, b, rem, step):
+def _lerp(a, b, rem, f):
     if rem == 0:
         return a
-    f = rem / step
     return (1.0 - f) * a + f * b
+
+
+@numba.njit(**_NOGIL)
+def _snap(x):
+    r = math.floor(x + 0.5)
+    if abs(x - r) < SNAP:
+        return r
+    return x
+
+
+@numba.njit(**_NOGIL)
+def _at(nodes, ly, ly1, ry, fy, lx, lx1, rx, fx):
+    return _lerp(_lerp(nodes[ly, lx], nodes[ly, lx1], rx, fx), _lerp(nodes[ly1, lx], nodes[ly1, lx1], rx, fx), ry, fy)
 
 
 @numba.njit(**_NOGIL)
@@ -40,7 +52,7 @@ def _interp(gx0, gy0, step, nodes_x, nodes_y, X, Y):
     """Bilinearly interpolated source position of destination pixel (X, Y); NaN off the lattice.
 
     Integer arithmetic locates the lattice cell, so a sub-lattice (a slice of the nodes) gives
-    bit-identical positions to the full lattice.
+    bit-identical positions to the full lattice; :func:`_row` computes the same numbers.
     """
     nky, nkx = nodes_x.shape
     dx = X - gx0
@@ -55,19 +67,58 @@ def _interp(gx0, gy0, step, nodes_x, nodes_y, X, Y):
         return np.nan, np.nan
     lx1 = lx + 1 if rx > 0 else lx
     ly1 = ly + 1 if ry > 0 else ly
-    x = _lerp(
-        _lerp(nodes_x[ly, lx], nodes_x[ly, lx1], rx, step), _lerp(nodes_x[ly1, lx], nodes_x[ly1, lx1], rx, step), ry, step
-    )
-    y = _lerp(
-        _lerp(nodes_y[ly, lx], nodes_y[ly, lx1], rx, step), _lerp(nodes_y[ly1, lx], nodes_y[ly1, lx1], rx, step), ry, step
-    )
-    sx = math.floor(x + 0.5)
-    if abs(x - sx) < SNAP:
-        x = sx
-    sy = math.floor(y + 0.5)
-    if abs(y - sy) < SNAP:
-        y = sy
-    return x, y
+    fx = rx / step
+    fy = ry / step
+    x = _at(nodes_x, ly, ly1, ry, fy, lx, lx1, rx, fx)
+    y = _at(nodes_y, ly, ly1, ry, fy, lx, lx1, rx, fx)
+    return _snap(x), _snap(y)
+
+
+@numba.njit(**_NOGIL)
+def _row(gx0, gy0, step, nodes_x, nodes_y, X0, Y, out_x, out_y):
+    """Positions of destination pixels ``X0 .. X0 + len(out_x) - 1`` of row ``Y`` (as :func:`_interp`)."""
+    nky, nkx = nodes_x.shape
+    n = out_x.size
+    dy = Y - gy0
+    ok_row = dy >= 0
+    ly = 0
+    ry = 0
+    if ok_row:
+        ly = dy // step
+        ry = dy - ly * step
+        if ly > nky - 1 or (ly == nky - 1 and ry > 0):
+            ok_row = False
+    if not ok_row:
+        for c in range(n):
+            out_x[c] = np.nan
+            out_y[c] = np.nan
+        return
+    ly1 = ly + 1 if ry > 0 else ly
+    fy = ry / step
+    dx = X0 - gx0
+    lx = 0
+    rx = 0
+    if dx >= 0:
+        lx = dx // step
+        rx = dx - lx * step
+    for c in range(n):
+        if dx < 0 or lx > nkx - 1 or (lx == nkx - 1 and rx > 0):
+            out_x[c] = np.nan
+            out_y[c] = np.nan
+        else:
+            lx1 = lx + 1 if rx > 0 else lx
+            fx = rx / step
+            out_x[c] = _snap(_at(nodes_x, ly, ly1, ry, fy, lx, lx1, rx, fx))
+            out_y[c] = _snap(_at(nodes_y, ly, ly1, ry, fy, lx, lx1, rx, fx))
+        dx += 1
+        if dx == 0:
+            lx = 0
+            rx = 0
+        elif dx > 0:
+            rx += 1
+            if rx == step:
+                rx = 0
+                lx += 1
 
 
 @numba.njit(**_NOGIL)
@@ -78,11 +129,26 @@ def interp_positions(gx0, gy0, step, nodes_x, nodes_y, X, Y, out_x, out_y):
 
 
 @numba.njit(**_NOGIL)
-def kernel_weights(f, order, bilinear, linear, out):
+def trig_tables(order):
+    """``-(-1)^j cos(pi j / n)`` and ``-(-1)^j sin(pi j / n)`` for the taps ``j = -(n-1) .. n`` of Lanczos-n."""
+    cb = np.empty(2 * order)
+    sb = np.empty(2 * order)
+    for k in range(2 * order):
+        j = k - (order - 1)
+        sign = -1.0 if j % 2 == 0 else 1.0
+        b = math.pi * j / order
+        cb[k] = sign * math.cos(b)
+        sb[k] = sign * math.sin(b)
+    return cb, sb
+
+
+@numba.njit(**_NOGIL)
+def kernel_weights(f, order, bilinear, linear, cb, sb, out):
     """Fill ``out[:2*order]`` with the 1-D weights for fractional offset ``f`` in [0, 1); return their sum.
 
     Lanczos-n: ``L(j - f)`` for ``j = -(n-1) .. n`` with ``L(t) = sinc(pi t) sinc(pi t / n)``, evaluated
-    exactly (no tabulation); at ``f == 0`` the weights are the exact delta. Bilinear: ``(1-f, f)``.
+    exactly (no tabulation; ``cb``/``sb`` from :func:`trig_tables`); at ``f == 0`` the weights are
+    the exact delta. Bilinear: ``(1-f, f)``.
 
     ``linear``: move ``m1 = sum w (j-f)`` of weight from the tap at offset 1 to the tap at offset 0.
     The sum is unchanged and the first moment becomes zero, so linear functions (and the centroids
@@ -99,20 +165,16 @@ def kernel_weights(f, order, bilinear, linear, out):
             out[k] = 0.0
         out[n - 1] = 1.0
         return 1.0
-    # sin(pi (j - f)) = -(-1)^j sin(pi f); sin(pi (j - f)/n) by angle addition
-    spf = math.sin(math.pi * f)
+    # sin(pi (j - f)) = -(-1)^j sin(pi f) (the sign is folded into the tables);
+    # sin(pi (j - f) / n) by angle addition from sin/cos(-pi f / n) and the tables
+    c0 = n * math.sin(math.pi * f) / (math.pi * math.pi)
     a = -math.pi * f / n
     sa = math.sin(a)
     ca = math.cos(a)
     total = 0.0
     for k in range(2 * n):
-        j = k - (n - 1)
-        t = j - f
-        b = math.pi * j / n
-        s_over_n = sa * math.cos(b) + ca * math.sin(b)
-        sign = -1.0 if (j % 2 == 0) else 1.0
-        num = n * (sign * spf) * s_over_n
-        w = num / (math.pi * math.pi * t * t)
+        t = k - (n - 1) - f
+        w = c0 * (sa * cb[k] + ca * sb[k]) / (t * t)
         out[k] = w
         total += w
     if linear:
@@ -130,7 +192,8 @@ def count_blocks(
 ):
     """Per destination block: number of good pixels and the range of their source ``floor`` positions.
 
-    ``valid = (ix_lo, iy_lo, ix_hi, iy_hi)`` inclusive limits of good ``floor`` positions.
+    ``valid = (ix_lo, iy_lo, ix_hi, iy_hi)`` inclusive limits of good ``floor`` positions. A good
+    pixel also needs its left and lower neighbours on the lattice (for the relative area).
     ``out_range[by, bx] = (imin, jmin, imax, jmax)``; ``out_dst = (Xmin, Ymin, Xmax, Ymax)`` of all
     good destination pixels. Blocks are given by their edges in destination pixels.
     """
@@ -143,6 +206,8 @@ def count_blocks(
     out_dst[1] = big
     out_dst[2] = -big
     out_dst[3] = -big
+    bufx = np.empty(max(1, lat_x1 - gx0 + 1))
+    bufy = np.empty(max(1, lat_x1 - gx0 + 1))
     for by in range(y_edges.size - 1):
         Y0 = max(y_edges[by], gy0 + 1)
         Y1 = min(y_edges[by + 1], lat_y1 + 1)
@@ -154,15 +219,21 @@ def count_blocks(
             jmin = big
             imax = -big
             jmax = -big
+            w = X1 - X0
             for Y in range(Y0, Y1):
-                for X in range(X0, X1):
-                    x, y = _interp(gx0, gy0, step, nodes_x, nodes_y, X, Y)
+                if w <= 0:
+                    break
+                _row(gx0, gy0, step, nodes_x, nodes_y, X0, Y, bufx[:w], bufy[:w])
+                for c in range(w):
+                    x = bufx[c]
+                    y = bufy[c]
                     if not (math.isfinite(x) and math.isfinite(y)):
                         continue
                     i = math.floor(x)
                     j = math.floor(y)
                     if i < ix_lo or i > ix_hi or j < iy_lo or j > iy_hi:
                         continue
+                    X = X0 + c
                     cnt += 1
                     i = int(i)
                     j = int(j)
@@ -179,6 +250,22 @@ def count_blocks(
             out_range[by, bx, 1] = jmin
             out_range[by, bx, 2] = imax
             out_range[by, bx, 3] = jmax
+
+
+@numba.njit(**_NOGIL)
+def window_flags(img, var, msk, nodata, grow_full):
+    """``(has_bad, has_grow)``: does the window hold a bad pixel / a ``grow_full`` bit anywhere."""
+    has_bad = False
+    has_grow = False
+    ny, nx = img.shape
+    for r in range(ny):
+        for c in range(nx):
+            m = msk[r, c]
+            if (m & grow_full) != 0:
+                has_grow = True
+            if (m & nodata) != 0 or not math.isfinite(img[r, c]) or not math.isfinite(var[r, c]):
+                has_bad = True
+    return has_bad, has_grow
 
 
 @numba.njit(**_NOGIL)
@@ -222,24 +309,27 @@ def warp_block(
     n = order
     wx = np.empty(2 * n)
     wy = np.empty(2 * n)
+    wx2 = np.empty(2 * n)
+    cb, sb = trig_tables(n)
     ix_lo, iy_lo, ix_hi, iy_hi = valid
     nan = np.nan
     inf = np.inf
+    has_bad, has_grow = window_flags(src_img, src_var, src_msk, nodata, grow_full)
     # rows of source positions: current row Y and previous row Y-1, for X in [dst_x0-1, dst_x0+nx)
     cur_x = np.empty(nx + 1)
     cur_y = np.empty(nx + 1)
     prv_x = np.empty(nx + 1)
     prv_y = np.empty(nx + 1)
-    for c in range(nx + 1):
-        prv_x[c], prv_y[c] = _interp(gx0, gy0, step, nodes_x, nodes_y, dst_x0 - 1 + c, dst_y0 - 1)
+    _row(gx0, gy0, step, nodes_x, nodes_y, dst_x0 - 1, dst_y0 - 1, prv_x, prv_y)
     for r in range(ny):
         Y = dst_y0 + r
-        for c in range(nx + 1):
-            cur_x[c], cur_y[c] = _interp(gx0, gy0, step, nodes_x, nodes_y, dst_x0 - 1 + c, Y)
+        _row(gx0, gy0, step, nodes_x, nodes_y, dst_x0 - 1, Y, cur_x, cur_y)
         for c in range(nx):
             x = cur_x[c + 1]
             y = cur_y[c + 1]
-            good = math.isfinite(x) and math.isfinite(y) and dst_x0 + c - 1 >= gx0 and Y - 1 >= gy0
+            # relative area from the left neighbour and the one below (NaN if either is off the lattice)
+            area = abs((x - cur_x[c]) * (y - prv_y[c + 1]) - (y - cur_y[c]) * (x - prv_x[c + 1]))
+            good = math.isfinite(x) and math.isfinite(y) and math.isfinite(area)
             if good:
                 fi = math.floor(x)
                 fj = math.floor(y)
@@ -253,49 +343,56 @@ def warp_block(
             j = int(fj)
             fx = x - i
             fy = y - j
-            sx = kernel_weights(fx, n, bilinear, linear, wx)
-            sy = kernel_weights(fy, n, bilinear, linear, wy)
-            # relative area from the left neighbour and the one below
-            ax = x - cur_x[c]
-            ay = y - cur_y[c]
-            bx = x - prv_x[c + 1]
-            byy = y - prv_y[c + 1]
-            area = abs(ax * byy - ay * bx)
-            if not math.isfinite(area):
-                out_img[r, c] = nan
-                out_var[r, c] = inf
-                out_msk[r, c] = nodata
-                continue
-            acc_i = 0.0
-            acc_v = 0.0
-            s_good = 0.0
-            core_bad = False
-            m_img = np.uint32(0)
+            sx = kernel_weights(fx, n, bilinear, linear, cb, sb, wx)
+            sy = kernel_weights(fy, n, bilinear, linear, cb, sb, wy)
             base_x = i - (n - 1) - win_x0
             base_y = j - (n - 1) - win_y0
-            for b in range(2 * n):
-                wyb = wy[b]
-                yy = base_y + b
-                # offset of this row from floor(y): b - (n-1); bilinear footprint is offsets 0 and 1
-                oy = b - (n - 1)
-                in_core_y = (oy == 0) or (oy == 1 and fy != 0.0)
+            core_bad = False
+            m_img = np.uint32(0)
+            if not has_bad:
                 for a in range(2 * n):
-                    wxa = wx[a]
-                    xx = base_x + a
-                    m = src_msk[yy, xx]
-                    if wxa != 0.0 and wyb != 0.0:
-                        m_img |= m
-                    v = src_img[yy, xx]
-                    vv = src_var[yy, xx]
-                    if (m & nodata) != 0 or not math.isfinite(v) or not math.isfinite(vv):
-                        ox = a - (n - 1)
-                        if in_core_y and ((ox == 0) or (ox == 1 and fx != 0.0)):
-                            core_bad = True
+                    wx2[a] = wx[a] * wx[a]
+                acc_i = 0.0
+                acc_v = 0.0
+                for b in range(2 * n):
+                    yy = base_y + b
+                    ri = 0.0
+                    rv = 0.0
+                    for a in range(2 * n):
+                        ri += wx[a] * src_img[yy, base_x + a]
+                        rv += wx2[a] * src_var[yy, base_x + a]
+                    acc_i += wy[b] * ri
+                    acc_v += wy[b] * wy[b] * rv
+                s_good = sx * sy
+            else:
+                acc_i = 0.0
+                acc_v = 0.0
+                s_good = 0.0
+                for b in range(2 * n):
+                    wyb = wy[b]
+                    yy = base_y + b
+                    oy = b - (n - 1)
+                    in_core_y = (oy == 0) or (oy == 1 and fy != 0.0)
+                    for a in range(2 * n):
+                        xx = base_x + a
+                        v = src_img[yy, xx]
+                        vv = src_var[yy, xx]
+                        if (src_msk[yy, xx] & nodata) != 0 or not math.isfinite(v) or not math.isfinite(vv):
+                            ox = a - (n - 1)
+                            if in_core_y and ((ox == 0) or (ox == 1 and fx != 0.0)):
+                                core_bad = True
+                            continue
+                        w = wx[a] * wyb
+                        acc_i += w * v
+                        acc_v += w * w * vv
+                        s_good += w
+            if has_grow:
+                for b in range(2 * n):
+                    if wy[b] == 0.0:
                         continue
-                    w = wxa * wyb
-                    acc_i += w * v
-                    acc_v += w * w * vv
-                    s_good += w
+                    for a in range(2 * n):
+                        if wx[a] != 0.0:
+                            m_img |= src_msk[base_y + b, base_x + a]
             # mask footprint of the mask kernel (order mask_order, taps with non-zero weight)
             m_msk = np.uint32(0)
             for oy in range(-(mask_order - 1), mask_order + 1):
@@ -331,6 +428,7 @@ def correlation_sums(nodes_x, nodes_y, gx0, gy0, step, X0, Y0, nx, ny, valid, or
     n = order
     wx = np.empty(2 * n)
     wy = np.empty(2 * n)
+    cb, sb = trig_tables(n)
     ix_lo, iy_lo, ix_hi, iy_hi = valid
     cnt = 0
     sum_a = 0.0
@@ -352,8 +450,8 @@ def correlation_sums(nodes_x, nodes_y, gx0, gy0, step, X0, Y0, nx, ny, valid, or
                 continue
             i = int(fi)
             j = int(fj)
-            sx = kernel_weights(x - i, n, bilinear, linear, wx)
-            sy = kernel_weights(y - j, n, bilinear, linear, wy)
+            sx = kernel_weights(x - i, n, bilinear, linear, cb, sb, wx)
+            sy = kernel_weights(y - j, n, bilinear, linear, cb, sb, wy)
             area = abs((x - xl) * (y - yb) - (y - yl) * (x - xb))
             s = sx * sy
             g = 0.0
@@ -380,6 +478,7 @@ def warp_psf_image(src, m00, m01, m10, m11, half_y, half_x, linear, out):
     n = 3
     wx = np.empty(2 * n)
     wy = np.empty(2 * n)
+    cb, sb = trig_tables(n)
     sny, snx = src.shape
     cy = (sny - 1) // 2
     cx = (snx - 1) // 2
@@ -398,8 +497,8 @@ def warp_psf_image(src, m00, m01, m10, m11, half_y, half_x, linear, out):
                 y = ry
             i = int(math.floor(x))
             j = int(math.floor(y))
-            sx = kernel_weights(x - i, n, False, linear, wx)
-            sy = kernel_weights(y - j, n, False, linear, wy)
+            sx = kernel_weights(x - i, n, False, linear, cb, sb, wx)
+            sy = kernel_weights(y - j, n, False, linear, cb, sb, wy)
             acc = 0.0
             for b in range(2 * n):
                 yy = j - (n - 1) + b
