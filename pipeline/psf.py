@@ -361,10 +361,12 @@ class ImagePsf(PsfModel):
 class GridPsf(PsfModel):
     """PSF images on a grid of nodes (the data model's ``psf`` variable), bilinear in between.
 
-    Outside the grid the nearest edge node values are used (no extrapolation).
+    Outside the grid the nearest edge node values are used (no extrapolation). With
+    ``fill_missing``, nodes whose image is not finite (a warped PSF where the exposure does not
+    reach) take the image of the nearest finite node.
     """
 
-    def __init__(self, images, *, x, y):
+    def __init__(self, images, *, x, y, fill_missing: bool = False):
         arr = np.array(images, dtype=np.float64)
         xs = np.atleast_1d(np.asarray(x, dtype=np.float64))
         ys = np.atleast_1d(np.asarray(y, dtype=np.float64))
@@ -376,9 +378,20 @@ class GridPsf(PsfModel):
             raise SchemaError(f"PSF grid images must be square with an odd size, got {arr.shape[2]}x{arr.shape[3]}")
         if (xs.size > 1 and np.any(np.diff(xs) <= 0)) or (ys.size > 1 and np.any(np.diff(ys) <= 0)):
             raise SchemaError("PSF grid node positions must increase strictly")
-        if not np.all(np.isfinite(arr)):
-            raise SchemaError("PSF grid images contain non-finite values")
-        arr = arr / arr.sum(axis=(2, 3), keepdims=True)
+        finite = np.all(np.isfinite(arr), axis=(2, 3))
+        if not finite.all():
+            if not fill_missing:
+                raise SchemaError("PSF grid images contain non-finite values")
+            if not finite.any():
+                raise SchemaError("no PSF grid node has a finite image")
+            good = np.argwhere(finite)
+            for j, i in np.argwhere(~finite):
+                gj, gi = good[np.argmin((good[:, 0] - j) ** 2 + (good[:, 1] - i) ** 2)]
+                arr[j, i] = arr[gj, gi]
+        sums = arr.sum(axis=(2, 3), keepdims=True)
+        if np.any(sums <= 0):
+            raise SchemaError("PSF grid images must have a positive sum")
+        arr = arr / sums
         self.images, self.xs, self.ys = arr, xs, ys
         for a in (self.images, self.xs, self.ys):
             a.flags.writeable = False
@@ -387,7 +400,7 @@ class GridPsf(PsfModel):
         return f"GridPsf(nodes={self.ys.size}x{self.xs.size}, size={self.images.shape[2]})"
 
     @classmethod
-    def from_dataset(cls, ds: xr.Dataset) -> GridPsf:
+    def from_dataset(cls, ds: xr.Dataset, *, fill_missing: bool = False) -> GridPsf:
         """The ``psf`` variable of a Dataset as a model; the variable must be in memory (numpy)."""
         ids = data_ids(ds)
         if "psf" not in ds.variables:
@@ -399,7 +412,7 @@ class GridPsf(PsfModel):
 
         if dask.is_dask_collection(psf.data):
             raise SchemaError("the 'psf' variable is lazy; load it before building a PSF model from it", ids=ids)
-        return cls(psf.data, x=ds["psf_x"].data, y=ds["psf_y"].data)
+        return cls(psf.data, x=ds["psf_x"].data, y=ds["psf_y"].data, fill_missing=fill_missing)
 
     def default_size(self, x, y):
         return self.images.shape[2]

@@ -27,7 +27,7 @@ from ._kernels_convolve import correlate_direct, correlate_varying, or_dilate
 from .errors import SchemaError, SkystackError
 from .model.geometry import Box
 from .model.masks import bitmask
-from .model.schema import data_ids, mask_planes, validate, with_provenance
+from .model.schema import PSF_DIMS, data_ids, mask_planes, validate, with_provenance
 from .psf import FWHM_PER_SIGMA, GridPsf, PsfModel, odd_size
 
 __all__ = [
@@ -82,6 +82,8 @@ class ModelPsfMatchConfig(BaseModel):
     spatial_kernel_order: int = Field(2, ge=0, le=6, description="order of the spatial model (spatialKernelOrder)")
     size_cell_x: int = Field(128, ge=32, le=8192, description="spatial cell width in pixels (sizeCellX)")
     size_cell_y: int = Field(128, ge=32, le=8192, description="spatial cell height in pixels (sizeCellY)")
+    max_cells_per_axis: int = Field(
+        12, ge=1, le=256, description="most cells per axis in the default layout (at least order+1 are used)")
     grow_cell_grid: bool = Field(
         False, description="reference cell layout: cells over the exposure grown by one cell per side (centres "
         "outside the exposure, PSFs extrapolated); default: at least order+1 cells per axis inside the exposure")
@@ -469,12 +471,12 @@ def _solve_normal(m: np.ndarray, b: np.ndarray, *, limit: float | None, what: st
     return a, cond
 
 
-def _cells(box: Box, cx: int, cy: int, *, grow: bool, min_cells: int) -> tuple[Box, np.ndarray, np.ndarray]:
+def _cells(box: Box, cx: int, cy: int, *, grow: bool, min_cells: int, max_cells: int = 256) -> tuple[Box, np.ndarray, np.ndarray]:
     """Cell centres and the box of the spatial model.
 
     ``grow``: the reference layout, cells of ``cx x cy`` over the box grown by one cell per side
-    (centres may lie outside the exposure). Otherwise ``max(size // cell, min_cells)`` cells per
-    axis tile the exposure itself.
+    (centres may lie outside the exposure). Otherwise ``size // cell + 1`` nodes per axis, at least
+    ``min_cells`` and at most ``max_cells``, span the exposure from its first to its last pixel.
     """
     if grow:
         outer = Box(box.x0 - cx, box.y0 - cy, box.x1 + cx, box.y1 + cy)
@@ -483,7 +485,9 @@ def _cells(box: Box, cx: int, cy: int, *, grow: bool, min_cells: int) -> tuple[B
         ys = outer.y0 + cy * np.arange(ncy) + cy // 2
     else:
         outer = box
-        ncx, ncy = max(box.width // cx + 1, min_cells), max(box.height // cy + 1, min_cells)
+        top = max(max_cells, min_cells)
+        ncx = min(max(box.width // cx + 1, min_cells), top)
+        ncy = min(max(box.height // cy + 1, min_cells), top)
         xs = np.linspace(box.x0, box.x1 - 1, ncx)
         ys = np.linspace(box.y0, box.y1 - 1, ncy)
     gx, gy = np.meshgrid(xs, ys)
@@ -496,6 +500,22 @@ def _check_kernel_sums(sums: np.ndarray, ids) -> np.ndarray:
             f"the fitted kernel sum is not positive and finite at every cell (min {np.nanmin(sums):.3g}); "
             "cannot normalise the kernel", ids=ids)
     return sums
+
+
+def _stamp_size(native: int, ksize: int, config: ModelPsfMatchConfig, ids) -> int:
+    """PSF stamp size of the fit (reference ``_buildCellSet`` steps 5-6), checked against the kernel."""
+    if config.do_auto_pad_psf:
+        size = native + max(0, _next_odd(ksize * config.auto_pad_psf_to) - native)
+    else:
+        size = native + config.pad_psf_by
+    max_kernel = size - 1
+    if max_kernel % 2 == 0:
+        max_kernel -= 1
+    if ksize > max_kernel:
+        raise PsfMatchError(
+            f"kernel size {ksize} is larger than PSF stamps of {size} px allow (at most {max_kernel}); "
+            "use a smaller kernel, enable do_auto_pad_psf or raise pad_psf_by", ids=ids)
+    return size
 
 
 def _next_odd(v: float) -> int:
@@ -518,7 +538,7 @@ def solve_kernel_model(
     """
     ids = dict(ids or {})
     grown, cxs, cys = _cells(box, config.size_cell_x, config.size_cell_y, grow=config.grow_cell_grid,
-                             min_cells=config.spatial_kernel_order + 1)
+                             min_cells=config.spatial_kernel_order + 1, max_cells=config.max_cells_per_axis)
     centre = ((box.x0 + box.x1 - 1) / 2.0, (box.y0 + box.y1 - 1) / 2.0)
 
     try:
@@ -542,17 +562,7 @@ def solve_kernel_model(
         basis = delta_function_basis(ksize)
     h = ksize // 2
 
-    if config.do_auto_pad_psf:
-        psf_size += max(0, _next_odd(ksize * config.auto_pad_psf_to) - psf_size)
-    else:
-        psf_size += config.pad_psf_by
-    max_kernel = psf_size - 1
-    if max_kernel % 2 == 0:
-        max_kernel -= 1
-    if ksize > max_kernel:
-        raise PsfMatchError(
-            f"kernel size {ksize} is larger than PSF stamps of {psf_size} px allow (at most {max_kernel}); "
-            "use a smaller kernel, enable do_auto_pad_psf or raise pad_psf_by", ids=ids)
+    psf_size = _stamp_size(psf_size, ksize, config, ids)
 
     reg = None
     if config.kernel_basis == "delta-function" and config.use_regularization:
@@ -662,10 +672,11 @@ def _report(model, cxs, cys, box, sci, ref, fwhm_sci, fwhm_ref, single_sums, sum
 # convolution
 
 
-def _weights(loc, x0: int, y0: int, box, order: int, kind: str):
+def _weights(loc, geom, kern):
     (ya, yb), (xa, xb) = loc
-    xs = np.arange(x0 + xa, x0 + xb, dtype=np.float64)
-    ys = np.arange(y0 + ya, y0 + yb, dtype=np.float64)
+    xs = np.arange(geom["x0"] + xa, geom["x0"] + xb, dtype=np.float64)
+    ys = np.arange(geom["y0"] + ya, geom["y0"] + yb, dtype=np.float64)
+    box, order, kind = kern["box"], kern["order"], kern["kind"]
     tx = _axis_terms(_scaled(xs, box[0], box[2]), order, kind)
     ty = _axis_terms(_scaled(ys, box[1], box[3]), order, kind)
     pairs = _spatial_pairs(order)
@@ -682,35 +693,39 @@ def _border(loc, shape, h):
     return ((yy < h) | (yy >= ny - h))[:, None] | ((xx < h) | (xx >= nx - h))[None, :]
 
 
-def _loc(block_info, ext_shape, h):
+def _prepare(ext, geom, kern, block_info):
+    """Block location in the exposure and the input cropped to the kernel radius."""
+    depth, h = geom["depth"], kern["h"]
     if block_info is not None:
-        return block_info[None]["array-location"]
-    return [(0, ext_shape[0] - 2 * h), (0, ext_shape[1] - 2 * h)]
+        loc = block_info[None]["array-location"]
+    else:
+        loc = [(0, ext.shape[0] - 2 * depth), (0, ext.shape[1] - 2 * depth)]
+    d = depth - h
+    if d:
+        ext = ext[d:ext.shape[0] - d, d:ext.shape[1] - d]
+    return loc, ext
 
 
-def _image_block(ext, *, plan, block_info=None):
-    h = plan["h"]
-    loc = _loc(block_info, ext.shape, h)
-    wy, wx = _weights(loc, plan["x0"], plan["y0"], plan["box"], plan["order"], plan["kind"])
+def _image_block(ext, *, geom, kern, block_info=None):
+    loc, ext = _prepare(ext, geom, kern, block_info)
+    wy, wx = _weights(loc, geom, kern)
     ext = np.asarray(ext, dtype=np.float64)
     bad = ~np.isfinite(ext)
     has_bad = bad.any()
     if has_bad:
         ext = np.where(bad, 0.0, ext)
-    out = correlate_varying(ext, plan["comps"], wy, wx)
-    norm = np.einsum("t,ti,tj->ij", plan["sums"], wy, wx)
-    out /= norm
+    out = correlate_varying(ext, kern["comps"], wy, wx)
+    out /= np.einsum("t,ti,tj->ij", kern["sums"], wy, wx)
     if has_bad:
-        out[or_dilate(bad, plan["footprint"])] = np.nan
-    out[_border(loc, plan["shape"], h)] = np.nan
+        out[or_dilate(bad, kern["footprint"])] = np.nan
+    out[_border(loc, geom["shape"], kern["h"])] = np.nan
     return out.astype(np.float32)
 
 
-def _variance_block(ext, *, plan, block_info=None):
-    h = plan["h"]
-    loc = _loc(block_info, ext.shape, h)
-    wy, wx = _weights(loc, plan["x0"], plan["y0"], plan["box"], plan["order"], plan["kind"])
-    comps = plan["comps"]
+def _variance_block(ext, *, geom, kern, block_info=None):
+    loc, ext = _prepare(ext, geom, kern, block_info)
+    wy, wx = _weights(loc, geom, kern)
+    comps = kern["comps"]
     n_t = comps.shape[0]
     prods, pwy, pwx = [], [], []
     for t in range(n_t):
@@ -725,32 +740,65 @@ def _variance_block(ext, *, plan, block_info=None):
     if bad.any():
         ext = np.where(bad, 0.0, ext)
     out = correlate_varying(ext, np.array(prods), np.array(pwy), np.array(pwx))
-    norm = np.einsum("t,ti,tj->ij", plan["sums"], wy, wx)
+    norm = np.einsum("t,ti,tj->ij", kern["sums"], wy, wx)
     out /= norm * norm
     if inf.any():
-        out[or_dilate(inf, plan["footprint"])] = np.inf
+        out[or_dilate(inf, kern["footprint"])] = np.inf
     if nan.any():
-        out[or_dilate(nan, plan["footprint"])] = np.nan
-    out[_border(loc, plan["shape"], h)] = np.inf
+        out[or_dilate(nan, kern["footprint"])] = np.nan
+    out[_border(loc, geom["shape"], kern["h"])] = np.inf
     return out.astype(np.float32)
 
 
-def _mask_block(ext, *, plan, block_info=None):
-    h = plan["h"]
-    loc = _loc(block_info, ext.shape, h)
-    out = or_dilate(np.ascontiguousarray(ext, dtype=np.uint32), plan["footprint"])
-    out[_border(loc, plan["shape"], h)] = np.uint32(plan["no_data"])
+def _mask_block(ext, *, geom, kern, block_info=None):
+    loc, ext = _prepare(ext, geom, kern, block_info)
+    out = or_dilate(np.ascontiguousarray(ext, dtype=np.uint32), kern["footprint"])
+    out[_border(loc, geom["shape"], kern["h"])] = np.uint32(geom["no_data"])
     return out
 
 
-def _apply(arr, func, plan, dtype, fill):
-    h = plan["h"]
+def _kernel_arrays(kernel_model: KernelModel) -> dict:
+    """What the convolution blocks need from a kernel model (small arrays, no report)."""
+    comps = kernel_model.component_kernels()
+    used = np.any(kernel_model.coefficients != 0, axis=1)
+    return {
+        "h": kernel_model.radius, "comps": comps, "sums": comps.sum(axis=(1, 2)),
+        "footprint": np.any(kernel_model.basis[used] != 0, axis=0),
+        "box": kernel_model.box, "order": kernel_model.order, "kind": kernel_model.spatial_model_type,
+    }
+
+
+def _apply(arr, func, geom, kern, dtype, fill):
+    depth = geom["depth"]
     if dask.is_dask_collection(arr):
         return da.map_overlap(
-            func, arr, depth={0: h, 1: h}, boundary={0: fill, 1: fill}, trim=False,
-            dtype=dtype, meta=np.empty((0, 0), dtype=dtype), plan=plan)
-    ext = np.pad(np.asarray(arr), h, mode="constant", constant_values=fill)
-    return func(ext, plan=plan)
+            func, arr, depth={0: depth, 1: depth}, boundary={0: fill, 1: fill}, trim=False,
+            dtype=dtype, meta=np.empty((0, 0), dtype=dtype), geom=geom, kern=kern)
+    ext = np.pad(np.asarray(arr), depth, mode="constant", constant_values=fill)
+    return func(ext, geom=geom, kern=kern)
+
+
+def _check_exposure(exposure: xr.Dataset, ids) -> dict[str, int]:
+    if exposure["image"].ndim != 2:
+        raise SchemaError(f"PSF matching needs a single exposure (dims {exposure['image'].dims})", ids=ids)
+    planes = mask_planes(exposure)
+    if "NO_DATA" not in planes:
+        raise SchemaError("the mask has no NO_DATA plane", ids=ids)
+    return planes
+
+
+def _convolve(exposure: xr.Dataset, kern, depth: int, planes) -> xr.Dataset:
+    box = Box.of(exposure)
+    geom = {"x0": box.x0, "y0": box.y0, "shape": box.shape, "no_data": bitmask("NO_DATA", planes), "depth": depth}
+    image = _apply(exposure["image"].data, _image_block, geom, kern, np.float32, 0.0)
+    variance = _apply(exposure["variance"].data, _variance_block, geom, kern, np.float32, 0.0)
+    mask = _apply(exposure["mask"].data, _mask_block, geom, kern, np.uint32, 0)
+    out = exposure.drop_vars([v for v in ("psf", "psf_x", "psf_y") if v in exposure.variables])
+    out = out.copy()
+    for name, data in (("image", image), ("variance", variance), ("mask", mask)):
+        out[name] = (("y", "x"), data, dict(exposure[name].attrs))
+    out.attrs = dict(exposure.attrs)
+    return out
 
 
 def convolve_kernel_model(exposure: xr.Dataset, kernel_model: KernelModel) -> xr.Dataset:
@@ -762,29 +810,24 @@ def convolve_kernel_model(exposure: xr.Dataset, kernel_model: KernelModel) -> xr
     The ``psf`` variable is dropped (the caller declares the new one).
     """
     validate(exposure, check_wcs=False)
-    ids = data_ids(exposure)
-    if exposure["image"].ndim != 2:
-        raise SchemaError(f"PSF matching needs a single exposure (dims {exposure['image'].dims})", ids=ids)
-    planes = mask_planes(exposure)
-    if "NO_DATA" not in planes:
-        raise SchemaError("the mask has no NO_DATA plane", ids=ids)
-    box = Box.of(exposure)
-    comps = kernel_model.component_kernels()
-    fp = np.any(kernel_model.basis[np.any(kernel_model.coefficients != 0, axis=1)] != 0, axis=0)
-    plan = {
-        "h": kernel_model.radius, "comps": comps, "sums": comps.sum(axis=(1, 2)), "footprint": fp,
-        "box": kernel_model.box, "order": kernel_model.order, "kind": kernel_model.spatial_model_type,
-        "x0": box.x0, "y0": box.y0, "shape": box.shape, "no_data": bitmask("NO_DATA", planes),
-    }
-    image = _apply(exposure["image"].data, _image_block, plan, np.float32, 0.0)
-    variance = _apply(exposure["variance"].data, _variance_block, plan, np.float32, 0.0)
-    mask = _apply(exposure["mask"].data, _mask_block, plan, np.uint32, 0)
-    out = exposure.drop_vars([v for v in ("psf", "psf_x", "psf_y") if v in exposure.variables])
-    out = out.copy()
-    for name, data in (("image", image), ("variance", variance), ("mask", mask)):
-        out[name] = (("y", "x"), data, dict(exposure[name].attrs))
-    out.attrs = dict(exposure.attrs)
-    return out
+    planes = _check_exposure(exposure, data_ids(exposure))
+    return _convolve(exposure, _kernel_arrays(kernel_model), kernel_model.radius, planes)
+
+
+def _declared_nodes(box: Box, config: ModelPsfMatchConfig) -> tuple[int, int]:
+    return tuple(min(max(round(n / c) + 1, 2), 9) for n, c in (
+        (box.width, config.size_cell_x), (box.height, config.size_cell_y)))
+
+
+def _solve_from_grid(images, xs, ys, reference_psf, box, config, ids):
+    science = GridPsf(images, x=xs, y=ys, fill_missing=True)
+    return solve_kernel_model(science, reference_psf, box, config=config, ids=ids)[0]
+
+
+def _achieved_grid(kernel_model, images, xs, ys, box, config, psf_size):
+    science = GridPsf(images, x=xs, y=ys, fill_missing=True)
+    grid = MatchedPsf(science, kernel_model, psf_size).to_grid(box, _declared_nodes(box, config), size=psf_size)
+    return grid.values
 
 
 def model_psf_match(
@@ -828,19 +871,47 @@ def model_psf_match(
         raise SchemaError(f"reference_psf must be a PsfModel, got {type(reference_psf).__name__}", ids=ids)
     if "psf" not in exposure.variables:
         raise PsfMatchError("the exposure has no PSF (no 'psf' variable); cannot PSF-match it", ids=ids)
-    science_psf = GridPsf.from_dataset(exposure)
+    planes = _check_exposure(exposure, ids)
     box = Box.of(exposure)
+    psf = exposure["psf"]
+    if dask.is_dask_collection(psf.data):
+        return _model_psf_match_lazy(exposure, psf, reference_psf, box, planes, config, ids)
+    science_psf = GridPsf.from_dataset(exposure, fill_missing=True)
     kernel_model, psf_size = solve_kernel_model(science_psf, reference_psf, box, config=config, ids=ids)
-    out = convolve_kernel_model(exposure, kernel_model)
+    out = _convolve(exposure, _kernel_arrays(kernel_model), kernel_model.radius, planes)
     if config.declared_psf == "target":
         out["psf"] = reference_psf.to_grid(box, 1, size=psf_size)
     else:
-        nodes = tuple(min(max(round(n / c) + 1, 2), 9) for n, c in (
-            (box.width, config.size_cell_x), (box.height, config.size_cell_y)))
-        out["psf"] = MatchedPsf(science_psf, kernel_model, psf_size).to_grid(box, nodes, size=psf_size)
+        out["psf"] = MatchedPsf(science_psf, kernel_model, psf_size).to_grid(
+            box, _declared_nodes(box, config), size=psf_size)
     rep = kernel_model.report
-    inside = rep["residual_max"].where(rep["in_exposure"])
-    out.attrs["psf_match_residual_max"] = float(np.nanmax(inside.values)) if bool(rep["in_exposure"].any()) else float(
-        rep["residual_max"].max())
-    out = with_provenance(out, "model_psf_match", config)
-    return out, kernel_model
+    inside = rep["residual_max"].values[rep["in_exposure"].values]
+    out.attrs["psf_match_residual_max"] = float(inside.max() if inside.size else rep["residual_max"].values.max())
+    return with_provenance(out, "model_psf_match", config), kernel_model
+
+
+def _model_psf_match_lazy(exposure, psf, reference_psf, box, planes, config, ids):
+    """The solve as a delayed task on a lazy PSF grid (nothing computes here)."""
+    if config.scale_by_fwhm:
+        raise SchemaError(
+            "scale_by_fwhm needs the PSF in memory (the kernel size sets the halo of the graph); load the "
+            "'psf' variable first", ids=ids)
+    if psf.dims != PSF_DIMS:
+        raise SchemaError(f"variable 'psf' has dims {psf.dims}, expected {PSF_DIMS}", ids=ids)
+    ksize = config.kernel_size
+    psf_size = _stamp_size(int(psf.shape[2]), ksize, config, ids)
+    xs, ys = np.asarray(psf["psf_x"].values, float), np.asarray(psf["psf_y"].values, float)
+    solve = dask.delayed(_solve_from_grid, pure=True)
+    kernel_model = solve(psf.data, xs, ys, reference_psf, box, config, ids)
+    kern = dask.delayed(_kernel_arrays, pure=True)(kernel_model)
+    out = _convolve(exposure, kern, ksize // 2, planes)
+    if config.declared_psf == "target":
+        out["psf"] = reference_psf.to_grid(box, 1, size=psf_size)
+    else:
+        nx, ny = _declared_nodes(box, config)
+        grid = dask.delayed(_achieved_grid, pure=True)(kernel_model, psf.data, xs, ys, box, config, psf_size)
+        nodes = reference_psf.to_grid(box, (nx, ny), size=3)  # node positions only
+        out["psf"] = xr.DataArray(
+            da.from_delayed(grid, shape=(ny, nx, psf_size, psf_size), dtype=np.float64), dims=PSF_DIMS,
+            coords={"psf_y": nodes["psf_y"].values, "psf_x": nodes["psf_x"].values})
+    return with_provenance(out, "model_psf_match", config), kernel_model

@@ -2,6 +2,7 @@ import math
 import pickle
 
 import dask
+from dask.delayed import Delayed
 import numpy as np
 import pytest
 import xarray as xr
@@ -537,3 +538,56 @@ def test_matched_psf_model_and_kernel_model_api():
     assert isinstance(km, KernelModel) and km.kernel_size == 21 and km.radius == 10
     assert km.component_kernels().shape == (6, 21, 21)
     np.testing.assert_allclose(km.raw_kernel(5, 5).sum(), km.kernel_sum(5, 5), rtol=1e-12)
+
+
+def test_lazy_psf_grid_delays_the_solve(tan_wcs):
+    sci = GaussianPsf(1.8, gradient=(0.003, 0.002), center=(80, 70))
+    ds = _exposure(tan_wcs, sci)
+    eager, km = model_psf_match(ds, GaussianPsf(3.2))
+    lazy_in = ds.chunk({"y": 37, "x": 41})  # the PSF grid becomes dask-backed too, as read from Zarr
+    assert dask.is_dask_collection(lazy_in["psf"].data)
+    with raise_if_dask_computes():
+        lazy, km_delayed = model_psf_match(lazy_in, GaussianPsf(3.2))
+    assert isinstance(km_delayed, Delayed)
+    got = lazy.compute()
+    for name in ("image", "variance"):
+        np.testing.assert_allclose(got[name].values, eager[name].values, rtol=1e-6, atol=1e-7, equal_nan=True)
+    np.testing.assert_array_equal(got["mask"].values, eager["mask"].values)
+    np.testing.assert_allclose(got["psf"].values, eager["psf"].values, rtol=1e-12)
+    np.testing.assert_array_equal(got["psf_x"].values, eager["psf_x"].values)
+    np.testing.assert_array_equal(km_delayed.compute().coefficients, km.coefficients)
+    target, _ = model_psf_match(lazy_in, GaussianPsf(3.2), config=ModelPsfMatchConfig(declared_psf="target"))
+    np.testing.assert_allclose(target["psf"].values[0, 0], GaussianPsf(3.2).image_at(0, 0, size=31), rtol=1e-12)
+    with pytest.raises(SchemaError, match="scale_by_fwhm needs the PSF in memory"):
+        model_psf_match(lazy_in, GaussianPsf(3.2), config=ModelPsfMatchConfig(scale_by_fwhm=True))
+    with pytest.raises(PsfMatchError, match="larger than PSF stamps"):
+        model_psf_match(lazy_in, GaussianPsf(3.2), config=ModelPsfMatchConfig(do_auto_pad_psf=False))
+    # failures that depend on the PSF values surface when the graph runs
+    bad, _ = model_psf_match(lazy_in, GaussianPsf(1.0))
+    with pytest.raises(PsfMatchError, match="deconvolution"):
+        bad["image"].compute()
+
+
+def test_missing_psf_nodes_are_filled(tan_wcs):
+    a = GaussianPsf(1.5, size=15).image_at(0, 0)
+    imgs = np.stack([np.stack([a, np.full_like(a, np.nan), a * 0 + GaussianPsf(2.0, size=15).image_at(0, 0)])])
+    grid = GridPsf(imgs, x=[0, 50, 100], y=[0], fill_missing=True)
+    np.testing.assert_allclose(grid.image_at(50, 0), a, rtol=1e-14)  # ties go to the first nearest node
+    with pytest.raises(SchemaError, match="no PSF grid node has a finite image"):
+        GridPsf(np.full((1, 2, 3, 3), np.nan), x=[0, 1], y=[0], fill_missing=True)
+    with pytest.raises(SchemaError, match="non-finite"):
+        GridPsf(imgs, x=[0, 50, 100], y=[0])
+
+
+def test_cell_layout():
+    from pipeline.psf_match import _cells
+
+    outer, xs, ys = _cells(Box(0, 0, 256, 100), 128, 128, grow=False, min_cells=3)
+    assert outer == Box(0, 0, 256, 100)
+    np.testing.assert_array_equal(np.unique(xs), [0, 127.5, 255])
+    np.testing.assert_array_equal(np.unique(ys), [0, 49.5, 99])
+    _, xs, _ = _cells(Box(0, 0, 4000, 100), 128, 128, grow=False, min_cells=3, max_cells=12)
+    assert np.unique(xs).size == 12
+    outer, xs, ys = _cells(Box(0, 0, 256, 256), 128, 128, grow=True, min_cells=3)  # reference layout
+    assert outer == Box(-128, -128, 384, 384)
+    np.testing.assert_array_equal(np.unique(xs), [-64, 64, 192, 320])
