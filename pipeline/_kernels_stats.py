@@ -671,3 +671,153 @@ def stack_pixels(
                         m_out |= map_to[p]
             out_mask[i, j] = m_out
             out_n[i, j] = n_unmasked[j]
+
+
+
+# ---------------------------------------------------------------------------------------------
+# whole-array reductions in mergeable pieces (one call per chunk)
+
+#: layout of a partial-moments vector (followed by one rejected weight per propagated bit)
+P_N = 0
+P_TOTAL = 1
+P_S1 = 2
+P_S2 = 3
+P_MEAN = 4
+P_M2 = 5
+P_SW2V = 6
+P_SWV = 7
+P_SWX = 8
+P_MIN = 9
+P_MAX = 10
+P_ORMASK = 11
+P_FIXED = 12
+
+RADIX_BITS = 16
+RADIX_BINS = 1 << RADIX_BITS
+RADIX_LEVELS = 64 // RADIX_BITS
+
+
+@njit(cache=True, nogil=True)
+def _weight(vi, wi, weight_mode):
+    if weight_mode == WEIGHT_INVERSE_VARIANCE:
+        return 1.0 / vi
+    if weight_mode == WEIGHT_MULTIPLICATIVE:
+        return wi
+    return 1.0
+
+
+@njit(cache=True, nogil=True)
+def partial_moments(x, m, v, w, and_mask, nan_safe, weight_mode, clip, centre, width, prop_bits, out):
+    """Mergeable moments of the selected samples of 1-D ``x`` (clipped to ``|x-centre|<=width``).
+
+    ``out`` has ``P_FIXED + len(prop_bits)`` entries; the mean and M2 are about the chunk's own
+    weighted mean, to be merged with the parallel-variance formula.
+    """
+    andm = np.uint32(and_mask)
+    n = 0
+    s1 = 0.0
+    s2 = 0.0
+    swx = 0.0
+    swv = 0.0
+    sw2v = 0.0
+    lo = np.inf
+    hi = -np.inf
+    orm = np.uint32(0)
+    nprop = prop_bits.shape[0]
+    for b in range(nprop):
+        out[P_FIXED + b] = 0.0
+    total = x.shape[0]
+    for i in range(total):
+        xi = np.float64(x[i])
+        mi = np.uint32(m[i])
+        vi = np.float64(v[i])
+        if weight_mode == WEIGHT_INVERSE_VARIANCE and not (vi > 0.0):
+            continue
+        wi = _weight(vi, np.float64(w[i]), weight_mode)
+        if (mi & andm) != 0 or (nan_safe and not math.isfinite(xi)):
+            if not clip:
+                for b in range(nprop):
+                    if (mi & prop_bits[b]) != 0:
+                        out[P_FIXED + b] += wi
+            continue
+        if clip and not (abs(xi - centre) <= width):
+            continue
+        n += 1
+        s1 += wi
+        s2 += wi * wi
+        swx += wi * xi
+        swv += wi * vi
+        sw2v += wi * wi * vi
+        orm |= mi
+        if xi < lo:
+            lo = xi
+        if xi > hi:
+            hi = xi
+    mean = swx / s1 if s1 != 0.0 else 0.0
+    m2 = 0.0
+    if n > 0:
+        for i in range(total):
+            xi = np.float64(x[i])
+            mi = np.uint32(m[i])
+            vi = np.float64(v[i])
+            if weight_mode == WEIGHT_INVERSE_VARIANCE and not (vi > 0.0):
+                continue
+            if (mi & andm) != 0 or (nan_safe and not math.isfinite(xi)):
+                continue
+            if clip and not (abs(xi - centre) <= width):
+                continue
+            d = xi - mean
+            m2 += _weight(vi, np.float64(w[i]), weight_mode) * d * d
+    out[P_N] = n
+    out[P_TOTAL] = total
+    out[P_S1] = s1
+    out[P_S2] = s2
+    out[P_MEAN] = mean
+    out[P_M2] = m2
+    out[P_SW2V] = sw2v
+    out[P_SWV] = swv
+    out[P_SWX] = swx
+    out[P_MIN] = lo
+    out[P_MAX] = hi
+    out[P_ORMASK] = orm
+
+
+_SIGN = np.uint64(1) << np.uint64(63)
+
+
+def order_keys(values):
+    """uint64 keys whose unsigned order is the numeric order of the (non-NaN) float64 ``values``."""
+    bits = np.ascontiguousarray(values, dtype=np.float64).view(np.uint64)
+    return np.where(bits >> np.uint64(63) != 0, ~bits, bits | _SIGN)
+
+
+def key_values(keys):
+    """Inverse of :func:`order_keys`."""
+    keys = np.asarray(keys, dtype=np.uint64)
+    bits = np.where(keys >> np.uint64(63) != 0, keys & ~_SIGN, ~keys)
+    return np.ascontiguousarray(bits).view(np.float64)
+
+
+@njit(cache=True, nogil=True)
+def radix_histogram(keys, valid, level, prefixes, out):
+    """Histogram of the ``level``-th 16-bit digit of ``keys[valid]``.
+
+    Row ``r`` of ``out`` (shape ``(R, RADIX_BINS)``) counts only keys whose higher digits equal
+    those of ``prefixes[r]`` (at level 0 every row counts every key).
+    """
+    nr = out.shape[0]
+    shift = np.uint64(64 - RADIX_BITS * (level + 1))
+    digit_mask = np.uint64(RADIX_BINS - 1)
+    high = np.uint64(64 - RADIX_BITS * level) if level > 0 else np.uint64(0)
+    for i in range(keys.shape[0]):
+        if not valid[i]:
+            continue
+        key = keys[i]
+        digit = (key >> shift) & digit_mask
+        if level == 0:
+            out[0, digit] += 1
+        else:
+            top = key >> high
+            for r in range(nr):
+                if (prefixes[r] >> high) == top:
+                    out[r, digit] += 1
