@@ -186,7 +186,7 @@ def test_exposures_follow_the_data_model(small):
 # ---------------------------------------------------------------------------- rendering exactness
 
 
-@settings(max_examples=50, deadline=None)
+@settings(max_examples=50, deadline=None, derandomize=True)
 @given(
     ra0=st.floats(0.0, 359.9), dec0=st.floats(-80.0, 80.0), xi=st.floats(-3600.0, 3600.0), eta=st.floats(-3600.0, 3600.0)
 )
@@ -200,7 +200,7 @@ def test_tangent_plane_round_trip(ra0, dec0, xi, eta):
     np.testing.assert_allclose([-x[0], y[0]], [xi, eta], atol=1e-6)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=25, deadline=None, derandomize=True)
 @given(
     dx=st.floats(-0.5, 0.5), dy=st.floats(-0.5, 0.5), sigma=st.floats(1.0, 4.0),
     flux=st.floats(1.0, 1e6), n=st.sampled_from([0.5, 1.0, 4.0]), r_e=st.floats(0.3, 4.0),
@@ -219,9 +219,10 @@ def test_render_flux_and_centroid_exact(dx, dy, sigma, flux, n, r_e, q, theta, g
     img = K.render_sources(shape, [x], [y], [flux], psf_kind="gaussian", psf_param=[sigma], **kw)
     yy, xx = np.mgrid[0:121, 0:121]
     s, cx, cy, *_ = _moments(img, yy, xx)
-    np.testing.assert_allclose(s, flux, rtol=1e-9)
     # galaxies: the tabulated profile transform is linearly interpolated, which leaves a faint
-    # symmetric error halo; the part of it wrapping around the stamp moves the centroid by ~1e-5 px
+    # error halo (~1e-7 of the flux) partly outside this image; the part of it wrapping around
+    # the stamp moves the centroid by ~1e-5 px
+    np.testing.assert_allclose(s, flux, rtol=1e-6 if galaxy else 1e-9)
     np.testing.assert_allclose([cx, cy], [x, y], atol=1e-4 if galaxy else 1e-6)
 
 
@@ -310,6 +311,16 @@ def test_static_sky_star_flux_and_psf_image_path(bright_star):
     fwhm = np.mean([v.seeing_fwhm_arcsec for v in truth.visits]) / 0.25
     _, _, _, ixx, _, _ = _moments(dflt, yy, xx)
     np.testing.assert_allclose(ixx, (fwhm / K.FWHM_PER_SIGMA) ** 2 + 1 / 12, rtol=1e-3)
+
+
+def test_static_sky_psf_image_path_with_galaxies(small):
+    vt = small.truth.visits[0]
+    sigma = 1.7
+    by_sigma = small.truth.static_sky(vt.wcs_header, vt.shape, psf=sigma)
+    stamp = K.psf_stamp(31, psf_kind="gaussian", psf_param=sigma)
+    by_image = small.truth.static_sky(vt.wcs_header, vt.shape, psf=stamp)
+    assert len(small.truth.galaxies) > 10
+    np.testing.assert_allclose(by_image, by_sigma, atol=1e-5 * by_sigma.max())
 
 
 def test_static_sky_is_the_exposure_model():
