@@ -19,7 +19,7 @@ import xarray as xr
 import zarr
 
 from pipeline.errors import RepositoryError
-from pipeline.io.repo import Repository, visit_unit, warp_path
+from pipeline.io.repo import Repository, open_repo, visit_unit, warp_path
 from pipeline.model.geometry import Box
 from pipeline.model.masks import CANONICAL_PLANES, MaskPlane, remap_mask
 from pipeline.model.schema import NJY_ZERO_POINT, mask_planes
@@ -27,9 +27,9 @@ from pipeline.model.skymap import SkyMap, Tract
 from pipeline.model.wcs import get_wcs
 from pipeline.warp import WarpConfig, WarpPlan, plan_warp, warp_exposure
 
-from .execute import Unit
+from .execute import RunReport, Unit, run_units
 
-__all__ = ["warp_units", "copy_good_pixels", "plan_footprint"]
+__all__ = ["warp_units", "run_warps", "copy_good_pixels", "plan_footprint"]
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +115,27 @@ def warp_units(
                 continue
             units.append(_warp_unit(repo, t, visit, detectors, overwrite, config))
     return units
+
+
+def run_warps(
+    repo: str | Repository,
+    *,
+    tract: int | None = None,
+    visits: Iterable[int] | None = None,
+    overwrite: bool = False,
+    client=None,
+    progress: bool = True,
+    config: WarpConfig = WarpConfig(),
+) -> RunReport:
+    """``skystack warp --repo URL [--tract T] [--visit V]``: build and run the warp units.
+
+    ``repo`` is a repository URL (opened read/write) or an open :class:`Repository`; ``client`` an
+    optional ``distributed.Client``. Returns the :class:`~graphs.execute.RunReport`.
+    """
+    if not isinstance(repo, Repository):
+        repo = open_repo(repo, mode="r+")
+    units = warp_units(repo, tract=tract, visits=visits, overwrite=overwrite, config=config)
+    return run_units(units, client=client, progress=progress)
 
 
 def _warp_unit(

@@ -8,7 +8,7 @@ import xarray as xr
 
 from graphs.execute import run_units
 from graphs.ingest import ingest_datasets
-from graphs.warps import copy_good_pixels, plan_footprint, warp_units
+from graphs.warps import copy_good_pixels, plan_footprint, run_warps, warp_units
 from pipeline.errors import RepositoryError
 from pipeline.io.repo import open_repo, visit_unit, warp_path
 from pipeline.model.geometry import Box
@@ -161,3 +161,13 @@ def test_errors(tmp_path, sim):
         warp_units(repo, visits=[77])
     units = warp_units(repo, config=WarpConfig(kernel="lanczos5"))
     assert len(units) == 1
+
+
+def test_run_warps_from_a_url(tmp_path, sim):
+    repo = make_repo(tmp_path, sim.exposures)
+    report = run_warps(str(tmp_path / "repo.zarr"), visits=[1001], progress=False)
+    assert report.ok and report.done == ["warp tract=0 visit=1001"]
+    assert repo.is_complete(warp_path(0, 1001), visit_unit(1001))
+    assert not repo.is_complete(warp_path(0, 1000), visit_unit(1000))
+    kinds = {(r["kind"], r.get("visit"), r["complete"]) for r in repo.inventory()}
+    assert ("warp", 1001, True) in kinds
