@@ -21,6 +21,7 @@ __all__ = [
     "max_style_for",
     "interp_coeffs",
     "interp_eval",
+    "interp_line",
     "eval_grid",
     "chebyshev_terms",
     "chebyshev_design",
@@ -182,7 +183,7 @@ def interp_eval(x, y, b, c, d, style, q, out):
 
 
 @numba.njit(cache=True)
-def _interp_line(knots, values, style, reduce, q, out):
+def interp_line(knots, values, style, reduce, q, out):
     """Interpolate one line through its finite values; returns 0 on success, the count on failure."""
     m = 0
     for i in range(values.size):
@@ -222,14 +223,14 @@ def eval_grid(xc, yc, grid, style, reduce, qy, qx):
     cols = np.empty((h, nx))
     col = np.empty(h)
     for i in range(nx):
-        status = _interp_line(yc, grid[:, i].copy(), style, reduce, qy, col)
+        status = interp_line(yc, grid[:, i].copy(), style, reduce, qy, col)
         if status:
             return np.empty((0, 0), dtype=np.float64), status
         cols[:, i] = col
     out = np.empty((h, w))
     row = np.empty(w)
     for r in range(h):
-        status = _interp_line(xc, cols[r].copy(), style, reduce, qx, row)
+        status = interp_line(xc, cols[r].copy(), style, reduce, qx, row)
         if status:
             return np.empty((0, 0), dtype=np.float64), status
         out[r] = row

@@ -50,9 +50,9 @@ _STYLE_CODES = {
 _STYLE_NAMES = {K.STYLE_CONSTANT: "CONSTANT", K.STYLE_LINEAR: "LINEAR", K.STYLE_SPLINE: "CUBIC_SPLINE",
                 K.STYLE_AKIMA: "AKIMA_SPLINE"}
 
-#: rows of the cell table returned by :func:`cell_statistics`
-CELL_VALUE, CELL_ERROR, CELL_NPOINT, CELL_STDEV = 0, 1, 2, 3
-_N_CELL_ROWS = 4
+#: rows of the cell table returned by :func:`cell_statistics` (VARIANCECLIP is NaN unless MEANCLIP)
+CELL_VALUE, CELL_ERROR, CELL_NPOINT, CELL_STDEV, CELL_VARCLIP = 0, 1, 2, 3, 4
+_N_CELL_ROWS = 5
 
 #: pixels per side of the blocks the cell statistics are computed in when the input is not chunked
 _DEFAULT_BLOCK = 1024
@@ -161,12 +161,15 @@ def _cell_block(image, mask, *, yedges, xedges, and_mask, statistic, stats_confi
     msk = msk.transpose(0, 2, 1, 3).reshape(ncy * ncx, hmax * wmax)
     stat = Statistic(statistic)
     wanted = (stat, Statistic.NPOINT, Statistic.STDEV)
+    if stat is Statistic.MEANCLIP:
+        wanted += (Statistic.VARIANCECLIP,)
     values, errors = compute_statistics(vals, mask=msk, axis=-1, statistics=wanted, config=stats_config, errors=True)
     out = np.empty((_N_CELL_ROWS, ncy * ncx), dtype=np.float64)
     out[CELL_VALUE] = values[stat]
     out[CELL_ERROR] = errors[stat]
     out[CELL_NPOINT] = values[Statistic.NPOINT]
     out[CELL_STDEV] = values[Statistic.STDEV]
+    out[CELL_VARCLIP] = values[Statistic.VARIANCECLIP] if stat is Statistic.MEANCLIP else np.nan
     bad = out[CELL_NPOINT] == 0
     out[CELL_VALUE, bad] = np.nan
     out[CELL_ERROR, bad] = np.nan
@@ -188,7 +191,7 @@ def cell_statistics(
     statistic: str,
     stats_config: StatsConfig,
 ) -> da.Array:
-    """Lazy cell table ``(4, ny, nx)``: statistic, its standard error, NPOINT and STDEV per cell.
+    """Lazy cell table ``(5, ny, nx)``: statistic, its standard error, NPOINT, STDEV, VARIANCECLIP.
 
     ``image`` and ``mask`` are 2-D numpy or dask arrays; cells are the products of the ``yedges`` and
     ``xedges`` intervals (local pixels). The arrays are rechunked so that every block holds whole
@@ -276,7 +279,8 @@ def _cheb_block(qy, qx, coeffs, *, order, width, height):
 class BackgroundModel:
     """A fitted binned background: lazy cell table plus everything needed to evaluate it.
 
-    ``cells`` is a ``(4, ny, nx)`` dask array (statistic, standard error, NPOINT, STDEV per cell);
+    ``cells`` is a ``(5, ny, nx)`` dask array (statistic, standard error, NPOINT, STDEV and, for
+    MEANCLIP, VARIANCECLIP per cell);
     cell edges and centres are local pixels of the fitted image, whose element ``[0, 0]`` sits at
     parent pixel ``(x0, y0)``. ``style`` is the interpolation style and ``order`` the Chebyshev
     order actually used (after the undersample rules).

@@ -20,9 +20,14 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from . import _kernels_background as K
 from .background import (
+    _N_CELL_ROWS as _N_ROWS,
+)
+from .background import (
+    CELL_ERROR,
     CELL_NPOINT,
     CELL_STDEV,
     CELL_VALUE,
+    CELL_VARCLIP,
     BackgroundConfig,
     InterpStyleName,
     _resolve_grid,
@@ -58,13 +63,54 @@ STATUS_MESSAGES = {
 }
 
 
-class MatchBackgroundsConfig(BaseModel):
-    """Configuration of :func:`match_backgrounds` (the reference's legacy MatchBackgroundsConfig)."""
+class TractBackgroundConfig(BaseModel):
+    """Parameters of the tract-wide mode (the reference's TractBackgroundConfig and reference choice)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    mode: Literal["legacy"] = Field(
-        "legacy", description="algorithm generation: 'legacy' = per-patch matching of the 2012-2024 task"
+    bin: int = Field(128, ge=2, le=1 << 16, description="superpixel size in tract pixels (xBin = yBin)")
+    window: Literal[1, 2] = Field(
+        1,
+        description="superpixel statistics window in superpixels: 2 = the reference's overlapping 2x2 windows "
+        "(smooth, and biased where the tract edge clips them), 1 = the superpixel itself",
+    )
+    min_frac: float = Field(0.1, ge=0.0, le=1.0, description="superpixels with fewer than min_frac*bin**2 pixels are bad")
+    mask_planes: tuple[str, ...] = Field(
+        ("BAD", "SAT", "EDGE", "NO_DATA"), description="pixels with any of these planes are left out of superpixels"
+    )
+    interpolation: InterpStyleName = Field("AKIMA_SPLINE", description="style filling bad superpixels and of the warp model")
+    binning: int = Field(64, ge=1, le=1 << 16, description="bin size in warp pixels of the per-warp model grid")
+    reference_resampling: bool = Field(
+        False,
+        description="resample the superpixel model as the reference does: at each bin's first pixel, "
+        "(binning i + x0)/bin - 1/2 (half a bin off), bilinearly with edge renormalisation (flat beyond the "
+        "outer superpixel centres); default: at the bin centres, with linear extrapolation at the edges",
+    )
+    num_sigma_clip: float = Field(3.0, gt=0.0, le=100.0, description="clip half-width of the superpixel MEANCLIP")
+    num_iter: int = Field(3, ge=1, le=100, description="clip passes of the superpixel MEANCLIP")
+    best_ref_weight_chi2: float = Field(0.3, ge=0.0, le=1e6, description="cost weight of the plane-fit chi2")
+    best_ref_weight_variance: float = Field(0.3, ge=0.0, le=1e6, description="cost weight of the mean superpixel variance")
+    best_ref_weight_global_coverage: float = Field(0.4, ge=0.0, le=1e6, description="cost weight of the coverage")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.interpolation == "NONE":
+            raise ValueError("tract interpolation NONE cannot fill superpixels; choose a style")
+        return self
+
+
+class MatchBackgroundsConfig(BaseModel):
+    """Configuration of :func:`match_backgrounds` (the reference's MatchBackgroundsConfig)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    mode: Literal["legacy", "tract"] = Field(
+        "legacy",
+        description="'legacy': per-patch matching of the 2012-2024 task; 'tract': the 2025 tract-wide "
+        "superpixel variant (parameters in 'tract')",
+    )
+    tract: TractBackgroundConfig = Field(
+        default_factory=TractBackgroundConfig, description="parameters of mode 'tract' (ignored in 'legacy')"
     )
     ref_visit: int | None = Field(None, description="visit of the reference warp; chosen by the cost function if None")
     use_polynomial: bool = Field(False, description="model the difference by a Chebyshev polynomial instead of a spline")
@@ -377,6 +423,10 @@ def match_backgrounds(
         if w["image"].ndim != 2:
             raise SchemaError(f"each warp must be 2-D, got dims {w['image'].dims}", ids=data_ids(w))
     visits = [w.attrs.get("visit") for w in lst]
+    if config.mode == "tract":
+        if stacked:
+            raise SchemaError("mode 'tract' takes a list of warps (several patches per visit), not a stack")
+        return _match_tract(lst, visits, config)
     box0 = Box.of(lst[0])
     for w, v in zip(lst[1:], visits[1:]):
         box = Box.of(w)
@@ -500,6 +550,356 @@ def match_backgrounds(
         result_warps = out_warps
     return MatchResult(warps=result_warps, diagnostics=diag, reference_index=ref_idx_arr, models=models,
                        visits=visits, plans=plans)
+
+
+# ---------------------------------------------------------------------------------------------
+# mode "tract": superpixel models over the whole tract (match_backgrounds.md part C)
+
+
+def _window_families(lo: int, hi: int, b: int, width: int = 2) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Disjoint tilings of the superpixel windows over the tract pixels ``[lo, hi)``.
+
+    ``width`` 2 (the reference): the window of superpixel ``u`` is ``[b u - b/2, b u + 3b/2)``, two
+    superpixels wide and centred on superpixel ``u``'s far edge; windows of one parity tile the
+    line, so there are two families. ``width`` 1: the superpixel itself, one family. Returns
+    ``(local edges, superpixel index per cell)`` per family.
+    """
+    half = b // 2 if width == 2 else 0
+    out = []
+    for parity in range(width):
+        us, edges = [], [lo]
+        u = (lo + half) // b - 1
+        while b * u - half < hi:
+            if u % width == parity:
+                w0, w1 = max(b * u - half, lo), min(b * u + b + half, hi)
+                if w1 > w0:
+                    us.append(u)
+                    edges.append(w1)
+            u += 1
+        out.append((np.array(edges, dtype=np.int64) - lo, np.array(us, dtype=np.int64)))
+    return out
+
+
+def _accumulate(tables, indices, *, shape, u0, v0):
+    """Superpixel accumulators ``(S, N, Q)`` = (sum of mean n, sum of n, sum of var n)."""
+    acc = np.zeros((3,) + shape)
+    for tab, (vs, us) in zip(tables, indices):
+        mean, n, var = tab[CELL_VALUE], tab[CELL_NPOINT], tab[CELL_VARCLIP]
+        ok = np.isfinite(mean) & np.isfinite(n) & (n > 0) & np.isfinite(var)
+        jj, ii = np.nonzero(ok)
+        rows, cols = vs[jj] - v0, us[ii] - u0
+        inside = (rows >= 0) & (rows < shape[0]) & (cols >= 0) & (cols < shape[1])
+        jj, ii, rows, cols = jj[inside], ii[inside], rows[inside], cols[inside]
+        np.add.at(acc[0], (rows, cols), mean[jj, ii] * n[jj, ii])
+        np.add.at(acc[1], (rows, cols), n[jj, ii])
+        np.add.at(acc[2], (rows, cols), var[jj, ii] * n[jj, ii])
+    return acc
+
+
+def _fill_lines(img, style):
+    out = img.copy()
+    knots = np.arange(img.shape[1], dtype=np.float64)
+    line = np.empty(img.shape[1])
+    for r in range(img.shape[0]):
+        row = img[r]
+        bad = ~np.isfinite(row)
+        if bad.any() and not bad.all():
+            K.interp_line(knots, row.copy(), style, True, knots, line)
+            out[r, bad] = line[bad]
+    return out
+
+
+def _tract_model(acc, *, bin_size, min_frac, style):
+    """Binned superpixel image, filled along rows then columns; ``None`` if no superpixel is good."""
+    s_, n_, q_ = acc
+    with np.errstate(invalid="ignore", divide="ignore"):
+        raw = s_ / n_
+        qn = q_ / n_
+    good = n_ >= min_frac * bin_size * bin_size
+    raw = np.where(good, raw, np.nan)
+    if not good.any():
+        return None
+    filled = _fill_lines(raw, style)
+    filled = _fill_lines(filled.T, style).T
+    return {"raw": raw, "filled": filled, "qn": np.where(good, qn, np.nan), "n": n_, "good": good}
+
+
+def _choose_visit(accs, *, bin_size, min_frac, style, weights):
+    """Index of the reference visit: plane-fit chi2, mean superpixel variance and coverage."""
+    chi2, var, cov = [], [], []
+    for acc in accs:
+        model = _tract_model(acc, bin_size=bin_size, min_frac=min_frac, style=style)
+        if model is None:
+            chi2.append(np.nan), var.append(np.nan), cov.append(np.nan)
+            continue
+        b, qn = model["filled"], model["qn"]
+        ny, nx = b.shape
+        cells = np.full((_N_ROWS, ny, nx), np.nan)
+        cells[CELL_VALUE], cells[CELL_ERROR] = b, qn
+        try:
+            coeffs = _solve_chebyshev(cells, xc=np.arange(nx, dtype=float), yc=np.arange(ny, dtype=float), order=1,
+                                      weighting=True, width=nx, height=ny, ids={})
+            xx, yy = np.meshgrid(np.arange(nx, dtype=float), np.arange(ny, dtype=float))
+            plane = (K.chebyshev_design(xx.ravel(), yy.ravel(), 1, nx, ny) @ coeffs).reshape(ny, nx)
+        except Exception:
+            plane = np.full_like(b, np.nan)
+        resid = b - plane
+        good = np.isfinite(resid) & np.isfinite(qn) & (qn > 0)
+        ngood = int(good.sum())
+        chi2.append(float(np.sum(resid[good] ** 2 / qn[good]) / (ngood - 6)) if ngood > 6 else np.nan)
+        var.append(float(np.mean(qn[good])) if ngood else np.nan)
+        cov.append(float(np.isfinite(resid).sum()))
+    chi2, var, cov = map(np.array, (chi2, var, cov))
+    wc, wv, wg = weights
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cost = wc * chi2 / np.nanmax(chi2) + wv * var / np.nanmax(var) + wg * np.nanmin(cov) / cov
+    cost = np.where(np.isfinite(cost), cost, np.nan)
+    return np.array(0 if np.all(np.isnan(cost)) else int(np.nanargmin(cost)), dtype=np.int64)
+
+
+def _visit_plan(acc, is_ref, *, bin_size, min_frac, style):
+    if bool(is_ref):
+        return {"status": REFERENCE}
+    model = _tract_model(acc, bin_size=bin_size, min_frac=min_frac, style=style)
+    if model is None:
+        return {"status": NO_OVERLAP}
+    model["status"] = OK
+    return model
+
+
+def _bilinear(img, sy, sx):
+    """Bilinear samples of ``img`` at fractional indices, weights renormalised over the image."""
+    ny, nx = img.shape
+    out = np.zeros((sy.size, sx.size))
+    norm = np.zeros((sy.size, sx.size))
+    y0 = np.floor(sy).astype(int)
+    x0 = np.floor(sx).astype(int)
+    fy, fx = sy - y0, sx - x0
+    for dy in (0, 1):
+        wy = fy if dy else 1.0 - fy
+        yi = y0 + dy
+        iny = (yi >= 0) & (yi < ny)
+        for dx in (0, 1):
+            wx = fx if dx else 1.0 - fx
+            xi = x0 + dx
+            inx = (xi >= 0) & (xi < nx)
+            w = np.outer(wy * iny, wx * inx)
+            vals = img[np.clip(yi, 0, ny - 1)][:, np.clip(xi, 0, nx - 1)]
+            vals = np.where(np.isfinite(vals), vals, 0.0)
+            w = np.where(np.isfinite(img[np.clip(yi, 0, ny - 1)][:, np.clip(xi, 0, nx - 1)]), w, 0.0)
+            out += w * vals
+            norm += w
+    with np.errstate(invalid="ignore", divide="ignore"):
+        res = out / norm
+    return np.where(norm > 1e-12, res, np.nan)
+
+
+def _axis_weights(s, n):
+    if n == 1:
+        return np.zeros(s.size, dtype=int), np.zeros(s.size)
+    i0 = np.clip(np.floor(s).astype(int), 0, n - 2)
+    return i0, s - i0
+
+
+def _bilinear_extrapolating(img, sy, sx):
+    """Bilinear samples of a finite image; linear extrapolation beyond the outer sample centres."""
+    ny, nx = img.shape
+    iy, fy = _axis_weights(sy, ny)
+    ix, fx = _axis_weights(sx, nx)
+    iy1, ix1 = np.minimum(iy + 1, ny - 1), np.minimum(ix + 1, nx - 1)
+    fy, fx = fy[:, None], fx[None, :]
+    return ((1 - fy) * ((1 - fx) * img[iy][:, ix] + fx * img[iy][:, ix1])
+            + fy * ((1 - fx) * img[iy1][:, ix] + fx * img[iy1][:, ix1]))
+
+
+def _warp_plan(vplan, *, box, u0, v0, bin_size, binning, xc, yc, style, literal):
+    """Per-warp model grid: the visit's superpixel model resampled on ``binning``-pixel bins."""
+    wplan = {"status": vplan["status"], "grid": None, "X": np.empty(0), "Y": np.empty(0), "Z": np.empty(0),
+             "dZ": np.empty(0), "model": np.empty(0), "fitRMS": 0.0 if vplan["status"] == REFERENCE else np.nan,
+             "detail": ""}
+    if vplan["status"] != OK:
+        return wplan
+    nbx, nby = xc.size, yc.size
+    if literal:  # the reference's mapping: the start pixel of each bin
+        sx = (binning * np.arange(nbx) + box[0]) / bin_size - 0.5 - u0
+        sy = (binning * np.arange(nby) + box[1]) / bin_size - 0.5 - v0
+    else:  # the centre of each bin in superpixel coordinates (superpixel u centred on b u + (b - 1) / 2)
+        sx = (xc + box[0] - (bin_size - 1) / 2.0) / bin_size - u0
+        sy = (yc + box[1] - (bin_size - 1) / 2.0) / bin_size - v0
+    grid = _bilinear(vplan["filled"], sy, sx) if literal else _bilinear_extrapolating(vplan["filled"], sy, sx)
+    if not np.isfinite(grid).any():
+        wplan["status"] = NO_OVERLAP
+        return wplan
+    grid = np.where(np.isfinite(grid), grid, np.nanmean(grid))
+    wplan["grid"] = grid
+    # diagnostics on the good superpixels whose centres fall inside this warp
+    raw = vplan["raw"]
+    jj, ii = np.nonzero(np.isfinite(raw))
+    px = (ii + u0) * bin_size + (bin_size - 1) / 2.0 - box[0]
+    py = (jj + v0) * bin_size + (bin_size - 1) / 2.0 - box[1]
+    inside = (px >= 0) & (px < box[2] - box[0]) & (py >= 0) & (py < box[3] - box[1])
+    if inside.any():
+        img, _ = K.eval_grid(xc, yc, np.ascontiguousarray(grid), style, True, np.floor(py[inside]),
+                             np.floor(px[inside]))
+        model = np.diagonal(img).astype(np.float32)
+        z = raw[jj[inside], ii[inside]]
+        qn, n = vplan["qn"][jj[inside], ii[inside]], vplan["n"][jj[inside], ii[inside]]
+        wplan.update(X=px[inside] + box[0], Y=py[inside] + box[1], Z=z, dZ=np.sqrt(qn / n), model=model,
+                     fitRMS=float(np.sqrt(np.mean((z - model) ** 2))))
+    return wplan
+
+
+def _tract_payload(wplan, length):
+    out = np.zeros(length + 1)
+    out[0] = wplan["status"]
+    if wplan["status"] == OK:
+        out[1:] = wplan["grid"].ravel()
+    return out
+
+
+def _first_of_visit(index, *, first):
+    return np.array(first[int(index)], dtype=np.int64)
+
+
+def _match_tract(lst, visits, config: MatchBackgroundsConfig) -> MatchResult:
+    tc = config.tract
+    b = tc.bin
+    planes = check_same_planes(*[mask_planes(w) for w in lst], what=[f"visit {v}" for v in visits])
+    and_mask = bitmask(tc.mask_planes, planes, strict=False)
+    scfg = StatsConfig(num_sigma_clip=tc.num_sigma_clip, num_iter=tc.num_iter, and_mask=and_mask, nan_safe=True)
+    style = interp_style_code(tc.interpolation)
+    boxes = [Box.of(w) for w in lst]
+    patches = [w.attrs.get("patch", tuple(bx.to_list())) for w, bx in zip(lst, boxes)]
+    patch_box: dict = {}
+    seen = set()
+    for w, v, p, bx in zip(lst, visits, patches, boxes):
+        if patch_box.setdefault(p, bx) != bx:
+            raise SchemaError(f"warps of patch {p} cover different boxes: {bx.to_list()} and "
+                              f"{patch_box[p].to_list()}", ids=data_ids(w))
+        if (v, p) in seen:
+            raise SchemaError(f"visit {v} has two warps of patch {p}", ids=data_ids(w))
+        seen.add((v, p))
+    vlist = list(dict.fromkeys(visits))
+    u0 = min(bx.x0 for bx in boxes) // b
+    v0 = min(bx.y0 for bx in boxes) // b
+    u1 = -(-max(bx.x1 for bx in boxes) // b)
+    v1 = -(-max(bx.y1 for bx in boxes) // b)
+    shape = (v1 - v0, u1 - u0)
+    model_kw = {"bin_size": b, "min_frac": tc.min_frac, "style": style}
+
+    def chunks_of(w):
+        data = w["image"].data
+        return data.chunks if isinstance(data, da.Array) else (1024, 1024)
+
+    images = [_dask2d(w["image"].data, chunks_of(w)) for w in lst]
+    variances = [_dask2d(w["variance"].data, chunks_of(w)) for w in lst]
+    masks = [_dask2d(w["mask"].data, chunks_of(w)) for w in lst]
+
+    def tables_for(image, mask, bx):
+        tabs, idx = [], []
+        for yedges, vs in _window_families(bx.y0, bx.y1, b, tc.window):
+            for xedges, us in _window_families(bx.x0, bx.x1, b, tc.window):
+                tabs.append(cell_statistics(image, mask, yedges=yedges, xedges=xedges, statistic="MEANCLIP",
+                                            stats_config=scfg))
+                idx.append((vs, us))
+        return tabs, idx
+
+    def visit_acc(arrays_masks):
+        tabs, idx = [], []
+        for image, mask, bx in arrays_masks:
+            t, i = tables_for(image, mask, bx)
+            tabs += t
+            idx += i
+        return dask.delayed(_accumulate, pure=True)(tabs, idx, shape=shape, u0=u0, v0=v0)
+
+    members = {v: [k for k, vk in enumerate(visits) if vk == v] for v in vlist}
+    first = np.array([members[v][0] for v in vlist], dtype=np.int64)
+    if config.ref_visit is not None:
+        if config.ref_visit not in vlist:
+            raise ValueError(f"ref_visit {config.ref_visit} is not among the visits {vlist}")
+        ref_vi = vlist.index(config.ref_visit)
+        ref_idx = da.from_array(np.array(ref_vi, dtype=np.int64))
+        pick = ref_vi
+    else:
+        accs = [visit_acc([(images[k], masks[k], boxes[k]) for k in members[v]]) for v in vlist]
+        weights = (tc.best_ref_weight_chi2, tc.best_ref_weight_variance, tc.best_ref_weight_global_coverage)
+        chosen = dask.delayed(_choose_visit, pure=True)(accs, weights=weights, **model_kw)
+        ref_idx = da.from_delayed(chosen, shape=(), dtype=np.int64)
+        pick = ref_idx
+
+    # reference image per patch (NaN where the reference visit lacks the patch)
+    ref_images, ref_vars = {}, {}
+    for p, bx in patch_box.items():
+        cand_i, cand_v = [], []
+        for v in vlist:
+            k = next((k for k in members[v] if patches[k] == p), None)
+            if k is None:
+                cand_i.append(da.full(bx.shape, np.nan, dtype=np.float32, chunks=images[0].chunksize))
+                cand_v.append(da.full(bx.shape, np.nan, dtype=np.float32, chunks=images[0].chunksize))
+            else:
+                cand_i.append(images[k])
+                cand_v.append(variances[k])
+        ch = next(images[k].chunks for k in range(len(lst)) if patches[k] == p)
+        ref_images[p] = _pick([c.rechunk(ch) for c in cand_i], pick)
+        ref_vars[p] = _pick([c.rechunk(ch) for c in cand_v], pick)
+
+    deltas = [(ref_images[patches[k]].astype(np.float64) - images[k]).astype(np.float32) for k in range(len(lst))]
+    vplans = {}
+    for vi, v in enumerate(vlist):
+        acc = visit_acc([(deltas[k], masks[k], boxes[k]) for k in members[v]])
+        is_ref = (ref_idx == vi)
+        vplans[v] = dask.delayed(_visit_plan, pure=True)(acc, is_ref, **model_kw)
+
+    out_warps, models, wplans, rows = [], [], [], []
+    for k, w in enumerate(lst):
+        bx = boxes[k]
+        nbx, nby = -(-bx.width // tc.binning), -(-bx.height // tc.binning)
+        _, xc = cell_layout(bx.width, nbx)
+        _, yc = cell_layout(bx.height, nby)
+        wplan = dask.delayed(_warp_plan, pure=True)(
+            vplans[visits[k]], box=(bx.x0, bx.y0, bx.x1, bx.y1), u0=u0, v0=v0, bin_size=b, binning=tc.binning,
+            xc=xc, yc=yc, style=style, literal=tc.reference_resampling,
+        )
+        length = nbx * nby
+        payload = da.from_delayed(dask.delayed(_tract_payload, pure=True)(wplan, length), shape=(length + 1,),
+                                  dtype=np.float64)
+        ch = images[k].chunks
+        qy = da.from_array(np.arange(bx.height, dtype=np.float64), chunks=(ch[0],))
+        qx = da.from_array(np.arange(bx.width, dtype=np.float64), chunks=(ch[1],))
+        model = da.blockwise(
+            _model_block, "yx", qy, "y", qx, "x", payload, "p", concatenate=True, align_arrays=False, mode="spline",
+            xc=xc, yc=yc, style=style, reduce=True, order=-1, width=bx.width, height=bx.height, ny=nby, nx=nbx,
+            dtype=np.float32, meta=np.empty((0, 0), dtype=np.float32),
+        )
+        matched = w.copy()
+        matched["image"] = (w["image"].dims, (images[k] + model).astype(np.float32), dict(w["image"].attrs))
+        out_warps.append(with_provenance(matched, "match_backgrounds", config))
+        models.append(xr.DataArray(model, dims=("y", "x"), coords={"y": w["y"], "x": w["x"]}, name="background"))
+        wplans.append(wplan)
+        status = _diag(wplan, "status", np.int64)
+        d_var = (ref_vars[patches[k]] + variances[k]).astype(np.float32)
+        diff_var = compute_statistics(d_var, mask=masks[k], axis=None, statistics=(Statistic.MEANCLIP,),
+                                      config=scfg)[Statistic.MEANCLIP]
+        mse = compute_statistics(deltas[k].astype(np.float64) - model, mask=masks[k], axis=None,
+                                 statistics=(Statistic.MEANSQUARE,), config=scfg)[Statistic.MEANSQUARE]
+        ok = status == OK
+        rows.append({
+            "fitRMS": _diag(wplan, "fitRMS", np.float64),
+            "matchedMSE": da.where(ok, mse, np.nan),
+            "diffImVar": da.where(ok, diff_var, np.nan),
+            "isReference": status == REFERENCE,
+            "status": status,
+            "failure": _diag(wplan, "failure", object),
+        })
+    diag = xr.Dataset(
+        {key: ("warp", da.stack([r[key] for r in rows])) for key in rows[0]},
+        coords={"warp": np.arange(len(lst)), "visit": ("warp", np.array(visits, dtype=object)),
+                "patch": ("warp", np.array([str(p) for p in patches], dtype=object))},
+    )
+    ref_warp = da.blockwise(_first_of_visit, "", ref_idx, "", first=first, dtype=np.int64,
+                            meta=np.empty((), dtype=np.int64))
+    return MatchResult(warps=out_warps, diagnostics=diag, reference_index=ref_warp, models=models, visits=visits,
+                       plans=wplans)
 
 
 def plot_match_diagnostics(result: MatchResult, visit, path) -> None:
