@@ -7,7 +7,9 @@ PSF, the pixel response (a unit box) and the sub-pixel shift are all closed-form
 
 summed over the aliases ``k + m`` that the PSF does not suppress. The result is the exact pixel
 integral of the profile up to the wrap-around of tails beyond the stamp (stamps are sized so that
-this stays below ~1e-5 of the flux) and the sum of a stamp is exactly the flux.
+this stays below 1e-5 of the flux for Gaussian PSFs, 1e-4 for Moffat ones) and, for galaxies and
+Moffat PSFs, the linear interpolation of their tabulated transforms (a faint halo of ~1e-7 of the
+flux). The sum of a stamp is exactly the flux.
 
 This module imports neither xarray nor dask.
 """
