@@ -4,8 +4,9 @@ One :class:`~graphs.execute.Unit` per (tract, visit): the exposures of the visit
 touch the tract are warped (:func:`pipeline.warp.warp_exposure`) onto the chunk-aligned tract box
 that holds their footprints, combined as the reference's ``copyGoodPixels`` (a later detector's
 good pixels overwrite an earlier one's, in detector order), and written by one region write into
-``tract_<T>/warps/direct/visit_<V>``. The completion marker records, per detector, the number of
-good pixels and the variance correlation factor of the warp.
+``tract_<T>/warps/direct/visit_<V>``. The product's attrs carry ``n_good_pixels`` (summed over
+detectors) and ``variance_correlation_factor`` (their good-pixel-weighted mean); the completion
+marker records both per detector.
 """
 
 from __future__ import annotations
@@ -151,10 +152,22 @@ def _warp_unit(
     def build():
         exposures = [repo.open_exposure(visit, d) for d in detectors]
         band = exposures[0].attrs.get("band")
-        attrs = {"bunit": "nJy", "zero_point": NJY_ZERO_POINT, "warp_kernel": config.kernel}
+        header = tract.wcs_header()
+        # the per-warp numbers do not depend on the chunking: plan once on one big chunk to put
+        # them in the product's attrs, then again on the product's chunks
+        probe = [plan_warp(ds, wcs=header, box=tract.bbox, chunks=max(tract.bbox.shape), config=config)
+                 for ds in exposures]
+        n_good = sum(p.n_good_pixels for p in probe)
+        factor = sum(p.n_good_pixels * p.variance_correlation_factor for p in probe) / n_good if n_good else 1.0
+        attrs = {
+            "bunit": "nJy",
+            "zero_point": NJY_ZERO_POINT,
+            "warp_kernel": config.kernel,
+            "n_good_pixels": int(n_good),
+            "variance_correlation_factor": float(factor),
+        }
         path = repo.create_warp(tract, visit, kind="direct", band=band, attrs=attrs, overwrite=overwrite)
         cy, cx = zarr.open_array(repo.store, path=f"{path}/image", mode="r").chunks
-        header = tract.wcs_header()
         plans = [plan_warp(ds, wcs=header, box=tract.bbox, chunks=(cy, cx), config=config) for ds in exposures]
         info.clear()
         info.update(

@@ -53,6 +53,8 @@ def test_warp_units_write_the_direct_warp_of_each_visit(tmp_path, sim):
             expect.attrs["variance_correlation_factor"], rel=1e-12
         )
         assert got.attrs["bunit"] == "nJy" and got.attrs["zero_point"] == 31.4 and got.attrs["band"] == "r"
+        assert got.attrs["n_good_pixels"] == expect.attrs["n_good_pixels"]
+        assert got.attrs["variance_correlation_factor"] == pytest.approx(expect.attrs["variance_correlation_factor"])
     # a re-run skips the finished units; overwrite redoes them
     assert run_units(warp_units(repo), progress=False).skipped == [u.key for u in units]
     assert run_units(warp_units(repo, visits=[1001], overwrite=True), progress=False).done == [units[1].key]
