@@ -446,10 +446,13 @@ class PsfexPsf(PsfModel):
         return cls(PsfexModel.from_file(path))
 
     def default_size(self, x, y):
+        size = getattr(self.model, "default_size", None)
+        if isinstance(size, (int, np.integer)) and not isinstance(size, bool):
+            return int(size)
         return int(np.shape(self.model.image_at(x, y))[0])
 
     def _render(self, x, y, size):
-        img = np.asarray(self.model.image_at(x, y), dtype=np.float64)
+        img = np.asarray(self.model.image_at(x, y, size=size), dtype=np.float64)
         if img.ndim != 2 or img.shape[0] != img.shape[1] or img.shape[0] % 2 == 0:
             raise SchemaError(f"PSFEx image at ({x}, {y}) has shape {img.shape}; expected square and odd")
-        return _recentre(img, size)
+        return img if img.shape[0] == size else _recentre(img, size)

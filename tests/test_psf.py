@@ -219,6 +219,26 @@ def test_psfex_wrapper():
         PsfexPsf(Even()).image_at(0, 0, size=5)
 
 
+def test_psfex_file(tmp_path):
+    from astropy.io import fits
+
+    n = 25
+    basis = GaussianPsf(1.8, size=n).image_at(0, 0)[None]  # degree 0: one component
+    col = fits.Column(name="PSF_MASK", format=f"{basis.size}D", dim=f"({n}, {n}, 1)", array=basis[None])
+    hdu = fits.BinTableHDU.from_columns([col], name="PSF_DATA")
+    for key, value in dict(POLNAXIS=2, POLGRP1=1, POLNAME1="X_IMAGE", POLGRP2=1, POLNAME2="Y_IMAGE", POLNGRP=1,
+                           POLDEG1=0, POLZERO1=1024.0, POLSCAL1=2048.0, POLZERO2=1024.0, POLSCAL2=2048.0,
+                           PSF_FWHM=4.24, PSF_SAMP=1.0, PSFNAXIS=3, PSFAXIS1=n, PSFAXIS2=n, PSFAXIS3=1).items():
+        hdu.header[key] = value
+    path = tmp_path / "a.psf"
+    fits.HDUList([fits.PrimaryHDU(), hdu]).writeto(path)
+    psf = PsfexPsf.from_file(path)
+    assert psf.default_size(0, 0) == 25
+    np.testing.assert_allclose(psf.image_at(100.0, 300.0, size=21), GaussianPsf(1.8).image_at(0, 0, size=21),
+                               atol=1e-7)
+    np.testing.assert_allclose(psf.fwhm(500, 500), FWHM_PER_SIGMA * 1.8, rtol=1e-3)
+
+
 def test_models_pickle_and_odd_size():
     for psf in (GaussianPsf(2.0), model_psf(), MoffatPsf(3.0), ImagePsf(np.ones((3, 3)))):
         np.testing.assert_array_equal(pickle.loads(pickle.dumps(psf)).image_at(1, 2), psf.image_at(1, 2))
