@@ -259,3 +259,164 @@ def test_plot_writes_png(tmp_path):
     assert (tmp_path / "ref.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(ValueError, match="visit 77 is not among the matched visits"):
         plot_match_diagnostics(result, 77, tmp_path / "x.png")
+
+
+# ------------------------------------------------------------------ mode "tract"
+
+PW = PH = 256  # two patches side by side: tract pixels x in [0, 512), y in [0, 256)
+TRACT = MatchBackgroundsConfig(mode="tract")
+
+
+def _tract_bg(k, x, y):
+    u, v = x / 512.0, y / 256.0
+    return [100.0 + 0.0 * u, 103.0 + 2.0 * u - v, 98.0 + 1.5 * u * v + v**2, 101.0 + 30.0 * (u - 0.5) ** 2][k]
+
+
+def _tract_warps(seed=5, sigmas=(1.0, 1.0, 1.0, 1.0), visits=(10, 11, 12, 13), skip=()):
+    rng = np.random.default_rng(seed)
+    warps, truth = [], []
+    for k, v in enumerate(visits):
+        for p, x0 in enumerate((0, 256)):
+            if (k, p) in skip:
+                continue
+            y, x = np.mgrid[0:PH, x0:x0 + PW].astype(np.float64)
+            bg = _tract_bg(k, x, y)
+            img = bg + rng.normal(0.0, sigmas[k], (PH, PW))
+            warps.append(make_dataset(img, np.full((PH, PW), sigmas[k] ** 2), np.zeros((PH, PW), np.uint32),
+                                      wcs=make_tan_wcs(), kind="warp", x0=x0,
+                                      attrs={"visit": v, "patch": p, "tract": 0}))
+            truth.append(bg)
+    return warps, truth
+
+
+def test_window_families_closed_form():
+    from pipeline.match_backgrounds import _window_families
+
+    (e0, u0), (e1, u1) = _window_families(0, 512, 128, 2)
+    np.testing.assert_array_equal(e0, [0, 192, 448, 512])
+    np.testing.assert_array_equal(u0, [0, 2, 4])
+    np.testing.assert_array_equal(e1, [0, 64, 320, 512])
+    np.testing.assert_array_equal(u1, [-1, 1, 3])
+    ((e, u),) = _window_families(256, 512, 128, 1)
+    np.testing.assert_array_equal(e, [0, 128, 256])
+    np.testing.assert_array_equal(u, [2, 3])
+
+
+def test_tract_mode_matches_and_is_continuous():
+    # planes and a gentle quadratic (the superpixel model is bilinear between 128-pixel superpixels)
+    warps, truth = _tract_warps(visits=(10, 11, 12))
+    result = match_backgrounds(warps, config=TRACT.model_copy(update={"ref_visit": 10}))
+    diag = result.diagnostics.compute()
+    assert list(diag.isReference.values) == [True, True] + [False] * 4
+    assert list(diag.patch.values) == ["0", "1"] * 3
+    models = [m.values for m in result.models]
+    for k in range(len(warps)):
+        ref = truth[k % 2]
+        rms = np.sqrt(np.mean((truth[k] + models[k] - ref) ** 2))
+        assert rms < 0.1, (k, rms)
+        if k >= 2:
+            assert int(diag.status[k]) == OK and 0.0 <= diag.fitRMS[k] < 0.05
+            assert diag.matchedMSE[k] < 1.01 * diag.diffImVar[k] + 0.1
+    # one model per visit across the tract: continuous over the patch boundary (x = 255 | 256)
+    for k in range(2, 6, 2):
+        step = models[k + 1][:, 0] - models[k][:, -1]
+        truth_step = -(_tract_bg(k // 2, 256.0, 0.0) - _tract_bg(k // 2, 255.0, 0.0))
+        assert np.abs(step - truth_step).max() < 0.02
+    # the reference's 2x2 windows are biased where the tract edge clips them (documented)
+    ref_cfg = TRACT.model_copy(update={"ref_visit": 10, "tract": TRACT.tract.model_copy(update={"window": 2})})
+    plane = match_backgrounds(warps, config=ref_cfg).models[2].values
+    assert np.sqrt(np.mean((truth[2] + plane - truth[0]) ** 2)) > 0.1
+
+
+def _hand_tract_choice(warps, tc):
+    from pipeline.stats import StatsConfig, compute_statistics
+    from pipeline.stats import Statistic as S
+
+    visits = list(dict.fromkeys(w.attrs["visit"] for w in warps))
+    chi2, var, cov = [], [], []
+    for v in visits:
+        b = np.full((2, 4), np.nan)
+        qn = np.full((2, 4), np.nan)
+        for w in warps:
+            if w.attrs["visit"] != v:
+                continue
+            x0 = int(w.x[0]) // 128
+            img = w["image"].values.astype(np.float64)
+            for j in range(2):
+                for i in range(2):
+                    cell = img[128 * j:128 * (j + 1), 128 * i:128 * (i + 1)].ravel()
+                    st = compute_statistics(cell, statistics=(S.MEANCLIP, S.VARIANCECLIP),
+                                            config=StatsConfig(num_iter=tc.num_iter))
+                    b[j, x0 + i], qn[j, x0 + i] = st[S.MEANCLIP], st[S.VARIANCECLIP]
+        yy, xx = np.mgrid[0:2, 0:4].astype(np.float64)
+        a = np.stack([np.ones(8), xx.ravel(), yy.ravel()], axis=1)
+        wts = 1.0 / qn.ravel()
+        coef = np.linalg.solve(a.T @ (a * wts[:, None]), a.T @ (wts * b.ravel()))
+        resid = b.ravel() - a @ coef
+        chi2.append(np.sum(resid**2 / qn.ravel()) / (8 - 6))
+        var.append(qn.mean())
+        cov.append(8.0)
+    chi2, var, cov = map(np.array, (chi2, var, cov))
+    cost = (tc.best_ref_weight_chi2 * chi2 / chi2.max() + tc.best_ref_weight_variance * var / var.max()
+            + tc.best_ref_weight_global_coverage * cov.min() / cov)
+    return visits[int(np.argmin(cost))], chi2, var
+
+
+def test_tract_reference_is_the_cost_function_choice():
+    # visit 10: flat, noisiest; visit 13: quietest but strongly curved (large plane-fit chi2 and
+    # large within-superpixel variance)
+    warps, _ = _tract_warps(sigmas=(1.5, 1.2, 1.25, 0.9))
+    hand, chi2, var = _hand_tract_choice(warps, TRACT.tract)
+    assert np.argmax(chi2) == 3 and np.argmin(var) == 1 and hand == 11
+    result = match_backgrounds(warps, config=TRACT)
+    ref_warp = int(result.reference_index.compute())
+    assert result.visits[ref_warp] == hand
+    diag = result.diagnostics.compute()
+    np.testing.assert_array_equal(diag.isReference.values, [v == hand for v in result.visits])
+
+
+def test_tract_missing_patches_and_errors():
+    # the reference visit 10 lacks patch 1; visit 12 only has patch 1: nothing to difference
+    warps, _ = _tract_warps(skip={(0, 1), (2, 0)})
+    result = match_backgrounds(warps, config=TRACT.model_copy(update={"ref_visit": 10}))
+    diag = result.diagnostics.compute()
+    assert list(diag.visit.values) == [10, 11, 11, 12, 13, 13]
+    assert list(diag.status.values) == [REFERENCE, OK, OK, NO_OVERLAP, OK, OK]
+    assert diag.failure[3] == "No overlap with reference. Nothing to match"
+    np.testing.assert_array_equal(result.warps[3]["image"].values, warps[3]["image"].values)
+    # visit 11's patch 1 gets the model extrapolated from patch 0: still a plane difference
+    model = result.models[2].values
+    assert np.isfinite(model).all()
+    with pytest.raises(SchemaError, match="visit 10 has two warps of patch 0"):
+        match_backgrounds([warps[0], warps[0]], config=TRACT)
+    moved = warps[1].assign_coords(x=warps[1].x + 3)
+    with pytest.raises(SchemaError, match=r"warps of patch 0 cover different boxes"):
+        match_backgrounds([warps[0], moved], config=TRACT)
+    with pytest.raises(ValueError, match=r"ref_visit 99 is not among the visits"):
+        match_backgrounds(warps, config=TRACT.model_copy(update={"ref_visit": 99}))
+    stack = xr.concat([w.assign_coords(visit=w.attrs["visit"]) for w in warps[:2]], dim="visit")
+    with pytest.raises(SchemaError, match="mode 'tract' takes a list of warps"):
+        match_backgrounds(stack, config=TRACT)
+    with pytest.raises(pydantic.ValidationError, match="tract interpolation NONE"):
+        MatchBackgroundsConfig(mode="tract", tract={"interpolation": "NONE"})
+
+
+def test_tract_numpy_dask_equal_lazy_and_graph_size():
+    warps, _ = _tract_warps()
+    cfg = TRACT
+    eager = match_backgrounds(warps, config=cfg)
+    chunked = [w.chunk({"y": 100, "x": 130}) for w in warps]
+    lazy = assert_lazy(lambda: match_backgrounds(chunked, config=cfg))
+    for a, b in zip(eager.warps, lazy.warps):
+        np.testing.assert_allclose(a["image"].values, b["image"].values, rtol=1e-6, atol=1e-5)
+    de, dl = dask.compute(eager.diagnostics, lazy.diagnostics)
+    np.testing.assert_allclose(de.fitRMS.values, dl.fitRMS.values, rtol=1e-9, equal_nan=True)
+    np.testing.assert_array_equal(de.status.values, dl.status.values)
+    sizes = []
+    for n in (4, 8):
+        result = match_backgrounds(chunked[:n], config=cfg)
+        g = dask.base.collections_to_expr([w["image"].data for w in result.warps])
+        sizes.append(len(g.__dask_graph__()))
+    # tasks about linear in the number of warps (each block of the lazy reference pick reads one
+    # block per visit, so dependencies, not tasks, grow with the square)
+    assert sizes[1] < 3.0 * sizes[0]
