@@ -301,6 +301,12 @@ def plan_warp(
     Raises :class:`SchemaError` (with the exposure's ids) for a malformed exposure, a
     non-celestial or singular WCS, an empty box or bad chunk sizes. An exposure that does not
     overlap ``box`` gives an empty plan, not an error.
+
+    Notes
+    -----
+    LSST: the position bookkeeping of ``lsst.afw.math.warpImage`` (``interpLength`` ->
+    ``interp_length``; the returned number of good pixels -> ``n_good_pixels``), done once per
+    exposure and destination instead of once per image plane.
     """
     ids = data_ids(exposure)
     src_wcs, src_header = _source_wcs(exposure, ids)
@@ -715,6 +721,13 @@ def warp_psf(exposure: xr.Dataset, *, plan: WarpPlan) -> xr.DataArray:
     exposure (nodes outside its bbox, non-increasing coordinates) or when a transform coefficient
     exceeds 200 ("unexpectedly large transform"). A warped PSF summing to 0 raises
     :class:`DataQualityError` when computed.
+
+    Notes
+    -----
+    LSST: ``lsst.meas.algorithms.WarpedPsf`` evaluated at the grid nodes (``computeKernelImage``
+    with the CoaddPsf warping control: Lanczos-3, cacheSize 0); ``WarpedPsfTransformTooBigError``
+    -> :class:`SchemaError`. ``psf_spacing`` sets the grid; ``reproduce_linear`` applies as for the
+    image so that the PSF matches the warped sources.
     """
     ids = data_ids(exposure)
     psf = exposure["psf"]
