@@ -124,19 +124,34 @@ def ls_(url, as_json):
 @main.command()
 @click.option("--repo", "url", required=True, help="Repository URL or path.")
 @click.option("--tract", type=int, default=0, show_default=True)
-@click.option("--patch", required=True, help="Patch as 'i,j' or a sequential index.")
+@click.option("--patch", default=None, help="Patch as 'i,j' or a sequential index (coadds and warps).")
 @click.option("--band", default=None, help="Band of the coadd (coadds only).")
-@click.option("--visit", type=int, default=None, help="Export this visit's warp instead of a coadd.")
+@click.option("--visit", type=int, default=None, help="Export this visit's warp (or, with --detector, its exposure).")
+@click.option("--detector", type=int, default=None, help="With --visit: export the ingested exposure itself.")
 @click.option("--kind", type=click.Choice(["deep", "template", "direct", "psf_matched"]), default=None,
               help="Coadd name (deep, template) or warp kind (direct, psf_matched).")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="FITS file to write.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
-def export(url, tract, patch, band, visit, kind, output, overwrite):
-    """Write a coadd (or one visit's warp) of a patch to FITS, in the LSST calexp layout."""
+def export(url, tract, patch, band, visit, detector, kind, output, overwrite):
+    """Write a coadd, one visit's warp, or an ingested exposure to FITS (LSST calexp layout).
+
+    \b
+    coadd:     --tract T --patch P --band B [--kind deep|template]
+    warp:      --tract T --patch P --visit V [--kind direct|psf_matched]
+    exposure:  --visit V --detector D
+    """
     from pipeline.io.fits import write_fits
     from pipeline.model.skymap import SkyMap
 
     repo = _open(url)
+    if detector is not None:
+        if visit is None:
+            raise click.BadParameter("--detector goes with --visit", param_hint="--detector")
+        path = write_fits(repo.open_exposure(visit, detector), output, overwrite=overwrite)
+        _echo(f"wrote exposure visit {visit} detector {detector} to {path}")
+        return
+    if patch is None:
+        raise click.BadParameter("give the patch ('i,j' or an index)", param_hint="--patch")
     if repo.skymap_json is None:
         raise click.ClickException(f"{url} has no sky map yet: ingest exposures first")
     patch_obj = SkyMap.from_json(repo.skymap_json).tract(tract).patch(patch)
@@ -163,6 +178,64 @@ def export(url, tract, patch, band, visit, kind, output, overwrite):
     ds = ds.assign_attrs(tract=tract, patch=patch_obj.name)
     path = write_fits(ds, output, overwrite=overwrite)
     _echo(f"wrote the {what}, tract {tract} patch {patch_obj.name} {box} box, to {path}")
+
+@main.command()
+@click.option("--repo", "url", required=True, help="Repository URL or path.")
+@click.option("--tract", type=int, default=None, help="Only this tract (default: every tract the data touch).")
+@click.option("--visit", "visits", type=int, multiple=True, help="Only these visits (repeatable).")
+@click.option("--overwrite", is_flag=True, help="Redo warps that are already complete.")
+@click.pass_context
+def warp(ctx, url, tract, visits, overwrite):
+    """Warp every visit onto the tracts it touches (direct warps, Lanczos3, calibrated to nJy)."""
+    from .execute import run_units
+    from .warps import warp_units
+
+    repo = _open(url, mode="r+")
+    units = warp_units(repo, tract=tract, visits=visits or None, overwrite=overwrite)
+    with _client(ctx) as client:
+        report = run_units(units, client=client)
+    _finish(report, "warp")
+
+
+@main.command()
+@click.option("--repo", "url", required=True, help="Repository URL or path.")
+@click.option("--tract", type=int, default=None, help="Only this tract.")
+@click.option("--patch", "patches", multiple=True, help="Only these patches ('i,j' or index; repeatable).")
+@click.option("--band", default=None, help="Only this band.")
+@click.option("--name", default="deep", show_default=True, help="Name of the coadd product.")
+@click.option("--overwrite", is_flag=True, help="Redo patches that are already complete.")
+@click.pass_context
+def coadd(ctx, url, tract, patches, band, name, overwrite):
+    """Coadd the direct warps of every patch (weighted 3-sigma clipped mean, AssembleCoadd)."""
+    from .coadd import coadd_units
+    from .execute import run_units
+
+    repo = _open(url, mode="r+")
+    units = coadd_units(repo, tract=tract, band=band, patches=patches or None, name=name, overwrite=overwrite)
+    with _client(ctx) as client:
+        report = run_units(units, client=client)
+    _finish(report, "coadd")
+
+
+@main.command()
+@click.option("--out", "out", default="skystack-demo", show_default=True, type=click.Path(file_okay=False),
+              help="Directory for the simulated FITS files, the repository and the outputs.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the simulated sky.")
+@click.option("--visits", type=click.IntRange(2, 64), default=6, show_default=True, help="Number of simulated visits.")
+@click.option("--size", type=click.IntRange(128, 4096), default=1024, show_default=True, help="Detector size (pixels).")
+@click.pass_context
+def demo(ctx, out, seed, visits, size):
+    """The main job on built-in simulated data: simulate, ingest, warp, coadd, export, quicklook."""
+    from .demo import run_demo
+
+    with _client(ctx) as client:
+        run_demo(out, seed=seed, n_visits=visits, shape=(size, size), client=client, echo=_echo)
+
+
+def _finish(report, what: str) -> None:
+    _echo(report.summary())
+    if report.failed:
+        raise click.ClickException(f"{len(report.failed)} {what} unit(s) failed; run again to retry them")
 
 
 if __name__ == "__main__":  # pragma: no cover
