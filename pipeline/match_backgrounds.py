@@ -1,10 +1,13 @@
-"""MatchBackgrounds: bring the backgrounds of the warps of one patch onto a reference warp.
+"""MatchBackgrounds: bring the backgrounds of warps onto those of a reference visit.
 
-For every warp the difference ``reference - warp`` is binned, modelled by a spline through the
-cells or a Chebyshev polynomial, and the model is added to the warp (``match_backgrounds.md``
-part A, the legacy per-patch algorithm). The reference is chosen by a cost function of pixel
-variance, mean level and coverage unless given. Everything is lazy: the reference choice is a
-0-d dask reduction plus a small solve, each model a small per-visit solve evaluated per chunk.
+Mode ``legacy`` (default, ``match_backgrounds.md`` part A): for every warp of one patch the
+difference ``reference - warp`` is binned, modelled by a spline through the cells or a Chebyshev
+polynomial, and the model is added to the warp; the reference is chosen by a cost function of
+pixel variance, mean level and coverage unless given. Mode ``tract`` (part C): the differences of
+all patches of a visit are accumulated into one superpixel model over the tract, so each visit's
+correction is continuous across patch boundaries; the reference visit is chosen by a plane-fit
+chi2, variance and coverage cost. Everything is lazy: reference choices are small solves on 0-d
+or superpixel-sized dask results, each model a small per-visit solve evaluated per chunk.
 """
 
 from __future__ import annotations
@@ -414,6 +417,21 @@ def match_backgrounds(
     passes a bin size as a cell count there); a grid without any valid cell is a "no overlap"
     failure in spline mode too (the reference would add a NaN model); image scalers are not taken:
     calibrate the warps first.
+
+    Mode ``tract`` (reference: lsst/pipe_tasks ``MatchBackgroundsTask`` 2025 with
+    ``tractBackground.py`` and ``ChooseReferenceVisitTask``): ``warps`` is a list holding the warps
+    of several patches and visits in tract pixel coordinates (``patch`` attr, else the box, keys the
+    patch). Mapping of ``config.tract``: ``bin`` = xBin/yBin, ``min_frac`` = minFrac,
+    ``mask_planes`` = mask, ``interpolation`` = interpolation, ``binning`` = binning,
+    ``num_sigma_clip``/``num_iter`` = the clip settings, ``best_ref_weight_chi2``/``_variance``/
+    ``_global_coverage`` = bestRefWeightChi2/Variance/GlobalCoverage; ``ref_visit`` = refWarpVisit.
+    The superpixel grid is anchored at tract pixel 0 and spans the union of the warps' boxes.
+    Differences (the reference behaviour is available by flags): superpixel statistics over the
+    superpixel itself (``window=1``; the reference's 2x2 windows, ``window=2``, are biased where
+    the tract edge clips them); the per-warp grid samples the model at bin centres with linear
+    extrapolation at the edges (``reference_resampling=True``: bin start pixels and flat
+    edge-renormalised bilinear weights); doSmooth is not implemented; the chi2 sum skips
+    superpixels without a positive finite variance.
     """
     lst, stacked = _as_warp_list(warps)
     if not lst:

@@ -344,3 +344,19 @@ def test_graph_size_bounded(rng):
         sizes.append(graph_size(out["image"].data))
         assert sizes[-1] < 12 * (n_in + n_cells)
     assert sizes[1] < 4.5 * sizes[0]  # linear in the number of chunks
+
+
+@given(cy=st.integers(7, 96), cx=st.integers(7, 80), bins=st.integers(9, 40), stat=st.sampled_from(
+    ["MEAN", "MEDIAN", "MEANCLIP"]))
+@settings(max_examples=15, deadline=None)
+def test_cells_independent_of_chunking(cy, cx, bins, stat):
+    rng = np.random.default_rng(cy * 1000 + cx)
+    img = rng.normal(3.0, 1.0, (96, 80))
+    img[rng.uniform(size=img.shape) < 0.01] = 50.0
+    mask = np.where(rng.uniform(size=img.shape) < 0.05, np.uint32(MaskPlane.BAD), np.uint32(0))
+    ds = _ds(img, mask)
+    cfg = BackgroundConfig(bin_size=bins, statistic=stat, use_approx=False)
+    whole = fit_background(ds, config=cfg)
+    parts = fit_background(ds.chunk({"y": cy, "x": cx}), config=cfg)
+    np.testing.assert_array_equal(whole.cells.compute(), parts.cells.compute())
+    np.testing.assert_array_equal(whole.evaluate().values, parts.evaluate(like=ds.chunk({"y": cy, "x": cx})).values)

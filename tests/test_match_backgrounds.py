@@ -7,6 +7,8 @@ import numpy as np
 import pydantic
 import pytest
 import xarray as xr
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pipeline.errors import MaskPlaneError, SchemaError
 from pipeline.match_backgrounds import (
@@ -420,3 +422,21 @@ def test_tract_numpy_dask_equal_lazy_and_graph_size():
     # tasks about linear in the number of warps (each block of the lazy reference pick reads one
     # block per visit, so dependencies, not tasks, grow with the square)
     assert sizes[1] < 3.0 * sizes[0]
+
+
+@given(perm=st.permutations(range(4)))
+@settings(max_examples=3, deadline=None)
+def test_invariant_to_the_order_of_the_warps(perm):
+    warps = _warps()
+    base = match_backgrounds(warps, config=SPLINE)
+    shuffled = match_backgrounds([warps[i] for i in perm], config=SPLINE)
+    assert shuffled.visits[int(shuffled.reference_index.compute())] == base.visits[int(base.reference_index.compute())]
+    for pos, i in enumerate(perm):
+        np.testing.assert_array_equal(shuffled.models[pos].values, base.models[i].values)
+
+
+def test_tract_plot(tmp_path):
+    warps, _ = _tract_warps(visits=(10, 11))
+    result = match_backgrounds(warps, config=TRACT.model_copy(update={"ref_visit": 10}))
+    plot_match_diagnostics(result, 11, tmp_path / "tract.png")
+    assert (tmp_path / "tract.png").read_bytes()[:4] == b"\x89PNG"
