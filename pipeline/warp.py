@@ -431,15 +431,15 @@ def _run_block(img, var, msk, *, plan_args, dst: Box, win_origin, crop):
     if isinstance(img, list):
         img, var, msk = np.block(img), np.block(var), np.block(msk)
     (y0, y1), (x0, x1) = crop
-    img = img[y0:y1, x0:x1]
-    var = var[y0:y1, x0:x1]
-    msk = msk[y0:y1, x0:x1]
+    img = np.ascontiguousarray(img[y0:y1, x0:x1])
+    var = np.ascontiguousarray(var[y0:y1, x0:x1])
+    msk = np.ascontiguousarray(msk[y0:y1, x0:x1], dtype=np.uint32)
     out_img = np.empty(dst.shape, np.float32)
     out_var = np.empty(dst.shape, np.float32)
     out_msk = np.empty(dst.shape, np.uint32)
     (gx0, gy0, nodes_x, nodes_y, step, valid, order, bilinear, linear, mask_order, grow, nodata, scale) = plan_args
     _k.warp_block(
-        img, var, msk.astype(np.uint32, copy=False), win_origin[0], win_origin[1], valid, nodes_x, nodes_y, gx0, gy0,
+        img, var, msk, win_origin[0], win_origin[1], valid, nodes_x, nodes_y, gx0, gy0,
         step, dst.x0, dst.y0, out_img, out_var, out_msk, order, bilinear, linear, mask_order, grow, nodata, scale,
     )
     return out_img, out_var, out_msk
