@@ -100,6 +100,8 @@ def coadd_psf(
     stack = _as_stack(psfs, config.atol_position)
     lead = stack.dims[0]
     n = stack.sizes[lead]
+    if isinstance(weights, da.Array):
+        weights = xr.DataArray(weights, dims=(lead,))
     if isinstance(weights, xr.DataArray):
         if weights.ndim != 1 or weights.size != n:
             raise SchemaError(f"weights have shape {weights.shape}; expected one weight per input ({n})")

@@ -103,6 +103,8 @@ def test_numpy_and_dask_agree_lazily_with_bounded_graph():
         )
     )
     assert isinstance(lazy.data, da.Array)
+    raw = assert_lazy(lambda: coadd_psf([p.chunk() for p in imgs], da.from_array(weights)))
+    np.testing.assert_allclose(raw.values, eager.values, rtol=1e-14, equal_nan=True)
     np.testing.assert_allclose(lazy.values, eager.values, rtol=1e-14, equal_nan=True)
     # graph: linear in inputs x grid chunks (here 6 inputs x 4 chunks), no quadratic blow-up
     size6 = graph_size(lazy.data)
