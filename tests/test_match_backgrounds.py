@@ -406,9 +406,9 @@ def test_tract_missing_patches_and_errors():
 def test_tract_numpy_dask_equal_lazy_and_graph_size():
     warps, _ = _tract_warps()
     cfg = TRACT
-    eager = match_backgrounds(warps, config=cfg)
+    eager = match_backgrounds(warps[:4], config=cfg)
     chunked = [w.chunk({"y": 100, "x": 130}) for w in warps]
-    lazy = assert_lazy(lambda: match_backgrounds(chunked, config=cfg))
+    lazy = assert_lazy(lambda: match_backgrounds(chunked[:4], config=cfg))
     for a, b in zip(eager.warps, lazy.warps):
         np.testing.assert_allclose(a["image"].values, b["image"].values, rtol=1e-6, atol=1e-5)
     de, dl = dask.compute(eager.diagnostics, lazy.diagnostics)
