@@ -22,7 +22,7 @@ import zarr
 from pipeline.errors import RepositoryError
 from pipeline.io.repo import Repository, open_repo, visit_unit, warp_path
 from pipeline.model.geometry import Box
-from pipeline.model.masks import CANONICAL_PLANES, MaskPlane, remap_mask
+from pipeline.model.masks import CANONICAL_PLANES, MaskPlane, mask_attrs, remap_mask
 from pipeline.model.schema import NJY_ZERO_POINT, mask_planes
 from pipeline.model.skymap import SkyMap, Tract
 from pipeline.model.wcs import get_wcs
@@ -153,12 +153,12 @@ def _warp_unit(
         exposures = [repo.open_exposure(visit, d) for d in detectors]
         band = exposures[0].attrs.get("band")
         header = tract.wcs_header()
-        # the per-warp numbers do not depend on the chunking: plan once on one big chunk to put
-        # them in the product's attrs, then again on the product's chunks
-        probe = [plan_warp(ds, wcs=header, box=tract.bbox, chunks=max(tract.bbox.shape), config=config)
+        # one plan per detector on the whole tract (one chunk: the numbers do not depend on the
+        # chunking) gives the attrs of the product and the box the detectors cover
+        plans = [plan_warp(ds, wcs=header, box=tract.bbox, chunks=max(tract.bbox.shape), config=config)
                  for ds in exposures]
-        n_good = sum(p.n_good_pixels for p in probe)
-        factor = sum(p.n_good_pixels * p.variance_correlation_factor for p in probe) / n_good if n_good else 1.0
+        n_good = sum(p.n_good_pixels for p in plans)
+        factor = sum(p.n_good_pixels * p.variance_correlation_factor for p in plans) / n_good if n_good else 1.0
         attrs = {
             "bunit": "nJy",
             "zero_point": NJY_ZERO_POINT,
@@ -168,7 +168,6 @@ def _warp_unit(
         }
         path = repo.create_warp(tract, visit, kind="direct", band=band, attrs=attrs, overwrite=overwrite)
         cy, cx = zarr.open_array(repo.store, path=f"{path}/image", mode="r").chunks
-        plans = [plan_warp(ds, wcs=header, box=tract.bbox, chunks=(cy, cx), config=config) for ds in exposures]
         info.clear()
         info.update(
             tract=int(tract.id),
@@ -186,7 +185,7 @@ def _warp_unit(
         used = [(ds, p) for ds, p in zip(exposures, plans) if not p.empty]
         if not used:
             return []
-        boxes = [plan_footprint(p) for _, p in used]
+        boxes = [p.good_box for _, p in used]
         union = Box(min(b.x0 for b in boxes), min(b.y0 for b in boxes), max(b.x1 for b in boxes), max(b.y1 for b in boxes))
         window = repo.align_box(path, union)
         warps = []
@@ -195,7 +194,7 @@ def _warp_unit(
             planes = mask_planes(w)
             if planes != CANONICAL_PLANES:
                 remapped = remap_mask(w["mask"].data, planes, CANONICAL_PLANES)
-                w = w.assign(mask=(("y", "x"), remapped, {**w["mask"].attrs, **_canonical_mask_attrs()}))
+                w = w.assign(mask=(("y", "x"), remapped, {**w["mask"].attrs, **mask_attrs(CANONICAL_PLANES)}))
             warps.append(w.drop_vars([v for v in ("psf", "psf_y", "psf_x") if v in w.variables]))
         combined = copy_good_pixels(warps)
         return [repo.region_write(combined, path, unit, overwrite=overwrite)]
@@ -204,9 +203,3 @@ def _warp_unit(
         repo.mark_complete(product, unit, task="warp_exposure", **info)
 
     return Unit(key=f"warp tract={tract.id} visit={visit}", build=build, done=done, finish=finish)
-
-
-def _canonical_mask_attrs() -> dict:
-    from pipeline.model.masks import mask_attrs
-
-    return mask_attrs(CANONICAL_PLANES)

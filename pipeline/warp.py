@@ -108,7 +108,8 @@ class WarpPlan:
     ``(lattice_x0 + l*step, lattice_y0 + k*step)``; ``windows`` maps the ``(by, bx)`` index of each
     covered destination chunk to the source window (a :class:`Box` in the source parent frame)
     that its pixels read. ``n_good_pixels`` counts destination pixels whose kernel lies inside the
-    source bbox (before NaN/NO_DATA source pixels are considered).
+    source bbox (before NaN/NO_DATA source pixels are considered); ``good_box`` is the bounding box
+    of those pixels (None for an empty plan).
     """
 
     src_box: Box
@@ -127,6 +128,7 @@ class WarpPlan:
     n_good_pixels: int = 0
     variance_correlation_factor: float = 1.0
     ids: Mapping[str, Any] = field(default_factory=dict)
+    good_box: Box | None = None
 
     @property
     def empty(self) -> bool:
@@ -373,10 +375,12 @@ def plan_warp(
         return empty_plan()
     factor = _correlation_factor(nodes_x, nodes_y, lx0, ly0, step, dst_range, valid, n, bilinear,
                                  config.reproduce_linear, config.correlation_window)
+    good_box = Box(int(dst_range[0]), int(dst_range[1]), int(dst_range[2]) + 1, int(dst_range[3]) + 1)
     return WarpPlan(
         src_box=src, dst_box=box, src_wcs=src_header, dst_wcs=dst_header, config=config, chunks=chunk_tuple,
         lattice_x0=lx0, lattice_y0=ly0, step=step, nodes_x=nodes_x, nodes_y=nodes_y, windows=windows,
         block_counts=block_counts, n_good_pixels=n_good, variance_correlation_factor=factor, ids=ids,
+        good_box=good_box,
     )
 
 

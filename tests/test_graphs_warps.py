@@ -133,6 +133,8 @@ def test_plan_footprint(sim):
     plan = plan_warp(ds, wcs=make_tan_wcs(crpix=(500.0, 500.0)), box=Box(0, 0, 1000, 1000), chunks=64)
     fp = plan_footprint(plan)
     assert fp.x0 % 64 == 0 and fp.y0 % 64 == 0 and fp.width <= 4 * 64
+    g = plan.good_box
+    assert fp == Box(g.x0 // 64 * 64, g.y0 // 64 * 64, -(-g.x1 // 64) * 64, -(-g.y1 // 64) * 64)
     far = plan_warp(ds, wcs=make_tan_wcs(ra=10.0, dec=-30.0), box=Box(0, 0, 100, 100), chunks=64)
     assert plan_footprint(far).empty
 
@@ -173,3 +175,24 @@ def test_run_warps_from_a_url(tmp_path, sim):
     assert not repo.is_complete(warp_path(0, 1000), visit_unit(1000))
     kinds = {(r["kind"], r.get("visit"), r["complete"]) for r in repo.inventory()}
     assert ("warp", 1001, True) in kinds
+
+
+def test_mask_planes_are_remapped_to_the_canonical_bits(tmp_path, sim):
+    from pipeline.model.masks import CANONICAL_PLANES
+
+    ds = sim.exposures[0]
+    planes = dict(CANONICAL_PLANES)
+    planes["BAD"], planes["CR"] = CANONICAL_PLANES["CR"], CANONICAL_PLANES["BAD"]
+    bad = ds.mask.values & np.uint32(MaskPlane.BAD) != 0
+    assert bad.any()
+    swapped = np.where(bad, np.uint32(MaskPlane.CR), np.uint32(0)) | (ds.mask.values & ~np.uint32(MaskPlane.BAD | MaskPlane.CR))
+    other = make_dataset(
+        ds.image.values, ds.variance.values, swapped.astype(np.uint32), wcs=ds.coords["wcs"].attrs["fits_header"],
+        planes=planes, attrs=dict(ds.attrs),
+    )
+    repo = make_repo(tmp_path, [other])
+    assert run_units(warp_units(repo), progress=False).ok
+    got = repo.open_warp(0, 1000)
+    expect = warp_exposure(ds.drop_vars(["psf", "psf_x", "psf_y"]), wcs=got.coords["wcs"].attrs["fits_header"],
+                           box=Box.of(got))
+    np.testing.assert_array_equal(got.mask.values, expect.mask.values)
