@@ -692,9 +692,18 @@ P_MAX = 10
 P_ORMASK = 11
 P_FIXED = 12
 
-RADIX_BITS = 16
-RADIX_BINS = 1 << RADIX_BITS
-RADIX_LEVELS = 64 // RADIX_BITS
+#: digit widths of the radix selection, most significant first (they add up to 64 bits); small
+#: digits keep every chunk's histogram small (at most 6 x 2048 counts)
+RADIX_WIDTHS = (12, 11, 11, 10, 10, 10)
+RADIX_LEVELS = len(RADIX_WIDTHS)
+
+
+def radix_digit(level):
+    """``(shift, bins, high)`` of a radix level: digit = (key >> shift) & (bins - 1); the digits
+    above it are ``key >> high`` (``high`` = 64 at level 0, where there are none)."""
+    above = sum(RADIX_WIDTHS[:level])
+    width = RADIX_WIDTHS[level]
+    return 64 - above - width, 1 << width, 64 - above
 
 
 @njit(cache=True, nogil=True)
@@ -799,16 +808,17 @@ def key_values(keys):
 
 
 @njit(cache=True, nogil=True)
-def radix_histogram(keys, valid, level, prefixes, out):
-    """Histogram of the ``level``-th 16-bit digit of ``keys[valid]``.
+def radix_histogram(keys, valid, level, shift, high, prefixes, out):
+    """Histogram of the ``level``-th digit (see :func:`radix_digit`) of ``keys[valid]``.
 
-    Row ``r`` of ``out`` (shape ``(R, RADIX_BINS)``) counts only keys whose higher digits equal
+    Row ``r`` of ``out`` (shape ``(R, bins)``) counts only keys whose higher digits equal
     those of ``prefixes[r]`` (at level 0 every row counts every key).
     """
     nr = out.shape[0]
-    shift = np.uint64(64 - RADIX_BITS * (level + 1))
-    digit_mask = np.uint64(RADIX_BINS - 1)
-    high = np.uint64(64 - RADIX_BITS * level) if level > 0 else np.uint64(0)
+    nbins = out.shape[1]
+    digit_mask = np.uint64(nbins - 1)
+    shift = np.uint64(shift)
+    high = np.uint64(high if level > 0 else 0)
     for i in range(keys.shape[0]):
         if not valid[i]:
             continue

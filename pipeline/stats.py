@@ -672,15 +672,16 @@ def _block_histogram(*blocks, plan, level, present):
         valid &= np.ravel(v) > 0
     keys = K.order_keys(np.where(valid, xf, 0.0))
     rows = 1 if level == 0 else _N_RANKS
-    out = np.zeros((rows, K.RADIX_BINS), dtype=np.int64)
+    shift, bins, high = K.radix_digit(level)
+    out = np.zeros((rows, bins), dtype=np.int64)
     prefixes = extra[0][_R_PREFIX : _R_PREFIX + _N_RANKS] if level else np.zeros(1, np.uint64)
-    K.radix_histogram(keys, valid, level, np.ascontiguousarray(prefixes, dtype=np.uint64), out)
+    K.radix_histogram(keys, valid, level, shift, high, np.ascontiguousarray(prefixes, dtype=np.uint64), out)
     return out.reshape((1,) * ndim + out.shape)
 
 
 def _radix_select(hist, *extra, level):
-    """Advance the radix state by one 16-bit digit per rank."""
-    shift = np.uint64(64 - K.RADIX_BITS * (level + 1))
+    """Advance the radix state by one digit per rank."""
+    shift = np.uint64(K.radix_digit(level)[0])
     if level == 0:
         state = np.zeros(_R_SIZE, dtype=np.uint64)
         n = int(hist[0].sum())
@@ -787,7 +788,7 @@ def _whole_table(values, mask, variance, weights, plan):
             hist = _per_block(
                 _block_histogram,
                 arrs,
-                (rows, K.RADIX_BINS),
+                (rows, K.radix_digit(level)[1]),
                 dtype=np.int64,
                 extra=extra,
                 plan=plan,
