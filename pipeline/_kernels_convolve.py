@@ -15,12 +15,17 @@ import scipy.fft as sfft
 __all__ = ["correlate_varying", "or_dilate", "correlate_direct"]
 
 
-def correlate_varying(ext: np.ndarray, kernels: np.ndarray, wy: np.ndarray, wx: np.ndarray, *, tile: int = 256) -> np.ndarray:
+def correlate_varying(
+    ext: np.ndarray, kernels: np.ndarray, wy: np.ndarray, wx: np.ndarray, *, tile: int = 256, rtol: float = 1e-10
+) -> np.ndarray:
     """``sum_t wy[t, :, None] * wx[t, None, :] * (kernels[t] correlated with ext)`` on the valid region.
 
-    ``ext`` must be finite (float64). The correlations run as FFTs on overlapping tiles of at
-    most ``tile x tile`` output pixels: one forward transform per tile shared by all components,
-    one inverse transform per component, so the cost per pixel does not depend on the kernel size.
+    ``ext`` must be finite (float64). When the kernels span at most half as many independent
+    images (singular values above ``rtol`` times the largest), they are replaced by that span: a
+    spatially constant kernel model then needs a single transform. The correlations then run as FFTs on overlapping tiles of at most
+    ``tile x tile`` output pixels: one forward transform per tile shared by all components and one
+    inverse transform per independent component, so the cost per pixel does not grow with the
+    kernel size.
     """
     n_t, k, k2 = kernels.shape
     if k != k2 or k % 2 == 0:
@@ -30,11 +35,22 @@ def correlate_varying(ext: np.ndarray, kernels: np.ndarray, wy: np.ndarray, wx: 
     out = np.zeros((ny, nx), dtype=np.float64)
     if ny <= 0 or nx <= 0:
         return out
+    u, sv, vt = np.linalg.svd(kernels.reshape(n_t, -1), full_matrices=False)
+    keep = sv > rtol * sv[0] if sv[0] > 0 else np.zeros(sv.shape, bool)
+    if not keep.any():
+        return out
+    if 2 * keep.sum() <= n_t:  # mixing costs n_t multiply-adds per component and pixel: only when it pays
+        comps = vt[keep].reshape(-1, k, k)
+        mix = np.ascontiguousarray(u[:, keep] * sv[keep])
+    else:
+        comps, mix = kernels, np.empty((0, 0))
+    wy = np.ascontiguousarray(wy, dtype=np.float64)
+    wx = np.ascontiguousarray(wx, dtype=np.float64)
     ty, tx = min(tile, ny), min(tile, nx)
     fy = sfft.next_fast_len(ty + 2 * h, real=True)
     fx = sfft.next_fast_len(tx + 2 * h, real=True)
-    padded = np.zeros((n_t, fy, fx), dtype=np.float64)
-    padded[:, :k, :k] = kernels[:, ::-1, ::-1]
+    padded = np.zeros((comps.shape[0], fy, fx), dtype=np.float64)
+    padded[:, :k, :k] = comps[:, ::-1, ::-1]
     kf = sfft.rfft2(padded, axes=(-2, -1))
     buf = np.zeros((fy, fx), dtype=np.float64)
     for y0 in range(0, ny, ty):
@@ -44,13 +60,37 @@ def correlate_varying(ext: np.ndarray, kernels: np.ndarray, wy: np.ndarray, wx: 
             buf[...] = 0.0
             buf[: y1 - y0 + 2 * h, : x1 - x0 + 2 * h] = ext[y0 : y1 + 2 * h, x0 : x1 + 2 * h]
             spec = sfft.rfft2(buf)
-            comps = sfft.irfft2(kf * spec[None], s=(fy, fx), axes=(-2, -1))
-            acc = out[y0:y1, x0:x1]
-            for t in range(n_t):
-                acc += comps[t, 2 * h : 2 * h + y1 - y0, 2 * h : 2 * h + x1 - x0] * (
-                    wy[t, y0:y1, None] * wx[t, None, x0:x1]
-                )
+            conv = sfft.irfft2(kf * spec[None], s=(fy, fx), axes=(-2, -1))
+            _combine(out, conv, mix, wy, wx, y0, y1, x0, x1, 2 * h)
     return out
+
+
+@numba.njit(cache=True, nogil=True)
+def _combine(out, conv, mix, wy, wx, y0, y1, x0, x1, off):
+    """``out[y, x] += sum_r conv[r] * g_r(y, x)`` with ``g_r = sum_t mix[t, r] wy[t, y] wx[t, x]``
+    (``mix`` empty: ``g_r = wy[r, y] wx[r, x]``)."""
+    n_r = conv.shape[0]
+    n_t = wy.shape[0]
+    mixed = mix.shape[0] > 0
+    b = np.empty((n_t, n_r))
+    for i in range(y0, y1):
+        ci = off + i - y0
+        if mixed:
+            for t in range(n_t):
+                for r in range(n_r):
+                    b[t, r] = mix[t, r] * wy[t, i]
+        for j in range(x0, x1):
+            cj = off + j - x0
+            acc = 0.0
+            for r in range(n_r):
+                if mixed:
+                    g = 0.0
+                    for t in range(n_t):
+                        g += b[t, r] * wx[t, j]
+                else:
+                    g = wy[r, i] * wx[r, j]
+                acc += g * conv[r, ci, cj]
+            out[i, j] += acc
 
 
 def correlate_direct(ext: np.ndarray, kernel: np.ndarray) -> np.ndarray:

@@ -715,7 +715,7 @@ def _image_block(ext, *, geom, kern, block_info=None):
     if has_bad:
         ext = np.where(bad, 0.0, ext)
     out = correlate_varying(ext, kern["comps"], wy, wx)
-    out /= np.einsum("t,ti,tj->ij", kern["sums"], wy, wx)
+    out /= (kern["sums"][:, None] * wy).T @ wx
     if has_bad:
         out[or_dilate(bad, kern["footprint"])] = np.nan
     out[_border(loc, geom["shape"], kern["h"])] = np.nan
@@ -740,7 +740,7 @@ def _variance_block(ext, *, geom, kern, block_info=None):
     if bad.any():
         ext = np.where(bad, 0.0, ext)
     out = correlate_varying(ext, np.array(prods), np.array(pwy), np.array(pwx))
-    norm = np.einsum("t,ti,tj->ij", kern["sums"], wy, wx)
+    norm = (kern["sums"][:, None] * wy).T @ wx
     out /= norm * norm
     if inf.any():
         out[or_dilate(inf, kern["footprint"])] = np.inf

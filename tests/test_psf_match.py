@@ -167,6 +167,13 @@ def test_correlate_varying_and_or_dilate_against_direct(rng):
     got = correlate_varying(ext, kernels, wy, wx, tile=16)
     want = sum(correlate_direct(ext, kernels[t]) * np.outer(wy[t], wx[t]) for t in range(3))
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-11)
+    # kernels spanning one image (a spatially constant model) take the reduced path: one transform
+    low = np.outer([1.0, -0.5, 2e-3, 0.0], rng.normal(size=81)).reshape(4, 9, 9)
+    wy4, wx4 = rng.normal(size=(4, 62)), rng.normal(size=(4, 53))
+    got = correlate_varying(ext, low, wy4, wx4, tile=20)
+    want = sum(correlate_direct(ext, low[t]) * np.outer(wy4[t], wx4[t]) for t in range(4))
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-11)
+    np.testing.assert_array_equal(correlate_varying(ext, np.zeros((2, 9, 9)), wy4[:2], wx4[:2]), 0.0)
     m = rng.integers(0, 2**16, size=(30, 30)).astype(np.uint32)
     fp = np.ones((5, 5), bool)
     fp[0, 4] = False
