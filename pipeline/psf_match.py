@@ -838,11 +838,13 @@ def model_psf_match(
 ) -> tuple[xr.Dataset, KernelModel]:
     """Convolve ``exposure`` so that its PSF (the ``psf`` variable) becomes ``reference_psf``.
 
-    Returns the matched exposure (lazy when the input is dask-backed; ``psf`` = the reference model
-    realised on the stamp size used by the fit) and the fitted :class:`KernelModel`, whose
-    ``report`` gives per cell the achieved PSF (science PSF (x) kernel) and its residual against
-    the target. The kernel solve touches only the PSF models and runs at once; the convolution
-    of the pixels is lazy.
+    Returns the matched exposure (lazy when the input is dask-backed) and the fitted
+    :class:`KernelModel`, whose ``report`` gives per cell the achieved PSF (science PSF (x) kernel)
+    and its residual against the target (maximum relative to the target peak, also in the
+    exposure's ``psf_match_residual_max`` attribute). The output's ``psf`` is the achieved PSF on a
+    grid of nodes (``declared_psf='achieved'``) or the target model (``'target'``), on the stamp
+    size of the fit. The kernel solve touches only the PSF models; the convolution of the pixels
+    is lazy.
 
     Notes
     -----
@@ -855,15 +857,26 @@ def model_psf_match(
     = spatialModelType/spatialKernelOrder, ``size_cell_x/y`` = sizeCellX/Y, ``do_auto_pad_psf``,
     ``auto_pad_psf_to``, ``pad_psf_by`` = doAutoPadPsf, autoPadPsfTo, padPsfBy,
     ``check_condition_number``/``max_condition_number``/``max_spatial_condition_number`` =
-    checkConditionNumber/maxConditionNumber/
-    maxSpatialConditionNumber, ``use_regularization``, ``regularization_type``,
+    checkConditionNumber/maxConditionNumber/maxSpatialConditionNumber (numerically singular fits
+    always raise), ``use_regularization``, ``regularization_type``,
     ``central_regularization_stencil``, ``forward_regularization_orders``,
     ``regularization_border_penalty``, ``lambda_value`` = the DF regularisation fields (lambdaType
     absolute only). ``flux_conservation='reference'`` reproduces the reference's overwrite of the
     constant coefficient by ``kernelSum = 1``; the default rescales by the fitted sum.
-    ``max_width_ratio`` and ``declared_psf`` have no reference counterpart (the reference declares the
-    target model; by default we declare the achieved PSF, which is what the pixels really have). Not implemented: fitForBackground (off in
-    the reference), PCA of the spatial kernel, clipping (all off in ModelPsfMatch).
+    ``grow_cell_grid=True`` gives the reference's cell layout (cells over the exposure grown by one
+    cell per side, PSFs extrapolated there); by default the cells span the exposure itself
+    (``max_cells_per_axis``), which keeps a spatially varying match uniform up to the corners.
+    ``max_width_ratio`` and ``declared_psf`` have no reference counterpart (the reference declares
+    the target model; by default we declare the achieved PSF, what the pixels really have). Not
+    implemented: fitForBackground (off in ModelPsfMatch), PCA of the spatial kernel, clipping (all
+    off in ModelPsfMatch), the kernelSum argument (always 1).
+
+    The convolution is exact at every pixel (no 10-pixel interpolation grid of kernel images) and
+    costs one forward FFT per tile plus one inverse FFT per independent component kernel.
+
+    With an in-memory ``psf`` variable the solve runs now and errors raise at once; with a lazy
+    (dask) one it becomes a delayed task, the returned kernel model is a ``dask.delayed`` object and
+    PSF-dependent errors raise when the graph runs.
     """
     validate(exposure)
     ids = data_ids(exposure)
