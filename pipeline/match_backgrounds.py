@@ -476,6 +476,7 @@ def match_backgrounds(
     gy = fixed_edge_layout(height, config.bin_size).astype(np.float64)
     and_mask = bitmask(config.bad_mask_planes, planes, strict=False)
     scfg = config.stats_config(and_mask)
+    same_grids = np.array_equal(xedges, gx) and np.array_equal(yedges, gy)
 
     if config.ref_visit is not None:
         if config.ref_visit not in visits:
@@ -516,8 +517,11 @@ def match_backgrounds(
         d_mask = ref_mask | masks[k]
         cells = cell_statistics(d_image, d_mask, yedges=yedges, xedges=xedges, statistic=config.grid_statistic,
                                 stats_config=scfg)
-        gcells = cell_statistics(d_image, d_mask, yedges=gy.astype(np.int64), xedges=gx.astype(np.int64),
-                                 statistic=config.grid_statistic, stats_config=scfg)
+        if same_grids:  # the bin size divides the image: both grids are the same cells
+            gcells = cells
+        else:
+            gcells = cell_statistics(d_image, d_mask, yedges=gy.astype(np.int64), xedges=gx.astype(np.int64),
+                                     statistic=config.grid_statistic, stats_config=scfg)
         plan = dask.delayed(_plan_visit, pure=True)(
             cells, gcells, is_ref[k], mode=mode, xc=xc, yc=yc, gx=gx, gy=gy, width=width, height=height,
             style=style, reduce=reduce, order=order, weighting=config.approx_weighting,
