@@ -930,11 +930,8 @@ def plot_match_diagnostics(result: MatchResult, visit, path) -> None:
     This computes the model image and the diagnostic grid of that visit (it is a reporting helper,
     meant to be called from notebooks or the CLI, not inside a graph).
     """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
     import matplotlib.colors as mcolors
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     if visit not in result.visits:
         raise ValueError(f"visit {visit} is not among the matched visits {result.visits}")
@@ -944,7 +941,8 @@ def plot_match_diagnostics(result: MatchResult, visit, path) -> None:
     X, Y, Z, dZ, model = plan["X"], plan["Y"], plan["Z"], plan["dZ"], plan["model"]
     x0, y0 = int(model_da.x[0]), int(model_da.y[0])
     dy, dx = model_img.shape
-    fig, axes = plt.subplots(1, 2, figsize=(10, 5), sharex=True, sharey=True, layout="constrained")
+    fig = Figure(figsize=(10, 5), layout="constrained")  # no pyplot: no global figure or backend state
+    axes = fig.subplots(1, 2, sharex=True, sharey=True)
     extent = (x0 - 0.5, x0 + dx - 0.5, y0 + dy - 0.5, y0 - 0.5)
     if Z.size == 0 or model.size == 0:
         axes[0].imshow(model_img, extent=extent, cmap="Spectral")
@@ -966,4 +964,3 @@ def plot_match_diagnostics(result: MatchResult, visit, path) -> None:
     axes[0].set_xlim(x0, x0 + dx)
     axes[0].set_ylim(y0 + dy, y0)
     fig.savefig(path, format="png")
-    plt.close(fig)
