@@ -187,6 +187,39 @@ def kernel_weights(f, order, bilinear, linear, cb, sb, out):
 
 
 @numba.njit(**_NOGIL)
+def kernel_table(order, linear, size):
+    """Lanczos-n weights tabulated at ``f = k / size``, ``k = 0 .. size`` (row ``size``: ``f -> 1``)."""
+    n = order
+    cb, sb = trig_tables(n)
+    table = np.zeros((size + 1, 2 * n))
+    for k in range(size):
+        kernel_weights(k / size, n, False, linear, cb, sb, table[k])
+    table[size, n] = 1.0
+    return table
+
+
+@numba.njit(**_NOGIL)
+def table_weights(f, table, out):
+    """Weights at ``f`` linearly interpolated in ``table`` (exact delta at ``f == 0``); returns their sum."""
+    size = table.shape[0] - 1
+    m = table.shape[1]
+    total = 0.0
+    if f == 0.0:
+        for a in range(m):
+            out[a] = table[0, a]
+            total += out[a]
+        return total
+    u = f * size
+    k = min(int(u), size - 1)
+    r = u - k
+    for a in range(m):
+        w = table[k, a] + r * (table[k + 1, a] - table[k, a])
+        out[a] = w
+        total += w
+    return total
+
+
+@numba.njit(**_NOGIL)
 def count_blocks(
     nodes_x, nodes_y, gx0, gy0, step, y_edges, x_edges, valid, out_count, out_range, out_dst
 ):
@@ -293,12 +326,14 @@ def warp_block(
     grow_full,
     nodata,
     scale,
+    table,
 ):
     """Warp one destination block (spec warping.md section 1.3, with the bad-tap rule below).
 
     ``src_*`` is the source window whose element [0, 0] is source pixel ``(win_x0, win_y0)``; it must
     hold every tap of every good pixel. ``valid`` as in :func:`count_blocks`. ``scale`` multiplies the
-    image (its square the variance): the photometric calibration.
+    image (its square the variance): the photometric calibration. ``table`` (from :func:`kernel_table`,
+    or an empty array for exact evaluation) tabulates the Lanczos weights.
 
     Bad taps: a source pixel whose image or variance is not finite, or whose mask has ``nodata``, is
     bad. If a bad pixel has non-zero *bilinear* weight the output pixel is no-data (NaN, +inf,
@@ -315,6 +350,7 @@ def warp_block(
     nan = np.nan
     inf = np.inf
     has_bad, has_grow = window_flags(src_img, src_var, src_msk, nodata, grow_full)
+    use_table = table.shape[0] > 1 and not bilinear
     # rows of source positions: current row Y and previous row Y-1, for X in [dst_x0-1, dst_x0+nx)
     cur_x = np.empty(nx + 1)
     cur_y = np.empty(nx + 1)
@@ -343,8 +379,12 @@ def warp_block(
             j = int(fj)
             fx = x - i
             fy = y - j
-            sx = kernel_weights(fx, n, bilinear, linear, cb, sb, wx)
-            sy = kernel_weights(fy, n, bilinear, linear, cb, sb, wy)
+            if use_table:
+                sx = table_weights(fx, table, wx)
+                sy = table_weights(fy, table, wy)
+            else:
+                sx = kernel_weights(fx, n, bilinear, linear, cb, sb, wx)
+                sy = kernel_weights(fy, n, bilinear, linear, cb, sb, wy)
             base_x = i - (n - 1) - win_x0
             base_y = j - (n - 1) - win_y0
             core_bad = False
