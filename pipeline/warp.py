@@ -6,6 +6,12 @@ chunks the exposure touches and which source window each of them needs; :func:`w
 applies a plan to the image, variance, mask and PSF of the exposure. The dask graph is driven by
 output blocks: a covered destination chunk depends only on the source chunks under its window, an
 uncovered one is a no-data fill task with no dependency at all.
+
+Departures from the reference (each documented where it happens): NaN/NO_DATA source pixels do not
+poison neighbours outside their bilinear footprint; Lanczos taps are corrected to zero first moment
+(``reproduce_linear``, off = reference numerics); every warp records the
+``variance_correlation_factor`` its kernel implies; the interpolation lattice is anchored in the
+destination frame, so a pixel's value does not depend on the box or chunking it is computed in.
 """
 
 from __future__ import annotations
