@@ -277,11 +277,9 @@ def stack(
             dtype=np.float64,
             meta=np.empty((0, 0, 0), dtype=np.float64),
         )
-        outs = (
-            packed[0].astype(np.float32),
-            packed[1].astype(np.float32),
-            packed[2].astype(np.uint32),
-            packed[3].astype(np.uint16),
+        outs = tuple(
+            packed.map_blocks(_unpack, index=i, out_dtype=dt, drop_axis=0, dtype=dt, meta=np.empty((0, 0), dt))
+            for i, dt in enumerate((np.float32, np.float32, np.uint32, np.uint16))
         )
     else:
         outs = plan.run(np.asarray(image), np.asarray(variance), np.asarray(mask), np.asarray(wdata))
@@ -304,6 +302,10 @@ def stack(
         out.attrs["provenance"] = ds.attrs["provenance"]
     out.attrs["kind"] = "coadd"
     return with_provenance(out, "stack", config)
+
+
+def _unpack(block, *, index, out_dtype):
+    return block[index].astype(out_dtype)
 
 
 def _weights_vector(weights, ds: xr.Dataset, ids):
