@@ -85,16 +85,16 @@ def ingest(files, url, overwrite, psf_files, pixel_scale, patch_size, patch_bord
     """
     from pipeline.model.skymap import SkyMap
 
-    from .ingest import ingest_files
+    from .ingest import ingest_datasets, read_all
 
     if psf_files and len(psf_files) != len(files):
         raise click.BadParameter(f"got {len(psf_files)} --psf files for {len(files)} exposures", param_hint="--psf")
     psf_map = {f: p for f, p in zip(files, psf_files)} if psf_files else None
     tract_kw = {"pixel_scale_arcsec": pixel_scale, "patch_inner": (patch_size, patch_size), "patch_border": patch_border}
     skymap = SkyMap.discrete([tract_centre], tract_overlap_deg=tract_overlap, **tract_kw) if tract_centre else None
+    exposures = read_all(files, psf_files=psf_map)  # every file checked before the repository is touched
     repo = _open(url, create=True, mode="a")
-    report = ingest_files(repo, files, overwrite=overwrite, psf_files=psf_map, skymap=skymap,
-                          skymap_kwargs=tract_kw, on_item=_echo)
+    report = ingest_datasets(repo, exposures, overwrite=overwrite, skymap=skymap, skymap_kwargs=tract_kw, on_item=_echo)
     _echo(f"{len(report.written)} exposure(s) ingested, {len(report.skipped)} skipped (already there; use --overwrite) into {repo.url}")
 
 

@@ -17,6 +17,7 @@ import xarray as xr
 from pipeline.assemble import AssembleCoaddConfig, assemble_coadd
 from pipeline.errors import RepositoryError
 from pipeline.io.repo import Repository, coadd_path, patch_unit, warp_path
+from pipeline.model.schema import NJY_ZERO_POINT
 from pipeline.model.skymap import Patch, SkyMap, Tract
 from pipeline.model.wcs import get_wcs
 
@@ -92,7 +93,7 @@ def coadd_units(
         for b, visits in sorted(coverage.items()):
             if band is not None and b != band:
                 continue
-            product = repo.create_coadd(t, b, name)
+            product = repo.create_coadd(t, b, name, attrs={"bunit": "nJy", "zero_point": NJY_ZERO_POINT})
             for patch in t.patches():
                 if wanted is not None and patch.index not in wanted:
                     continue
