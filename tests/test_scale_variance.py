@@ -73,6 +73,9 @@ def test_correlated_noise_factors():
         pixel, img = dask.compute(*compute_scale_factors(_exposure(image, np.full((h, w), plane)), config=cfg))
         np.testing.assert_allclose(pixel, expected, rtol=0.012)
         np.testing.assert_allclose(img, expected, rtol=0.012)
+        # default 32-pixel cells: the predicted bias -1 / (sum(k**2) 1024) = -0.69 % is visible
+        pixel = compute_scale_factors(_exposure(image, np.full((h, w), plane))).pixel_factor.compute()
+        np.testing.assert_allclose(pixel, expected * (1.0 - 1.0 / (sum_k2 * 32 * 32)), rtol=0.004)
     # the reference's own test: two-tap correlation with unit marginal variance gives 1
     r1 = 0.4
     base = rng.normal(size=(h, w + 1))
