@@ -54,12 +54,12 @@ def test_units_write_psf_matched_warps_beside_direct(tmp_path, sim):
         visit = ds.attrs["visit"]
         got = repo.open_warp(tract.id, visit, kind="psf_matched")
         assert got.attrs["kind"] == "psf_matched_warp" and got.attrs["bunit"] == "nJy"
-        # the same as the lazy function on the in-memory exposure
-        box = Box.of(got)
-        expect = psf_matched_warp([ds], wcs=tract.wcs_header(), box=box, chunks=16).compute()
-        for name in ("image", "variance"):
-            np.testing.assert_allclose(got[name].values, expect[name].values, rtol=1e-6, atol=1e-6, equal_nan=True)
-        np.testing.assert_array_equal(got["mask"].values, expect["mask"].values)
+        if visit == 1000:  # the same as the lazy function on the in-memory exposure
+            expect = psf_matched_warp([ds], wcs=tract.wcs_header(), box=Box.of(got), chunks=16).compute()
+            for name in ("image", "variance"):
+                np.testing.assert_allclose(got[name].values, expect[name].values, rtol=1e-6, atol=1e-6,
+                                           equal_nan=True)
+            np.testing.assert_array_equal(got["mask"].values, expect["mask"].values)
         # good pixels: the direct warp's good region shrunk by the kernel radius
         direct = repo.open_warp(tract.id, visit)
         good_direct = (direct["mask"].values & NO_DATA) == 0
