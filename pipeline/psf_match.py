@@ -28,7 +28,7 @@ from .errors import SchemaError, SkystackError
 from .model.geometry import Box
 from .model.masks import bitmask
 from .model.schema import PSF_DIMS, data_ids, mask_planes, validate, with_provenance
-from .psf import FWHM_PER_SIGMA, GridPsf, PsfModel, odd_size
+from .psf import FWHM_PER_SIGMA, GridPsf, PsfModel
 
 __all__ = [
     "PsfMatchError",

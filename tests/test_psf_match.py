@@ -16,7 +16,7 @@ from pipeline.errors import SchemaError
 from pipeline.model.geometry import Box
 from pipeline.model.masks import MaskPlane
 from pipeline.model.schema import make_dataset, provenance
-from pipeline.psf import DoubleGaussianPsf, GaussianPsf, GridPsf, adaptive_moments, model_psf
+from pipeline.psf import GaussianPsf, GridPsf, adaptive_moments, model_psf
 from pipeline.psf_match import (
     KernelModel,
     MatchedPsf,
