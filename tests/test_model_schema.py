@@ -96,3 +96,18 @@ def test_empty_frame_is_no_data(tan_wcs):
     assert np.all(np.isnan(ds.image.values)) and np.all(ds.mask.values == 256)
     assert np.all(np.isinf(ds.variance.values))
     assert isinstance(ds, xr.Dataset)
+
+
+def test_singular_wcs_rejected_relative_to_scale():
+    from astropy.wcs import WCS
+
+    from pipeline.model.wcs import check_celestial
+
+    w = WCS(naxis=2)
+    w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    w.wcs.crval = [10.0, 10.0]
+    w.wcs.cd = np.array([[1e-5, 1e-5], [1e-5, 1e-5]])
+    with pytest.raises(SchemaError, match="singular pixel scale matrix"):
+        check_celestial(w)
+    w.wcs.cd = np.array([[-1e-9, 0.0], [0.0, 1e-9]])  # tiny but regular pixels are fine
+    check_celestial(w)

@@ -78,8 +78,10 @@ def check_celestial(wcs: WCS, *, what: str = "WCS") -> None:
     except Exception as exc:  # astropy raises several kinds here
         raise SchemaError(f"{what} has no usable pixel scale matrix: {exc}") from None
     det = float(np.linalg.det(matrix))
-    if not np.isfinite(det) or abs(det) < 1e-30:
-        raise SchemaError(f"{what} has a singular pixel scale matrix (determinant {det:g})")
+    with np.errstate(all="ignore"):
+        cond = float(np.linalg.cond(matrix)) if np.all(np.isfinite(matrix)) else np.inf
+    if not np.isfinite(det) or det == 0.0 or not np.isfinite(cond) or cond > 1e10:
+        raise SchemaError(f"{what} has a singular pixel scale matrix (determinant {det:g}, condition number {cond:.3g})")
 
 
 def shift_header(header_string: str, dx: float, dy: float) -> str:
