@@ -467,22 +467,22 @@ def _row_moments(X, W, V, G, nk, nx, centre, width, error_mode, mean, var, errva
         cnt[j] = 0
     for k in range(nk):
         for j in range(nx):
-            keep = G[k, j] and abs(X[k, j] - centre[j]) <= width[j]
+            keep = G[k, j] & (abs(X[k, j] - centre[j]) <= width[j])
             w = W[k, j] if keep else 0.0
             x = X[k, j]
-            v = V[k, j]
+            v = V[k, j] if keep else 0.0
             s1[j] += w
             s2[j] += w * w
             a1[j] += w * x
             a2[j] += w * w * v
             a3[j] += w * v
-            cnt[j] += 1 if keep else 0
+            cnt[j] += np.int64(keep)
     for j in range(nx):
         mean[j] = a1[j] / s1[j] if (cnt[j] > 0 and s1[j] != 0.0) else np.nan
         a1[j] = 0.0
     for k in range(nk):
         for j in range(nx):
-            keep = G[k, j] and abs(X[k, j] - centre[j]) <= width[j]
+            keep = G[k, j] & (abs(X[k, j] - centre[j]) <= width[j])
             d = X[k, j] - mean[j]
             a1[j] += W[k, j] * d * d if keep else 0.0
     for j in range(nx):
@@ -545,6 +545,8 @@ def stack_pixels(
     W = np.empty((nk, nx), dtype=np.float64)
     V = np.empty((nk, nx), dtype=np.float64)
     G = np.empty((nk, nx), dtype=np.bool_)
+    M = np.empty((nk, nx), dtype=np.uint32)
+    WR = np.empty((nk, nx), dtype=np.float64)
     Y = np.empty((size, nx), dtype=np.float64)
     n = np.empty(nx, dtype=np.int64)
     n_unmasked = np.empty(nx, dtype=np.int64)
@@ -585,27 +587,32 @@ def stack_pixels(
                 mk = np.uint32(mask[k, i, j])
                 xk = np.float64(image[k, i, j])
                 vk = np.float64(variance[k, i, j])
+                M[k, j] = mk
                 any_mask[j] |= mk
                 unmasked = (mk & andm) == 0
-                if unmasked:
-                    n_unmasked[j] += 1
-                wk = wconst
-                wvalid = True
+                n_unmasked[j] += np.int64(unmasked)
                 if weight_mode == WEIGHT_INVERSE_VARIANCE:
                     wvalid = vk > 0.0
                     wk = 1.0 / vk if wvalid else 0.0
-                good = unmasked and wvalid and math.isfinite(xk)
+                else:
+                    wvalid = True
+                    wk = wconst
+                good = unmasked & wvalid & math.isfinite(xk)
                 G[k, j] = good
+                WR[k, j] = wk
                 X[k, j] = xk if good else 0.0
                 W[k, j] = wk if good else 0.0
                 V[k, j] = vk if good else 0.0
                 Y[k, j] = xk if good else np.inf
-                n[j] += 1 if good else 0
+                n[j] += np.int64(good)
                 orm[j] |= mk if good else np.uint32(0)
                 s1[j] += wk if good else 0.0
-                for b in range(nprop):
-                    hit = (not good) and wvalid and (mk & prop_bits[b]) != 0
-                    rejected[b, j] += wk if hit else 0.0
+        for b in range(nprop):
+            bit = prop_bits[b]
+            for k in range(nk):
+                for j in range(nx):
+                    hit = (not G[k, j]) & ((M[k, j] & bit) != 0)
+                    rejected[b, j] += WR[k, j] if hit else 0.0
         if need_sort:
             for k in range(nk, size):
                 for j in range(nx):
