@@ -261,9 +261,11 @@ def stack(
         chunks = ((nvisit,),) + arrs[0].chunks[1:]
         arrs = [a.rechunk(chunks) for a in arrs]
         w = da.asarray(wdata).astype(np.float64).rechunk(-1)
+        # the visit axis is one chunk, so it can index the output too: each block function then
+        # sees its input blocks as they are (no concatenation copy) and returns 4 output planes
         packed = da.blockwise(
             plan.packed,
-            "oyx",
+            "vyx",
             arrs[0],
             "vyx",
             arrs[1],
@@ -272,8 +274,7 @@ def stack(
             "vyx",
             w,
             "v",
-            new_axes={"o": 4},
-            concatenate=True,
+            adjust_chunks={"v": 4},
             dtype=np.float64,
             meta=np.empty((0, 0, 0), dtype=np.float64),
         )
