@@ -21,6 +21,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
+import xarray as xr
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from . import _kernels_stats as K
@@ -371,6 +372,10 @@ def compute_statistics(
     order of the samples, so results do not depend on the sample order.
     """
     stats = _as_stats(statistics)
+    # DataArrays are reduced through their (numpy or dask) data; dimensions are positional
+    values, mask, variance, weights = (
+        a.data if isinstance(a, xr.DataArray) else a for a in (values, mask, variance, weights)
+    )
     if not isinstance(config, StatsConfig):
         raise SchemaError(f"config must be a StatsConfig, got {type(config).__name__}")
     if weights is not None and not config.weighted:
