@@ -184,14 +184,19 @@ def export(url, tract, patch, band, visit, detector, kind, output, overwrite):
 @click.option("--tract", type=int, default=None, help="Only this tract (default: every tract the data touch).")
 @click.option("--visit", "visits", type=int, multiple=True, help="Only these visits (repeatable).")
 @click.option("--overwrite", is_flag=True, help="Redo warps that are already complete.")
+@click.option("--psf-matched/--direct-only", default=True, show_default=True,
+              help="Also make PSF-matched warps (ModelPsfMatch to the model PSF, FWHM 7.7 px).")
 @click.pass_context
-def warp(ctx, url, tract, visits, overwrite):
-    """Warp every visit onto the tracts it touches (direct warps, Lanczos3, calibrated to nJy)."""
+def warp(ctx, url, tract, visits, overwrite, psf_matched):
+    """Warp every visit onto the tracts it touches: direct warps (Lanczos3, nJy) and PSF-matched warps."""
     from .execute import run_units
+    from .psf_matched_warps import psf_matched_warp_units
     from .warps import warp_units
 
     repo = _open(url, mode="r+")
     units = warp_units(repo, tract=tract, visits=visits or None, overwrite=overwrite)
+    if psf_matched:
+        units += psf_matched_warp_units(repo, tract=tract, visits=visits or None, overwrite=overwrite)
     with _client(ctx) as client:
         report = run_units(units, client=client)
     _finish(report, "warp")

@@ -118,9 +118,9 @@ def test_warp_coadd_export_recovers_star_fluxes(sim, fits_files, tmp_path):
     repo_path = tmp_path / "repo.zarr"
     _run("ingest", *fits_files, "--repo", repo_path, "--patch-size", 400, "--patch-border", 20)
     warp = _run("warp", "--repo", repo_path)
-    assert "3 done, 0 skipped, 0 failed" in warp.output
+    assert "6 done, 0 skipped, 0 failed" in warp.output
     again = _run("warp", "--repo", repo_path)
-    assert "0 done, 3 skipped" in again.output
+    assert "0 done, 6 skipped" in again.output
     coadd = _run("coadd", "--repo", repo_path)
     assert "failed" in coadd.output and " 0 failed" in coadd.output
     repo = open_repo(repo_path)
@@ -131,6 +131,13 @@ def test_warp_coadd_export_recovers_star_fluxes(sim, fits_files, tmp_path):
     _run("export", "--repo", repo_path, "--tract", 0, "--patch", "0,0", "--band", "r", "-o", out)
     exported = read_fits(out)
     assert exported.attrs["bunit"] == "nJy" and "n_image" in exported
+
+    for kind in ("direct", "psf_matched"):
+        wout = tmp_path / f"warp_{kind}.fits"
+        _run("export", "--repo", repo_path, "--tract", 0, "--patch", "0,0", "--visit", 1000, "--kind", kind, "-o", wout)
+        w = read_fits(wout)
+        assert w.attrs["bunit"] == "nJy" and w.attrs["visit"] == 1000
+        assert 0.05 < np.isfinite(w["image"].values).mean() <= 1.0
 
     c = repo.open_coadd(0, "r").compute()
     w = get_wcs(c)
