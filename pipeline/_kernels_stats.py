@@ -681,6 +681,77 @@ def stack_pixels(
 
 
 
+@njit(cache=True, nogil=True)
+def online_mean_pixels(
+    image, variance, mask, weights, and_mask, prop_bits, prop_thr, map_from, map_to, no_data, from_input_variance,
+    out_image, out_variance, out_mask, out_n,
+):
+    """Accumulated weighted mean of ``(K, ny, nx)`` planes (the reference's online mean stack).
+
+    Inputs without an and-mask bit and with a finite image value are accumulated, planes in
+    order; propagated bits count the weight of every input carrying them; the mask map applies
+    where a mapped and-mask bit was seen; ``no_data`` is ORed where the summed weight is <= 0.
+    """
+    nk, ny, nx = image.shape
+    nprop = prop_bits.shape[0]
+    rejected = np.zeros(max(nprop, 1), dtype=np.float64)
+    andm = np.uint32(and_mask)
+    for i in range(ny):
+        for j in range(nx):
+            sw = 0.0
+            swx = 0.0
+            sw2v = 0.0
+            sw2 = 0.0
+            swx2 = 0.0
+            orm = np.uint32(0)
+            seen = np.uint32(0)
+            n_unmasked = 0
+            for b in range(nprop):
+                rejected[b] = 0.0
+            for k in range(nk):
+                mk = np.uint32(mask[k, i, j])
+                xk = np.float64(image[k, i, j])
+                wk = np.float64(weights[k])
+                if (mk & andm) == 0:
+                    n_unmasked += 1
+                    if math.isfinite(xk):
+                        sw += wk
+                        swx += wk * xk
+                        sw2v += wk * wk * np.float64(variance[k, i, j])
+                        sw2 += wk * wk
+                        swx2 += wk * xk * xk
+                        orm |= mk
+                for b in range(nprop):
+                    if (mk & prop_bits[b]) != 0:
+                        rejected[b] += wk
+                seen |= mk & andm
+            mean = swx / sw if sw != 0.0 else np.nan
+            if from_input_variance:
+                errvar = sw2v / (sw * sw) if sw != 0.0 else np.nan
+            else:
+                denom = sw * sw - sw2
+                if sw != 0.0 and denom != 0.0:
+                    var = (swx2 / sw - mean * mean) * (sw * sw) / denom
+                    errvar = var * sw2 / (sw * sw)
+                else:
+                    errvar = np.nan
+            for b in range(nprop):
+                total = sw + rejected[b]
+                if total != 0.0 and rejected[b] / total > prop_thr[b]:
+                    orm |= prop_bits[b]
+            for p in range(map_from.shape[0]):
+                if (seen & map_from[p]) != 0:
+                    orm |= map_to[p]
+            if not (sw > 0.0):
+                orm |= np.uint32(no_data)
+                mean = np.nan
+                errvar = np.nan
+            out_image[i, j] = mean
+            out_variance[i, j] = errvar
+            out_mask[i, j] = orm
+            out_n[i, j] = n_unmasked
+
+
 # ---------------------------------------------------------------------------------------------
 # whole-array reductions in mergeable pieces (one call per chunk)
 

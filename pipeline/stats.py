@@ -435,14 +435,14 @@ def _numpy_table(values, mask, variance, weights, plan, axis):
 def clipped_mean(values, *, mask=None, variance=None, weights=None, axis=None, config: StatsConfig = StatsConfig()):
     """MEANCLIP of ``values`` (see :func:`compute_statistics`)."""
     return compute_statistics(
-        values, mask=mask, variance=variance, weights=weights, axis=axis, statistics=(Statistic.MEANCLIP,), config=config
+        values, mask=mask, variance=variance, weights=weights, axis=axis, statistics=Statistic.MEANCLIP, config=config
     )[Statistic.MEANCLIP]
 
 
 def clipped_stdev(values, *, mask=None, variance=None, weights=None, axis=None, config: StatsConfig = StatsConfig()):
     """STDEVCLIP of ``values`` (see :func:`compute_statistics`)."""
     return compute_statistics(
-        values, mask=mask, variance=variance, weights=weights, axis=axis, statistics=(Statistic.STDEVCLIP,), config=config
+        values, mask=mask, variance=variance, weights=weights, axis=axis, statistics=Statistic.STDEVCLIP, config=config
     )[Statistic.STDEVCLIP]
 
 

@@ -166,7 +166,8 @@ def test_nan_width_or_centre_gives_nan():
     r = compute_statistics(np.array([1.0, 2.0, 3.0, 4.0, 5.0]), statistics=ALL, config=tiny)
     assert np.isnan(r[Statistic.MEANCLIP]) and np.isnan(r[Statistic.VARIANCECLIP]) and r[Statistic.NCLIPPED] == 5
     # with one pass the single survivor is the result
-    one = compute_statistics(np.array([1.0, 2.0, 3.0, 4.0, 5.0]), statistics=ALL, config=StatsConfig(num_sigma_clip=1e-9, num_iter=1))
+    one_pass = StatsConfig(num_sigma_clip=1e-9, num_iter=1)
+    one = compute_statistics(np.array([1.0, 2.0, 3.0, 4.0, 5.0]), statistics=ALL, config=one_pass)
     assert one[Statistic.MEANCLIP] == 3.0 and one[Statistic.NCLIPPED] == 4
     # pass 0 keeps nothing (the median 2 is no sample): NaN mean, NaN centre of pass 1
     r = compute_statistics(np.array([0.0, 1.0, 3.0, 7.0]), statistics=ALL, config=tiny)
@@ -273,7 +274,9 @@ def test_meanclip_matches_numpy_reference(seed, n, niter, nsig, weighted):
     vals, errs = compute_statistics(
         x, mask=m, weights=w, variance=v, statistics=ALL, config=cfg, errors=True
     )
-    mean, var, ncl, err = reference_clip(x, m, w, v, and_mask=int(MaskPlane.BAD), nsig=nsig, niter=niter, error_mode="input")
+    mean, var, ncl, err = reference_clip(
+        x, m, w, v, and_mask=int(MaskPlane.BAD), nsig=nsig, niter=niter, error_mode="input"
+    )
     np.testing.assert_allclose(vals[Statistic.MEANCLIP], mean, rtol=1e-9, atol=1e-12, equal_nan=True)
     np.testing.assert_allclose(vals[Statistic.VARIANCECLIP], var, rtol=1e-8, atol=1e-12, equal_nan=True)
     np.testing.assert_allclose(errs[Statistic.MEANCLIP] ** 2, err, rtol=1e-9, atol=1e-15, equal_nan=True)
