@@ -167,7 +167,9 @@ class _OnlinePlan:
         self.and_mask = bitmask(list(config.bad_mask_planes), planes, strict=False)
         # as in the reference, only bad bits are tracked for threshold propagation
         thresholds = {
-            k: v for k, v in config.mask_propagation_thresholds.items() if k in planes and bitmask(k, planes) & self.and_mask
+            k: v
+            for k, v in config.mask_propagation_thresholds.items()
+            if k in planes and bitmask(k, planes) & self.and_mask
         }
         self.prop_bits, self.prop_thr = propagation_table(thresholds, planes)
         self.weighted = bool(config.weighted)
@@ -326,11 +328,11 @@ def _prepare(warps, weights, config):
 
     if weights is not None and not config.weighted:
         warnings.warn(
-            "weights were given but config.weighted is False: the weights are ignored", SkystackWarning, stacklevel=2
+            "weights were given but config.weighted is False: the weights are ignored", SkystackWarning, stacklevel=3
         )
         weights = None
     wdata = _weights_vector(weights, ds, ids)
-    if "visit" in ds.coords:
+    if "visit" in ds.indexes:
         # a canonical visit order makes the sums, hence the result, independent of the input order
         order = np.argsort(ds.indexes["visit"].values, kind="stable")
         if not np.array_equal(order, np.arange(nvisit)):
@@ -406,7 +408,7 @@ def _unpack(block, *, index, out_dtype):
 
 def _weights_vector(weights, ds: xr.Dataset, ids):
     """The per-visit weights as a 1-D (numpy or dask) array in the order of ``ds.visit``."""
-    if "visit" in ds.coords and not ds.indexes["visit"].is_unique:
+    if "visit" in ds.indexes and not ds.indexes["visit"].is_unique:
         dup = ds.indexes["visit"][ds.indexes["visit"].duplicated()].tolist()
         raise SchemaError(f"visits {dup} appear more than once in the stack", ids=ids)
     if weights is None:
@@ -415,7 +417,7 @@ def _weights_vector(weights, ds: xr.Dataset, ids):
         raise SchemaError(f"weights must be an xarray.DataArray over 'visit', got {type(weights).__name__}", ids=ids)
     if weights.dims != ("visit",):
         raise SchemaError(f"weights have dims {weights.dims}; expected ('visit',)", ids=ids)
-    if "visit" in weights.coords and "visit" in ds.coords:
+    if "visit" in weights.indexes and "visit" in ds.indexes:
         missing = [v for v in ds.indexes["visit"] if v not in weights.indexes["visit"]]
         if missing:
             raise SchemaError(f"no weight for visits {missing}", ids=ids)
