@@ -160,6 +160,16 @@ def test_median_statistic(rng):
     np.testing.assert_allclose(out.variance.values, math.pi / 2 * x.var(0, ddof=1) / 7, rtol=1e-5)
 
 
+def test_many_visits_use_a_larger_network(rng):
+    nk = 37  # sorting network padded to 64 keys
+    img = rng.normal(size=(nk, 6, 7))
+    mask = np.where(rng.random(img.shape) < 0.3, np.uint32(BAD), np.uint32(0))
+    out = stack(make_stack(img, 1.0, mask), config=StackConfig(statistic="MEDIAN", weighted=False))
+    x = np.where(mask == 0, img.astype(np.float32).astype(np.float64), np.nan)
+    np.testing.assert_allclose(out.image.values, np.nanmedian(x, axis=0), rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(out.n_image.values, (mask == 0).sum(0))
+
+
 def test_all_masked_gives_no_data():
     img = np.ones((4, 3, 3))
     mask = np.zeros((4, 3, 3), np.uint32)
