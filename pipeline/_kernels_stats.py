@@ -30,6 +30,24 @@ from numba import njit
 
 IQR_TO_SIGMA = 0.741301109252802
 
+
+#: relative slack of the clip bounds: a mean of identical values may differ from them by a few
+#: ulps (w*x/w != x), which would clip every sample when the width is 0 (a single sample, or
+#: IQR = 0); 16 float64 ulps of the centre keep those samples, as the reference intends
+CLIP_SLACK = 16.0 * 2.220446049250313e-16
+
+
+@njit(cache=True, nogil=True)
+def clip_width(p, n, iqr, var, num_sigma, centre):
+    """Half-width of clip pass ``p`` (spec 1.8) plus the rounding slack; NaN when undefined."""
+    if p == 0 or n <= 1:
+        width = num_sigma * IQR_TO_SIGMA * iqr
+    elif math.isnan(var):
+        return np.nan
+    else:
+        width = num_sigma * math.sqrt(max(var, 0.0))
+    return width + CLIP_SLACK * abs(centre)
+
 #: rows with at most this many selected samples are put in a total order before summation
 EXACT_ORDER_MAX = 64
 
@@ -395,12 +413,7 @@ def reduce_one(
     kept = 0
     for p in range(num_iter):
         centre = med if p == 0 else cmean
-        if p == 0 or n <= 1:
-            width = num_sigma * IQR_TO_SIGMA * iqr
-        elif math.isnan(cvar):
-            width = np.nan
-        else:
-            width = num_sigma * math.sqrt(max(cvar, 0.0))
+        width = clip_width(p, n, iqr, cvar, num_sigma, centre)
         if math.isnan(centre) or math.isnan(width):
             out[C_NCLIPPED] = n
             out[C_NKEPT] = 0
@@ -652,12 +665,7 @@ def stack_pixels(
                 for j in range(nx):
                     if it > 0:
                         centre[j] = mean[j]
-                    if it == 0 or n[j] <= 1:
-                        width[j] = num_sigma * IQR_TO_SIGMA * iqr[j]
-                    elif math.isnan(var[j]):
-                        width[j] = np.nan
-                    else:
-                        width[j] = num_sigma * math.sqrt(max(var[j], 0.0))
+                    width[j] = clip_width(it, n[j], iqr[j], var[j], num_sigma, centre[j])
                 _row_moments(
                     X, W, V, G, nk, nx, centre, width, error_mode, mean, var, errvar, cnt, s1, s2, a1, a2, a3
                 )

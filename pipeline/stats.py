@@ -594,11 +594,7 @@ def _clip_bounds(state, p, plan):
     if failed:
         return np.nan, np.nan
     centre = med if p == 0 else mean
-    if p == 0 or n <= 1:
-        width = plan.num_sigma * IQR_TO_SIGMA * iqr
-    else:
-        width = plan.num_sigma * math.sqrt(max(var, 0.0)) if not math.isnan(var) else np.nan
-    return centre, width
+    return centre, K.clip_width(p, n, iqr, var, plan.num_sigma, centre)
 
 
 def _block_moments(*blocks, plan, clip_pass, present):

@@ -441,3 +441,27 @@ def test_online_mean_lazy_and_chunks(rng):
         np.testing.assert_array_equal(lazy[name].values, eager[name].values, err_msg=name)
     with pytest.raises(SchemaError, match="online_mean computes a MEAN; config.statistic is 'MEANCLIP'"):
         online_mean(ds, config=StackConfig())
+
+
+def test_single_surviving_input_is_kept_despite_weighted_mean_rounding():
+    # (w * x) / w != x in floating point for these values: the clip must not drop the only sample
+    wcs = make_tan_wcs()
+    x, v = np.float32(22.25046), np.float32(283.20157)
+    a = make_dataset(np.full((1, 2), np.nan), np.full((1, 2), np.inf), np.full((1, 2), 256), wcs=wcs, kind="warp",
+                     attrs={"visit": 1})
+    b = make_dataset(np.array([[x, 5.0]]), np.array([[v, 2.0]]), np.zeros((1, 2), int), wcs=wcs, kind="warp",
+                     attrs={"visit": 2})
+    for statistic in ("MEANCLIP", "MEAN"):
+        out = stack([a, b], config=StackConfig(statistic=statistic))
+        np.testing.assert_array_equal(out["image"].values, [[x, 5.0]])
+        np.testing.assert_array_equal(out["mask"].values & np.uint32(MaskPlane.CLIPPED), 0)
+        np.testing.assert_array_equal(out["n_image"].values, 1)
+
+
+def test_identical_values_with_weights_are_not_clipped():
+    values = np.full(7, 22.25046, dtype=np.float32).astype(np.float64)
+    weights = 1.0 / np.array([283.2, 290.1, 301.7, 277.7, 299.9, 288.8, 281.3])
+    res = compute_statistics(values, weights=weights, statistics=("MEANCLIP", "NCLIPPED"),
+                             config=StatsConfig(weighted=True))
+    assert res[Statistic.NCLIPPED] == 0
+    assert res[Statistic.MEANCLIP] == pytest.approx(values[0], rel=1e-14)
