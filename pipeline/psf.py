@@ -440,10 +440,12 @@ class PsfexPsf(PsfModel):
     model: object = field(repr=False)
 
     @classmethod
-    def from_file(cls, path) -> PsfexPsf:
+    def from_file(cls, path, *, x0: int = 0, y0: int = 0) -> PsfexPsf:
+        """Read a PSFEx ``.psf`` file; ``(x0, y0)`` is the parent-frame pixel of the first pixel of
+        the image PSFEx was run on (positions are then taken in the parent frame)."""
         from .io.psfex import PsfexModel
 
-        return cls(PsfexModel.from_file(path))
+        return cls(PsfexModel.from_file(path, x0=x0, y0=y0))
 
     def default_size(self, x, y):
         size = getattr(self.model, "default_size", None)

@@ -237,6 +237,8 @@ def test_psfex_file(tmp_path):
     np.testing.assert_allclose(psf.image_at(100.0, 300.0, size=21), GaussianPsf(1.8).image_at(0, 0, size=21),
                                atol=1e-7)
     np.testing.assert_allclose(psf.fwhm(500, 500), FWHM_PER_SIGMA * 1.8, rtol=1e-3)
+    shifted = PsfexPsf.from_file(path, x0=100, y0=-50)
+    assert (shifted.model.x0, shifted.model.y0) == (100, -50)
 
 
 def test_models_pickle_and_odd_size():
