@@ -1,0 +1,704 @@
+"""The benchmark cases: for each, the implementations run side by side and the targets.
+
+An implementation is ``prepare(ctx) -> state`` (not timed: open or load inputs, build what is not
+part of the measured work) and ``run(state) -> extra`` (timed). ``state`` carries ``mpix`` (input
+megapixels processed) and ``threads`` (cores the implementation may use; per-core throughput is
+``mpix / (wall * threads)``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from . import inputs
+from .inputs import Sizes
+
+
+@dataclass(frozen=True)
+class Impl:
+    name: str  # key on the command line and in the JSON
+    label: str  # what the table shows
+    prepare: Callable
+    run: Callable
+    requires: tuple[str, ...] = ()  # Python modules or executables ("exe:NAME|NAME2")
+    ours: bool = False
+    reps: int | None = None  # override of --reps (long single-shot rows)
+    warmup: Callable | None = None  # untimed small run (imports, JIT compilation, caches)
+
+
+@dataclass(frozen=True)
+class Target:
+    ours: str
+    peer: str
+    op: str  # ">=" on per-core throughput ratio ours/peer, "<=" on peak-memory ratio ours/peer
+    factor: float
+    text: str
+    metric: str = "throughput"
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    title: str
+    impls: tuple[Impl, ...]
+    targets: tuple[Target, ...] = field(default_factory=tuple)
+
+
+def swarp_executable() -> str | None:
+    for name in ("swarp", "SWarp"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def available(impl: Impl) -> tuple[bool, str]:
+    """Whether every requirement of ``impl`` is installed (and the first missing one)."""
+    for req in impl.requires:
+        if req.startswith("exe:"):
+            if not any(shutil.which(n) for n in req[4:].split("|")):
+                return False, req[4:].split("|")[0]
+        elif importlib.util.find_spec(req) is None:
+            return False, req
+    return True, ""
+
+
+def _dask_threads(n: int):
+    import dask
+
+    return dask.config.set(scheduler="threads", num_workers=n)
+
+
+# --------------------------------------------------------------------------------------------
+# 1. resample
+
+
+def _exposure_visits(ctx) -> list[int]:
+    return ctx["layout"]["exposures"]["visits"]
+
+
+def _patch(ctx):
+    from pipeline.model.geometry import Box
+
+    return Box(*ctx["layout"]["exposures"]["patch_box"])
+
+
+def _tract(ctx):
+    from pipeline.model.skymap import SkyMap
+
+    s: Sizes = ctx["sizes"]
+    return SkyMap.from_json(json.loads((inputs.work_dir(s) / "skymap.json").read_text())).tracts[0]
+
+
+def prep_warp_skystack(ctx):
+    from pipeline.io.repo import open_repo
+
+    s: Sizes = ctx["sizes"]
+    repo = open_repo(str(inputs.repo_path(s, s.scaling[0])), mode="r")
+    visits = _exposure_visits(ctx)[: s.resample]
+    exposures = [repo.open_exposure(v, 0) for v in visits]
+    return {"exposures": exposures, "header": _tract(ctx).wcs_header(), "box": _patch(ctx),
+            "threads": s.threads, "mpix": s.resample * s.exposure**2 / 1e6}
+
+
+def _no_psf(ds):
+    return ds.drop_vars([v for v in ("psf", "psf_x", "psf_y") if v in ds.variables])
+
+
+def warm_warp_skystack(st):
+    small = dict(st, exposures=[_no_psf(ds.isel(y=slice(0, 160), x=slice(0, 160))) for ds in st["exposures"][:1]])
+    run_warp_skystack(small)
+
+
+def run_warp_skystack(st):
+    import dask
+
+    from pipeline.warp import warp_exposure
+
+    chunk = min(1000, st["box"].width)
+    with _dask_threads(st["threads"]):
+        warps = [warp_exposure(ds, wcs=st["header"], box=st["box"], chunks=(chunk, chunk)) for ds in st["exposures"]]
+        out = dask.compute(*[(w["image"].data, w["variance"].data, w["mask"].data) for w in warps])
+    good = sum(int(np.isfinite(o[0]).sum()) for o in out)
+    return {"output_good_pixels": good}
+
+
+def prep_swarp(ctx):
+    s: Sizes = ctx["sizes"]
+    sw = inputs.work_dir(s) / "swarp"
+    files = [str(sw / f) for f in ctx["layout"]["exposures"]["swarp_files"][: s.resample]]
+    return {"files": files, "head": sw / "coadd.head", "threads": s.threads,
+            "mpix": s.resample * s.exposure**2 / 1e6, "exe": swarp_executable()}
+
+
+def warm_swarp(st):
+    run_swarp(dict(st, files=st["files"][:1]))
+
+
+def run_swarp(st):
+    import subprocess
+
+    tmp = Path(tempfile.mkdtemp(prefix="swarp-"))
+    try:
+        shutil.copy(st["head"], tmp / "coadd.head")
+        cmd = [
+            st["exe"], *st["files"], "-c", "/dev/null",
+            "-IMAGEOUT_NAME", str(tmp / "coadd.fits"), "-WEIGHTOUT_NAME", str(tmp / "coadd.weight.fits"),
+            "-WEIGHT_TYPE", "MAP_WEIGHT", "-WEIGHT_SUFFIX", ".weight.fits",
+            "-RESAMPLING_TYPE", "LANCZOS3", "-COMBINE", "N", "-RESAMPLE", "Y", "-RESAMPLE_DIR", str(tmp),
+            "-SUBTRACT_BACK", "N", "-NTHREADS", str(st["threads"]), "-VERBOSE_TYPE", "QUIET",
+            "-WRITE_XML", "N", "-DELETE_TMPFILES", "N", "-FSCALASTRO_TYPE", "FIXED",
+        ]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"SWarp failed ({proc.returncode}): {proc.stderr.strip()[-300:]}")
+        made = sorted(p.name for p in tmp.glob("*.resamp.fits"))
+        if len(made) != len(st["files"]):
+            raise RuntimeError(f"SWarp wrote {len(made)} resampled images for {len(st['files'])} inputs")
+        return {"resampled_files": len(made)}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _prep_reproject(ctx, n):
+    from astropy.io import fits
+    from astropy.wcs import WCS
+
+    s: Sizes = ctx["sizes"]
+    sw = inputs.work_dir(s) / "swarp"
+    names = ctx["layout"]["exposures"]["swarp_files"][:n]
+    pairs = []
+    for name in names:
+        with fits.open(sw / name) as hdul:
+            image = hdul[0].data.astype(np.float32)
+            w = WCS(hdul[0].header)
+        with fits.open(sw / name.replace(".fits", ".weight.fits")) as hdul:
+            weight = hdul[0].data
+        with np.errstate(divide="ignore"):
+            variance = np.where(weight > 0, 1.0 / weight, np.inf).astype(np.float32)
+        pairs.append((np.stack([image, variance]), w))
+    head = fits.Header.fromstring((sw / "coadd.head").read_text(), sep="\n")
+    out_wcs = WCS(head)
+    shape = (head["NAXIS2"], head["NAXIS1"])
+    return {"pairs": pairs, "wcs": out_wcs, "shape": shape, "threads": 1, "mpix": n * s.exposure**2 / 1e6}
+
+
+def prep_reproject_n(ctx):
+    return _prep_reproject(ctx, ctx["sizes"].resample)
+
+
+def prep_reproject_adaptive(ctx):
+    return _prep_reproject(ctx, ctx["sizes"].adaptive)
+
+
+def _run_reproject(st, fn, **kw):
+    good = 0
+    for data, w in st["pairs"]:
+        out, foot = fn((data, w), st["wcs"], shape_out=st["shape"], **kw)
+        good += int((foot > 0).sum())
+    return {"output_good_pixels": good}
+
+
+def warm_reproject(st):
+    import reproject
+
+    data, w = st["pairs"][0]
+    small = (data[:, :64, :64], w[:64, :64])
+    reproject.reproject_interp(small, st["wcs"], shape_out=(32, 32), order="bilinear")
+    reproject.reproject_interp(small, st["wcs"], shape_out=(32, 32), order="bicubic")
+    reproject.reproject_adaptive(small, st["wcs"], shape_out=(32, 32), conserve_flux=True)
+
+
+def run_reproject_bilinear(st):
+    from reproject import reproject_interp
+
+    return _run_reproject(st, reproject_interp, order="bilinear")
+
+
+def run_reproject_bicubic(st):
+    from reproject import reproject_interp
+
+    return _run_reproject(st, reproject_interp, order="bicubic")
+
+
+def run_reproject_adaptive(st):
+    from reproject import reproject_adaptive
+
+    return _run_reproject(st, reproject_adaptive, conserve_flux=True)
+
+
+# --------------------------------------------------------------------------------------------
+# 2. PSF-matching convolution
+
+
+def _open_big(ctx, chunk=None):
+    import xarray as xr
+
+    s: Sizes = ctx["sizes"]
+    c = chunk or min(1000, s.big)
+    ds = xr.open_zarr(inputs.work_dir(s) / "big.zarr", consolidated=False, chunks={"y": c, "x": c})
+    if "psf" in ds:
+        ds["psf"] = ds["psf"].load()
+    return ds
+
+
+def _load_big_image(ctx) -> tuple[np.ndarray, np.ndarray]:
+    ds = _open_big(ctx)
+    return np.ascontiguousarray(ds["image"].values, dtype=np.float32), ds["mask"].values
+
+
+def prep_conv_skystack(ctx):
+    import time
+
+    from pipeline.psf import GaussianPsf
+    from pipeline.psf_match import ModelPsfMatchConfig, model_psf_match
+
+    s: Sizes = ctx["sizes"]
+    ds = _open_big(ctx)
+    t0 = time.perf_counter()
+    out, model = model_psf_match(ds, GaussianPsf(sigma=3.0), config=ModelPsfMatchConfig(kernel_size=21))
+    return {"out": out, "ds": ds, "solve_s": time.perf_counter() - t0, "kernel_size": model.kernel_size,
+            "threads": s.threads, "mpix": s.big**2 / 1e6}
+
+
+def warm_conv_skystack(st):
+    import dask
+
+    from pipeline.psf import GaussianPsf
+    from pipeline.psf_match import ModelPsfMatchConfig, model_psf_match
+
+    small = st["ds"].isel(y=slice(0, 256), x=slice(0, 256))
+    out, _ = model_psf_match(small, GaussianPsf(sigma=3.0), config=ModelPsfMatchConfig(kernel_size=21))
+    with _dask_threads(st["threads"]):
+        dask.compute(out["image"].data, out["variance"].data, out["mask"].data)
+
+
+def run_conv_skystack(st):
+    import dask
+
+    with _dask_threads(st["threads"]):
+        dask.compute(st["out"]["image"].data, st["out"]["variance"].data, st["out"]["mask"].data)
+    return {"kernel_solve_s_untimed": round(st["solve_s"], 3), "kernel_size": st["kernel_size"]}
+
+
+def _gauss_kernel(size=21, sigma=2.5):
+    r = np.arange(size) - size // 2
+    k = np.exp(-0.5 * (r[:, None] ** 2 + r[None, :] ** 2) / sigma**2)
+    return (k / k.sum()).astype(np.float32)
+
+
+def prep_conv_image(ctx):
+    s: Sizes = ctx["sizes"]
+    image, _ = _load_big_image(ctx)
+    image = np.nan_to_num(image)
+    return {"image": image, "kernel": _gauss_kernel(), "threads": 1, "mpix": s.big**2 / 1e6}
+
+
+def warm_conv_image(st):
+    from scipy import ndimage
+    from scipy.signal import fftconvolve
+
+    fftconvolve(st["image"][:128, :128], st["kernel"], mode="same")
+    ndimage.convolve(st["image"][:128, :128], st["kernel"], mode="constant")
+
+
+def run_fftconvolve(st):
+    from scipy.signal import fftconvolve
+
+    out = fftconvolve(st["image"], st["kernel"], mode="same")
+    return {"dtype": str(out.dtype)}
+
+
+def run_ndimage_convolve(st):
+    from scipy import ndimage
+
+    out = ndimage.convolve(st["image"], st["kernel"], mode="constant")
+    return {"dtype": str(out.dtype)}
+
+
+# --------------------------------------------------------------------------------------------
+# 3. stacking
+
+
+def _open_frames(ctx, chunk):
+    import xarray as xr
+
+    s: Sizes = ctx["sizes"]
+    path = inputs.work_dir(s) / "stack.zarr"
+    return [xr.open_zarr(path, group=f"frame{i}", consolidated=False, chunks={"y": chunk, "x": chunk})
+            for i in range(s.n_stack)]
+
+
+def _prep_stack_skystack(ctx, which):
+    s: Sizes = ctx["sizes"]
+    chunk = s.stack_chunks[which]
+    return {"frames": _open_frames(ctx, chunk), "chunk": chunk, "threads": s.threads,
+            "mpix": s.n_stack * s.stack_side**2 / 1e6}
+
+
+def prep_stack_small(ctx):
+    return _prep_stack_skystack(ctx, 0)
+
+
+def prep_stack_large(ctx):
+    return _prep_stack_skystack(ctx, 1)
+
+
+def warm_stack_skystack(st):
+    run_stack_skystack(dict(st, frames=[f.isel(y=slice(0, 64), x=slice(0, 64)) for f in st["frames"]]))
+
+
+def run_stack_skystack(st):
+    import dask
+
+    from pipeline.stack import StackConfig, stack
+
+    with _dask_threads(st["threads"]):
+        out = stack(st["frames"], config=StackConfig(statistic="MEANCLIP", num_sigma_clip=3.0, num_iter=2))
+        image, = dask.compute(out["image"].data)
+    return {"chunk": st["chunk"], "finite_fraction": round(float(np.isfinite(image).mean()), 6)}
+
+
+def prep_stack_arrays(ctx):
+    from pipeline.model.masks import MaskPlane
+
+    s: Sizes = ctx["sizes"]
+    frames = _open_frames(ctx, s.stack_side)
+    cube = np.stack([f["image"].values for f in frames]).astype(np.float32)
+    bad = np.uint32(MaskPlane.NO_DATA | MaskPlane.BAD | MaskPlane.SAT | MaskPlane.EDGE)
+    masks = np.stack([(f["mask"].values & bad) != 0 for f in frames])
+    return {"cube": cube, "masks": masks, "threads": 1, "mpix": s.n_stack * s.stack_side**2 / 1e6}
+
+
+def warm_stack_arrays(st):
+    small = dict(st, cube=st["cube"][:, :32, :32], masks=st["masks"][:, :32, :32])
+    run_astropy_sigma_clip(small)
+    if importlib.util.find_spec("ccdproc") is not None:
+        run_ccdproc(small)
+
+
+def run_astropy_sigma_clip(st):
+    from astropy.stats import sigma_clip
+
+    data = np.ma.masked_array(st["cube"], mask=st["masks"])
+    clipped = sigma_clip(data, sigma=3.0, maxiters=2, axis=0, cenfunc="median", stdfunc="std")
+    mean = clipped.mean(axis=0)
+    return {"masked_fraction": round(float(np.ma.getmaskarray(mean).mean()), 6)}
+
+
+def run_ccdproc(st):
+    from astropy import units as u
+    from astropy.nddata import CCDData
+    from ccdproc import Combiner
+
+    ccds = [CCDData(img, mask=m, unit=u.adu) for img, m in zip(st["cube"], st["masks"])]
+    comb = Combiner(ccds)
+    comb.sigma_clipping(low_thresh=3.0, high_thresh=3.0, func=np.ma.median)
+    out = comb.average_combine()
+    return {"shape": list(out.data.shape)}
+
+
+# --------------------------------------------------------------------------------------------
+# 4. background
+
+
+def prep_bg_skystack(ctx):
+    s: Sizes = ctx["sizes"]
+    return {"ds": _open_big(ctx), "threads": s.threads, "mpix": s.big**2 / 1e6}
+
+
+def warm_bg_skystack(st):
+    small = dict(st, ds=st["ds"].isel(y=slice(0, 300), x=slice(0, 300)))
+    run_bg_skystack(small)
+    run_scale_variance(small)
+
+
+def run_bg_skystack(st):
+    import dask
+
+    from pipeline.background import BackgroundConfig, fit_background
+
+    with _dask_threads(st["threads"]):
+        model = fit_background(st["ds"], config=BackgroundConfig(bin_size=128))
+        dask.compute(model.evaluate().data)
+    return {"statistic": "MEANCLIP 3 sigma x3, Chebyshev order 6"}
+
+
+def run_scale_variance(st):
+    import dask
+
+    from pipeline.scale_variance import scale_variance
+
+    with _dask_threads(st["threads"]):
+        out = scale_variance(st["ds"])
+        factor, _ = dask.compute(out["variance_scale"].data, out["variance"].data)
+    return {"variance_scale": round(float(factor), 5)}
+
+
+def prep_bg_arrays(ctx):
+    from pipeline.model.masks import MaskPlane
+
+    s: Sizes = ctx["sizes"]
+    image, mask = _load_big_image(ctx)
+    bad = np.uint32(MaskPlane.BAD | MaskPlane.EDGE | MaskPlane.NO_DATA)
+    return {"image": image, "mask": ((mask & bad) != 0) | ~np.isfinite(image), "threads": 1,
+            "mpix": s.big**2 / 1e6}
+
+
+def warm_bg_arrays(st):
+    small = dict(st, image=np.ascontiguousarray(st["image"][:300, :300]),
+                 mask=np.ascontiguousarray(st["mask"][:300, :300]))
+    if importlib.util.find_spec("sep") is not None:
+        run_sep(small)
+    if importlib.util.find_spec("photutils") is not None:
+        run_photutils(small)
+
+
+def run_sep(st):
+    import sep
+
+    bkg = sep.Background(st["image"], mask=st["mask"], bw=128, bh=128, fw=3, fh=3)
+    back = bkg.back()
+    return {"global": round(float(bkg.globalback), 3), "shape": list(back.shape)}
+
+
+def run_photutils(st):
+    from astropy.stats import SigmaClip
+    from photutils.background import Background2D, SExtractorBackground
+
+    bkg = Background2D(st["image"], (128, 128), filter_size=(3, 3), mask=st["mask"],
+                       sigma_clip=SigmaClip(sigma=3.0, maxiters=3), bkg_estimator=SExtractorBackground())
+    back = bkg.background
+    return {"median": round(float(bkg.background_median), 3), "shape": list(back.shape)}
+
+
+# --------------------------------------------------------------------------------------------
+# 5. machine limits
+
+
+def prep_bandwidth(ctx):
+    s: Sizes = ctx["sizes"]
+    n = s.bandwidth_mb * 2**20 // 8
+    src = np.arange(n, dtype=np.float64)
+    dst = np.empty_like(src)
+    dst[:] = 0.0  # fault the pages in before timing
+    np.copyto(dst, src)
+    return {"src": src, "dst": dst, "threads": 1, "mpix": 0.0, "copies": 5}
+
+
+def run_bandwidth(st):
+    import time
+
+    best = None
+    for _ in range(st["copies"]):
+        t0 = time.perf_counter()
+        np.copyto(st["dst"], st["src"])
+        dt = time.perf_counter() - t0
+        best = dt if best is None else min(best, dt)
+    nbytes = st["src"].nbytes
+    return {"copy_GB_per_s": round(2 * nbytes / best / 1e9, 2), "array_MB": nbytes // 2**20,
+            "note": "read + write bytes per second, best of the copies"}
+
+
+def prep_lanczos(ctx):
+    from . import _lanczos
+
+    s: Sizes = ctx["sizes"]
+    rng = np.random.default_rng(s.seed + 4)
+    side = s.exposure
+    image = rng.standard_normal((side, side)).astype(np.float32)
+    variance = np.ones((side, side), np.float32)
+    mask = (rng.random((side, side)) < 0.01).astype(np.uint32)
+    affine = _lanczos.rotation_affine((side, side), 10.0, (0.3, -0.2))
+    _lanczos.run(image[:16, :16], variance[:16, :16], mask[:16, :16], affine)  # compile
+    return {"args": (image, variance, mask, affine), "threads": 1, "mpix": side * side / 1e6}
+
+
+def run_lanczos(st):
+    from . import _lanczos
+
+    out = _lanczos.run(*st["args"])
+    return {"good_fraction": round(float(np.isfinite(out[0]).mean()), 4)}
+
+
+# --------------------------------------------------------------------------------------------
+# 6. scaling
+
+
+def _clear_warps(repo_dir: Path):
+    for t in repo_dir.glob("tract_*"):
+        for sub in ("warps", "coadds"):
+            shutil.rmtree(t / sub, ignore_errors=True)
+
+
+def _graph_size_per_exposure(repo) -> float:
+    from graphs.warps import warp_units
+    from pipeline.testing import graph_size
+
+    units = warp_units(repo, overwrite=True)[:2]
+    sizes = [sum(graph_size(w) for w in u.build()) for u in units]
+    return float(np.mean(sizes)) if sizes else 0.0
+
+
+def _prep_warp_n(ctx, n, workers=None):
+    from pipeline.io.repo import open_repo
+
+    s: Sizes = ctx["sizes"]
+    path = inputs.repo_path(s, n)
+    _clear_warps(path)
+    repo = open_repo(str(path), mode="r+")
+    tasks = _graph_size_per_exposure(repo)
+    client = None
+    if workers:
+        from distributed import Client, LocalCluster
+
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
+        client = Client(cluster)
+    return {"repo": repo, "n": n, "client": client, "tasks": tasks, "threads": workers or s.threads,
+            "mpix": n * s.exposure**2 / 1e6}
+
+
+def _warm_warp(repo_url: str, visit: int) -> None:
+    import dask
+
+    from pipeline.io.repo import open_repo
+    from pipeline.model.geometry import Box
+    from pipeline.warp import warp_exposure
+
+    repo = open_repo(repo_url, mode="r")
+    ds = _no_psf(repo.open_exposure(visit, 0).isel(y=slice(0, 160), x=slice(0, 160)))
+    w = warp_exposure(ds, wcs=ds["wcs"].attrs["fits_header"], box=Box(0, 0, 160, 160), chunks=(80, 80))
+    dask.compute(w["image"].data, w["variance"].data, w["mask"].data, scheduler="sync")
+
+
+def warm_warp_n(st):
+    visit = st["repo"].list_exposures()[0]["visit"]
+    _warm_warp(st["repo"].url, visit)
+    if st["client"] is not None:
+        st["client"].run(_warm_warp, st["repo"].url, visit)
+
+
+def run_warp_n(st):
+    from graphs.warps import run_warps
+
+    report = run_warps(st["repo"], overwrite=True, client=st["client"], progress=False)
+    if not report.ok:
+        raise RuntimeError(report.summary())
+    out = {"exposures": st["n"], "graph_tasks_per_exposure": st["tasks"], "units": len(report.done)}
+    if st["client"] is not None:
+        st["client"].close()
+    return out
+
+
+def prep_coadd(ctx):
+    from graphs.warps import run_warps
+    from pipeline.io.repo import open_repo
+
+    s: Sizes = ctx["sizes"]
+    n = s.scaling[0]
+    repo = open_repo(str(inputs.repo_path(s, n)), mode="r+")
+    report = run_warps(repo, progress=False)  # no-op when the warps are complete
+    if not report.ok:
+        raise RuntimeError(report.summary())
+    return {"repo": repo, "n": n, "threads": s.threads, "mpix": n * s.exposure**2 / 1e6}
+
+
+def run_coadd(st):
+    from graphs.coadd import coadd_units
+    from graphs.execute import run_units
+
+    report = run_units(coadd_units(st["repo"], overwrite=True), progress=False)
+    if not report.ok:
+        raise RuntimeError(report.summary())
+    return {"visits": st["n"], "patches": len(report.done)}
+
+
+# --------------------------------------------------------------------------------------------
+# registry
+
+
+def cases(s: Sizes) -> list[Case]:
+    big = f"{s.big}x{s.big}"
+    n8 = s.scaling[0]
+    scaling_impls = [
+        Impl(f"warp_N{n}", f"skystack run_warps N={n} ({s.threads} threads)",
+             (lambda ctx, n=n: _prep_warp_n(ctx, n)), run_warp_n, ours=True, reps=1, warmup=warm_warp_n)
+        for n in s.scaling
+    ]
+    scaling_impls += [
+        Impl(f"warp_N{n8}_workers{k}", f"skystack run_warps N={n8}, {k} distributed worker(s)",
+             (lambda ctx, k=k: _prep_warp_n(ctx, n8, workers=k)), run_warp_n, requires=("distributed",), ours=True,
+             reps=1, warmup=warm_warp_n)
+        for k in (1, 2)
+    ]
+    scaling_impls.append(Impl(f"coadd_N{n8}", f"skystack coadd_units N={n8} (graphs.coadd)", prep_coadd, run_coadd,
+                              ours=True, reps=1))
+    return [
+        Case("resample", f"Lanczos3 warp of {s.exposure}x{s.exposure} exposures onto the {s.patch}x{s.patch} patch", (
+            Impl("skystack", f"skystack warp_exposure (image+variance+mask, {s.threads} threads)", prep_warp_skystack,
+                 run_warp_skystack, ours=True, warmup=warm_warp_skystack),
+            Impl("swarp", f"SWarp LANCZOS3 COMBINE N (image+weight, NTHREADS {s.threads})", prep_swarp, run_swarp,
+                 requires=("exe:swarp|SWarp",), warmup=warm_swarp),
+            Impl("reproject_bilinear", "reproject_interp bilinear (image+variance)", prep_reproject_n,
+                 run_reproject_bilinear, requires=("reproject",), warmup=warm_reproject),
+            Impl("reproject_bicubic", "reproject_interp bicubic (image+variance)", prep_reproject_n,
+                 run_reproject_bicubic, requires=("reproject",), warmup=warm_reproject),
+            Impl("reproject_adaptive", f"reproject_adaptive ({s.adaptive} exposure, image+variance)",
+                 prep_reproject_adaptive, run_reproject_adaptive, requires=("reproject",),
+                 warmup=warm_reproject),
+        ), (Target("skystack", "swarp", ">=", 2.0, ">= 2x SWarp per core"),)),
+        Case("psf_match_convolution", f"spatially varying 21x21 PSF-matching convolution of a {big} exposure", (
+            Impl("skystack", f"skystack model_psf_match convolution (image+variance+mask, {s.threads} threads)",
+                 prep_conv_skystack, run_conv_skystack, ours=True, warmup=warm_conv_skystack),
+            Impl("fftconvolve", "scipy.signal.fftconvolve, constant 21x21 (image)", prep_conv_image, run_fftconvolve,
+                 warmup=warm_conv_image),
+            Impl("ndimage", "scipy.ndimage.convolve, constant 21x21 (image)", prep_conv_image, run_ndimage_convolve,
+                 warmup=warm_conv_image),
+        ), (Target("skystack", "fftconvolve", ">=", 0.5, "within 2x of fftconvolve per core"),)),
+        Case("stacking", f"clipped stacking of {s.n_stack} pre-aligned {s.stack_side}x{s.stack_side} frames", (
+            Impl("skystack_small_chunks", f"skystack stack MEANCLIP, chunks {s.stack_chunks[0]} ({s.threads} threads)",
+                 prep_stack_small, run_stack_skystack, ours=True, warmup=warm_stack_skystack),
+            Impl("skystack_large_chunks", f"skystack stack MEANCLIP, chunks {s.stack_chunks[1]} ({s.threads} threads)",
+                 prep_stack_large, run_stack_skystack, ours=True, warmup=warm_stack_skystack),
+            Impl("astropy", "astropy sigma_clip 3 sigma x2 + mean", prep_stack_arrays, run_astropy_sigma_clip,
+                 requires=("astropy",), warmup=warm_stack_arrays),
+            Impl("ccdproc", "ccdproc Combiner sigma_clipping + average_combine", prep_stack_arrays, run_ccdproc,
+                 requires=("ccdproc",), warmup=warm_stack_arrays),
+        ), (Target("skystack_small_chunks", "astropy", ">=", 5.0, ">= 5x astropy per core"),
+            Target("skystack_large_chunks", "astropy", ">=", 5.0, ">= 5x astropy per core"))),
+        Case("background", f"background of a {big} image, 128x128 cells", (
+            Impl("skystack", f"skystack fit_background + evaluate ({s.threads} threads)", prep_bg_skystack,
+                 run_bg_skystack, ours=True, warmup=warm_bg_skystack),
+            Impl("sep", "sep.Background bw=bh=128, 3x3 filter", prep_bg_arrays, run_sep, requires=("sep",),
+                 warmup=warm_bg_arrays),
+            Impl("photutils", "photutils Background2D 128, SExtractorBackground, 3x3 filter", prep_bg_arrays,
+                 run_photutils, requires=("photutils",), warmup=warm_bg_arrays),
+            Impl("scale_variance", f"skystack scale_variance (no peer, {s.threads} threads)", prep_bg_skystack,
+                 run_scale_variance, warmup=warm_bg_skystack),
+        ), (Target("skystack", "sep", ">=", 1 / 1.5, "within 1.5x of sep per core"),
+            Target("skystack", "photutils", ">", 1.0, "faster than photutils per core"))),
+        Case("machine", "machine limits", (
+            Impl("bandwidth", f"memory bandwidth: numpy copy of {s.bandwidth_mb} MB", prep_bandwidth, run_bandwidth),
+            Impl("lanczos3_loop", f"numba Lanczos3 loop, image+variance+mask, {s.exposure}x{s.exposure}, 1 thread",
+                 prep_lanczos, run_lanczos),
+        )),
+        Case("scaling", f"warping N {s.exposure}x{s.exposure} exposures into a repository; coadd", tuple(scaling_impls),
+             (Target(f"warp_N{s.scaling[-1]}", f"warp_N{n8}", "<=", 1.2, f"peak <= 1.2x N={n8}", metric="peak"),)),
+    ]
+
+
+def find(s: Sizes, case: str, impl: str) -> Impl:
+    for c in cases(s):
+        if c.name == case:
+            for i in c.impls:
+                if i.name == impl:
+                    return i
+    raise KeyError(f"no implementation {impl!r} in case {case!r}")

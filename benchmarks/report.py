@@ -1,0 +1,132 @@
+"""Aggregating repetitions, judging targets, writing results.md and results.json."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import statistics
+from dataclasses import asdict
+
+COLUMNS = ("case", "implementation", "median wall s", "CPU s", "Mpix/s/core", "peak MB", "ratio", "target",
+           "PASS/MISS", "notes")
+
+
+def record(case, impl, runs: list[dict], status: str | None = None) -> dict:
+    """One row: medians over the successful repetitions of one implementation."""
+    ok = [r for r in runs if "error" not in r]
+    row = {"case": case.name, "impl": impl.name, "label": impl.label, "ours": impl.ours, "reps": len(ok),
+           "status": status or ("ok" if ok else "failed"), "wall_s": None, "cpu_s": None, "mpix": None,
+           "threads": None, "mpix_per_s_per_core": None, "peak_mb": None, "walls": [r["wall_s"] for r in ok],
+           "extra": ok[-1]["extra"] if ok else {}}
+    if runs and not ok:
+        row["error"] = runs[-1]["error"]
+    if ok:
+        wall = statistics.median(r["wall_s"] for r in ok)
+        row.update(
+            wall_s=wall,
+            cpu_s=statistics.median(r["cpu_s"] for r in ok),
+            peak_mb=max(r["peak_mb"] for r in ok),
+            baseline_mb=min(r["baseline_mb"] for r in ok),
+            mpix=ok[0]["mpix"],
+            threads=ok[0]["threads"],
+        )
+        if ok[0]["mpix"]:
+            row["mpix_per_s_per_core"] = ok[0]["mpix"] / (wall * ok[0]["threads"])
+    return row
+
+
+def _judge(target, rows: dict) -> dict:
+    ours, peer = rows.get(target.ours), rows.get(target.peer)
+    out = {"ours": target.ours, "peer": target.peer, "text": target.text, "op": target.op,
+           "factor": target.factor, "metric": target.metric, "ratio": None}
+    key = "peak_mb" if target.metric == "peak" else "mpix_per_s_per_core"
+    if ours is None or peer is None or ours.get(key) is None or peer.get(key) is None:
+        missing = target.peer if (peer is None or peer.get(key) is None) else target.ours
+        row = peer if missing == target.peer else ours
+        why = row.get("status", "not run") if row is not None else "not run"
+        out.update(verdict="N/A", ratio_text=f"n/a ({missing}: {why})")
+        return out
+    ratio = ours[key] / peer[key]
+    passed = {">=": ratio >= target.factor, ">": ratio > target.factor, "<=": ratio <= target.factor}[target.op]
+    out.update(ratio=ratio, verdict="PASS" if passed else "MISS", ratio_text=f"{ratio:.2f}x")
+    return out
+
+
+def assemble(cases, records, machine, *, mode, reps, threads, sizes, seconds, load_after) -> dict:
+    targets = []
+    for case in cases:
+        rows = {r["impl"]: r for r in records if r["case"] == case.name}
+        for t in case.targets:
+            j = _judge(t, rows)
+            j["case"] = case.name
+            targets.append(j)
+    return {
+        "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine,
+        "load_average_after": load_after,
+        "mode": mode,
+        "reps": reps,
+        "threads": threads,
+        "sizes": asdict(sizes),
+        "total_seconds": round(seconds, 1),
+        "cases": [{"name": c.name, "title": c.title} for c in cases],
+        "rows": records,
+        "targets": targets,
+    }
+
+
+def _f(v, fmt):
+    return "" if v is None else format(v, fmt)
+
+
+def _notes(row) -> str:
+    if row["status"] != "ok":
+        return row["status"] + (f": {row['error'][:120]}" if row.get("error") else "")
+    parts = [f"{row['reps']} rep(s)"]
+    if row.get("mpix"):
+        parts.append(f"{row['mpix']:.1f} Mpix in")
+    for k, v in row["extra"].items():
+        if k in ("note", "shape", "dtype"):
+            continue
+        parts.append(f"{k} {v}")
+    return ", ".join(parts)
+
+
+def markdown(results: dict) -> str:
+    m = results["machine"]
+    lines = [
+        "# skystack benchmark results",
+        "",
+        f"- date: {results['date_utc']}; mode: {results['mode']}; repetitions: {results['reps']} "
+        f"(scaling rows 1); threads of the multi-threaded rows: {results['threads']}",
+        f"- machine: {m['cores']} cores, {m['memory_gb']} GB RAM, {m['cpu_model']}; Python {m['python']}; "
+        f"{m['platform']}",
+        f"- load average (1, 5, 15 min) before: {m['load_average']}, after: {results['load_average_after']} "
+        "(other work shared the machine when these exceed 0.5 or so)",
+        f"- total run time: {results['total_seconds']:.0f} s. Reproduce: `python -m benchmarks setup && "
+        f"python -m benchmarks run{' --quick' if results['mode'] == 'quick' else ''}`",
+        "",
+        "Mpix/s/core = input megapixels / (median wall s x threads the implementation uses). Ratios: "
+        "per-core throughput ours / peer, or peak memory ours / reference row. Peak MB: resident memory "
+        "of the measuring process and its children during the piece (inputs the implementation holds "
+        "in memory included).",
+        "",
+        "| " + " | ".join(COLUMNS) + " |",
+        "| " + " | ".join("---" for _ in COLUMNS) + " |",
+    ]
+    judged: dict[tuple[str, str], list[dict]] = {}
+    for t in results["targets"]:
+        judged.setdefault((t["case"], t["ours"]), []).append(t)
+    for row in results["rows"]:
+        ts = judged.get((row["case"], row["impl"]), [])
+        cells = [
+            row["case"], row["label"], _f(row["wall_s"], ".2f"), _f(row["cpu_s"], ".2f"),
+            _f(row["mpix_per_s_per_core"], ".2f"), _f(row["peak_mb"], ".0f"),
+            "; ".join(t["ratio_text"] for t in ts), "; ".join(t["text"] for t in ts),
+            "; ".join(t["verdict"] for t in ts), _notes(row).replace("|", "/"),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "## Targets", ""]
+    for t in results["targets"]:
+        lines.append(f"- **{t['verdict']}** {t['case']}: {t['ours']} vs {t['peer']}: {t['ratio_text']} "
+                     f"(target: {t['text']})")
+    return "\n".join(lines) + "\n"
