@@ -83,7 +83,7 @@ def run(args) -> int:
         # alternate the implementations within each repetition
         for r in range(reps):
             for impl in usable:
-                n = impl.reps if impl.reps is not None else reps
+                n = min(impl.reps, reps) if impl.reps is not None else reps
                 if r >= n or (runs[impl.name] and "error" in runs[impl.name][-1]):
                     continue
                 res = measure.run_piece(case.name, impl.name, mode, threads)

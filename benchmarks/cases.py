@@ -155,7 +155,7 @@ def run_swarp(st):
             "-WEIGHT_TYPE", "MAP_WEIGHT", "-WEIGHT_SUFFIX", ".weight.fits",
             "-RESAMPLING_TYPE", "LANCZOS3", "-COMBINE", "N", "-RESAMPLE", "Y", "-RESAMPLE_DIR", str(tmp),
             "-SUBTRACT_BACK", "N", "-NTHREADS", str(st["threads"]), "-VERBOSE_TYPE", "QUIET",
-            "-WRITE_XML", "N", "-DELETE_TMPFILES", "N", "-FSCALASTRO_TYPE", "FIXED",
+            "-WRITE_XML", "N", "-DELETE_TMPFILES", "N", "-FSCALASTRO_TYPE", "FIXED", "-RESCALE_WEIGHTS", "N",
         ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -188,7 +188,20 @@ def _prep_reproject(ctx, n):
     head = fits.Header.fromstring((sw / "coadd.head").read_text(), sep="\n")
     out_wcs = WCS(head)
     shape = (head["NAXIS2"], head["NAXIS1"])
-    return {"pairs": pairs, "wcs": out_wcs, "shape": shape, "threads": 1, "mpix": n * s.exposure**2 / 1e6}
+    # like SWarp (and skystack's covered chunks), reproject works only on the box of the patch the
+    # exposures cover, not on the whole patch
+    xs, ys = [], []
+    for data, w in pairs:
+        ny, nx = data.shape[1:]
+        cx = np.array([-0.5, nx - 0.5, nx - 0.5, -0.5])
+        cy = np.array([-0.5, -0.5, ny - 0.5, ny - 0.5])
+        px, py = out_wcs.world_to_pixel(w.pixel_to_world(cx, cy))
+        xs += list(px)
+        ys += list(py)
+    x0, x1 = max(0, int(np.floor(min(xs))) - 4), min(shape[1], int(np.ceil(max(xs))) + 5)
+    y0, y1 = max(0, int(np.floor(min(ys))) - 4), min(shape[0], int(np.ceil(max(ys))) + 5)
+    return {"pairs": pairs, "wcs": out_wcs[y0:y1, x0:x1], "shape": (y1 - y0, x1 - x0), "threads": 1,
+            "mpix": n * s.exposure**2 / 1e6}
 
 
 def prep_reproject_n(ctx):
@@ -648,11 +661,11 @@ def cases(s: Sizes) -> list[Case]:
             Impl("swarp", f"SWarp LANCZOS3 COMBINE N (image+weight, NTHREADS {s.threads})", prep_swarp, run_swarp,
                  requires=("exe:swarp|SWarp",), warmup=warm_swarp),
             Impl("reproject_bilinear", "reproject_interp bilinear (image+variance)", prep_reproject_n,
-                 run_reproject_bilinear, requires=("reproject",), warmup=warm_reproject),
+                 run_reproject_bilinear, requires=("reproject",), reps=2, warmup=warm_reproject),
             Impl("reproject_bicubic", "reproject_interp bicubic (image+variance)", prep_reproject_n,
-                 run_reproject_bicubic, requires=("reproject",), warmup=warm_reproject),
+                 run_reproject_bicubic, requires=("reproject",), reps=2, warmup=warm_reproject),
             Impl("reproject_adaptive", f"reproject_adaptive ({s.adaptive} exposure, image+variance)",
-                 prep_reproject_adaptive, run_reproject_adaptive, requires=("reproject",),
+                 prep_reproject_adaptive, run_reproject_adaptive, requires=("reproject",), reps=2,
                  warmup=warm_reproject),
         ), (Target("skystack", "swarp", ">=", 2.0, ">= 2x SWarp per core"),)),
         Case("psf_match_convolution", f"spatially varying 21x21 PSF-matching convolution of a {big} exposure", (

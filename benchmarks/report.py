@@ -97,7 +97,7 @@ def markdown(results: dict) -> str:
         "# skystack benchmark results",
         "",
         f"- date: {results['date_utc']}; mode: {results['mode']}; repetitions: {results['reps']} "
-        f"(scaling rows 1); threads of the multi-threaded rows: {results['threads']}",
+        f"(fewer on long rows: see the notes); threads of the multi-threaded rows: {results['threads']}",
         f"- machine: {m['cores']} cores, {m['memory_gb']} GB RAM, {m['cpu_model']}; Python {m['python']}; "
         f"{m['platform']}",
         f"- load average (1, 5, 15 min) before: {m['load_average']}, after: {results['load_average_after']} "
