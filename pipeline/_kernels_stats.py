@@ -19,6 +19,12 @@ The per-row algorithm is that of ``statistics_and_masks.md`` section 1:
 The selected samples of each row are ordered by ``(value, weight, variance, mask)`` before any sum
 is formed (for rows of up to ``EXACT_ORDER_MAX`` samples), so results do not depend on the order of
 the samples at all, not even in the last bit.
+
+Longer unweighted NaN-safe rows with the default error (the background cells, whole images) take a
+fast path (:func:`reduce_rows_unit`, :func:`reduce_cells`): the selected samples are gathered once
+into a buffer of their own dtype, the quartiles come from in-place selection (no sort), and each
+moment is one branch-free pass over the buffer. It gives the same counts, quantiles, clip decisions
+and masks; its sums run in buffer order, so they may differ from sorted-order sums in the last bits.
 """
 
 from __future__ import annotations
@@ -452,6 +458,368 @@ def reduce_rows(
         ormask[r] = reduce_one(
             x[r], m[r], v[r], w[r], and_mask, nan_safe, weight_mode, error_mode, num_sigma, num_iter,
             do_quantiles, do_clip, prop_bits, prop_thr, scratch, rejected, out[r],
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# fast path: unweighted, NaN-safe rows with the error of the mean from the scatter
+#
+# The selected samples are gathered once into a contiguous buffer (in their own dtype); the
+# quartiles come from in-place selection instead of a sort, and every moment is a pass over the
+# buffer. Counts, quantiles, clip decisions and masks are those of the general path; sums are
+# formed in a fixed order given by the samples' positions, so they may differ from the sorted-
+# order sums of the general path in the last bits.
+
+#: rows longer than this (unweighted, NaN-safe, default error) take the fast path
+FAST_MIN_SAMPLES = EXACT_ORDER_MAX
+
+
+@njit(cache=True, nogil=True)
+def _insertion_sort(a, lo, hi):
+    for i in range(lo + 1, hi):
+        x = a[i]
+        j = i - 1
+        while j >= lo and x < a[j]:
+            a[j + 1] = a[j]
+            j -= 1
+        a[j + 1] = x
+
+
+@njit(cache=True, nogil=True)
+def select_inplace(a, lo, hi, k):
+    """Reorder the finite values ``a[lo:hi]`` so that ``a[k]`` holds the one of rank ``k - lo``.
+
+    Afterwards ``a[lo:k] <= a[k] <= a[k+1:hi]``. Hoare partitions around a median of three; a
+    range that does not shrink fast enough is finished by insertion sort or a full sort.
+    """
+    left = lo
+    right = hi - 1
+    budget = 8
+    n = hi - lo
+    while n > 1:
+        budget += 2
+        n >>= 1
+    while right > left:
+        if right - left < 16:
+            _insertion_sort(a, left, right + 1)
+            return
+        if budget == 0:
+            a[left : right + 1].sort()
+            return
+        budget -= 1
+        mid = (left + right) >> 1
+        if a[mid] < a[left]:
+            a[mid], a[left] = a[left], a[mid]
+        if a[right] < a[left]:
+            a[right], a[left] = a[left], a[right]
+        if a[right] < a[mid]:
+            a[right], a[mid] = a[mid], a[right]
+        pivot = a[mid]
+        i = left
+        j = right
+        while i <= j:
+            while a[i] < pivot:
+                i += 1
+            while pivot < a[j]:
+                j -= 1
+            if i <= j:
+                a[i], a[j] = a[j], a[i]
+                i += 1
+                j -= 1
+        if k <= j:
+            right = j
+        elif k >= i:
+            left = i
+        else:
+            return
+
+
+@njit(cache=True, nogil=True)
+def _min_of(a, lo, hi):
+    v = a[lo]
+    for i in range(lo + 1, hi):
+        v = min(v, a[i])
+    return v
+
+
+@njit(cache=True, nogil=True)
+def _lerp(a, b, g):
+    d = b - a
+    if g >= 0.5:
+        return b - d * (1.0 - g)
+    return a + d * g
+
+
+@njit(cache=True, nogil=True)
+def _quantile_at(a, n, f, lo, hi, end):
+    """numpy "linear" quantile ``f`` of ``a[:n]`` by selection inside ``a[lo:hi]``.
+
+    ``a`` must already be partitioned so that the two ranks needed lie in ``[lo, hi)`` and the
+    upper one is the smallest value of ``a[j + 1:end]`` once rank ``j`` is in place.
+    Returns ``(quantile, j)``.
+    """
+    t = f * (n - 1)
+    j = int(math.floor(t))
+    g = t - j
+    select_inplace(a, lo, hi, j)
+    lower = np.float64(a[j])
+    if g == 0.0:
+        # what the sorted path's lerp gives for a zero fraction: lower + (upper - lower) * 0
+        return lower + 0.0, j
+    return _lerp(lower, np.float64(_min_of(a, j + 1, end)), g), j
+
+
+@njit(cache=True, nogil=True)
+def quartiles_select(a, n):
+    """``(q25, median, q75)`` (numpy "linear") of the finite values ``a[:n]``, reordering ``a``."""
+    if n <= 0:
+        return np.nan, np.nan, np.nan
+    if n == 1:
+        x = np.float64(a[0])
+        return x, x, x
+    med, jm = _quantile_at(a, n, 0.5, 0, n, n)
+    # ranks >= jm now lie in [jm, n) and ranks < jm in [0, jm); the upper quartile goes first so
+    # that the smallest jm values stay in [0, jm) for the lower one
+    q75, _ = _quantile_at(a, n, 0.75, jm, n, n)
+    j25 = int(math.floor(0.25 * (n - 1)))
+    if j25 + 1 < jm:
+        q25, _ = _quantile_at(a, n, 0.25, 0, jm, jm)
+    else:
+        q25, _ = _quantile_at(a, n, 0.25, 0, jm + 1, n)
+    return q25, med, q75
+
+
+@njit(cache=True, nogil=True)
+def _kept_sum(a, n, centre, width):
+    """Count and sum of ``a[:n]`` with ``|a - centre| <= width`` (four interleaved partial sums)."""
+    c0 = 0
+    c1 = 0
+    c2 = 0
+    c3 = 0
+    s0 = 0.0
+    s1 = 0.0
+    s2 = 0.0
+    s3 = 0.0
+    stop = n - n % 4
+    for i in range(0, stop, 4):
+        x0 = np.float64(a[i])
+        x1 = np.float64(a[i + 1])
+        x2 = np.float64(a[i + 2])
+        x3 = np.float64(a[i + 3])
+        k0 = abs(x0 - centre) <= width
+        k1 = abs(x1 - centre) <= width
+        k2 = abs(x2 - centre) <= width
+        k3 = abs(x3 - centre) <= width
+        s0 += x0 if k0 else 0.0
+        s1 += x1 if k1 else 0.0
+        s2 += x2 if k2 else 0.0
+        s3 += x3 if k3 else 0.0
+        c0 += np.int64(k0)
+        c1 += np.int64(k1)
+        c2 += np.int64(k2)
+        c3 += np.int64(k3)
+    for i in range(stop, n):
+        x0 = np.float64(a[i])
+        k0 = abs(x0 - centre) <= width
+        s0 += x0 if k0 else 0.0
+        c0 += np.int64(k0)
+    return (c0 + c1) + (c2 + c3), (s0 + s1) + (s2 + s3)
+
+
+@njit(cache=True, nogil=True)
+def _kept_m2(a, n, centre, width, mean):
+    """Sum of ``(a - mean)**2`` over ``a[:n]`` with ``|a - centre| <= width``."""
+    s0 = 0.0
+    s1 = 0.0
+    s2 = 0.0
+    s3 = 0.0
+    stop = n - n % 4
+    for i in range(0, stop, 4):
+        x0 = np.float64(a[i])
+        x1 = np.float64(a[i + 1])
+        x2 = np.float64(a[i + 2])
+        x3 = np.float64(a[i + 3])
+        d0 = x0 - mean
+        d1 = x1 - mean
+        d2 = x2 - mean
+        d3 = x3 - mean
+        s0 += d0 * d0 if abs(x0 - centre) <= width else 0.0
+        s1 += d1 * d1 if abs(x1 - centre) <= width else 0.0
+        s2 += d2 * d2 if abs(x2 - centre) <= width else 0.0
+        s3 += d3 * d3 if abs(x3 - centre) <= width else 0.0
+    for i in range(stop, n):
+        x0 = np.float64(a[i])
+        d0 = x0 - mean
+        s0 += d0 * d0 if abs(x0 - centre) <= width else 0.0
+    return (s0 + s1) + (s2 + s3)
+
+
+@njit(cache=True, nogil=True)
+def _unit_moments(a, n, centre, width):
+    """``(count, mean, variance, error variance of the mean, sum)`` of the kept unit-weight samples,
+    with the formulas of :func:`_moments` for ``w = 1``."""
+    cnt, swx = _kept_sum(a, n, centre, width)
+    s1 = np.float64(cnt)
+    mean = swx / s1 if s1 != 0.0 else np.nan
+    m2 = _kept_m2(a, n, centre, width, mean) if cnt > 0 else 0.0
+    denom = s1 * s1 - s1
+    var = m2 * s1 / denom if denom != 0.0 else np.nan
+    if cnt <= 0:
+        mean = np.nan
+        var = np.nan
+    errvar = var * s1 / (s1 * s1) if s1 != 0.0 else np.nan
+    return cnt, mean, var, errvar, swx
+
+
+@njit(cache=True, nogil=True)
+def reduce_gathered(a, n, total, orm, rejected, num_sigma, num_iter, do_quantiles, do_clip, prop_bits, prop_thr, out):
+    """The statistics of :func:`reduce_one` for ``n`` gathered unit-weight finite samples ``a[:n]``.
+
+    ``total`` counts every sample of the set, ``orm`` is the OR of the selected samples' masks and
+    ``rejected[b]`` the number of excluded samples with ``prop_bits[b]``. Reorders ``a``; returns
+    ORMASK.
+    """
+    cnt, mean, var, errvar, swx = _unit_moments(a, n, 0.0, np.inf)
+    s1 = np.float64(n)
+    for b in range(prop_bits.shape[0]):
+        tot = s1 + rejected[b]
+        if tot != 0.0 and rejected[b] / tot > prop_thr[b]:
+            orm |= prop_bits[b]
+    lo = np.inf
+    hi = -np.inf
+    for i in range(n):
+        lo = min(lo, np.float64(a[i]))
+        hi = max(hi, np.float64(a[i]))
+    out[C_NPOINT] = n
+    out[C_NMASKED] = total - n
+    out[C_MEAN] = mean
+    out[C_VARIANCE] = var
+    out[C_MEAN_ERRVAR] = errvar
+    out[C_SUM] = swx
+    out[C_SUMW] = s1
+    out[C_MIN] = lo if n > 0 else np.nan
+    out[C_MAX] = hi if n > 0 else np.nan
+    out[C_MEDIAN] = np.nan
+    out[C_Q25] = np.nan
+    out[C_Q75] = np.nan
+    out[C_MEANCLIP] = np.nan
+    out[C_VARCLIP] = np.nan
+    out[C_MEANCLIP_ERRVAR] = np.nan
+    out[C_NCLIPPED] = 0
+    out[C_NKEPT] = n
+    if not (do_quantiles or do_clip):
+        return orm
+    q25, med, q75 = quartiles_select(a, n)
+    out[C_MEDIAN] = med
+    out[C_Q25] = q25
+    out[C_Q75] = q75
+    if not do_clip:
+        return orm
+    iqr = q75 - q25
+    cmean = np.nan
+    cvar = np.nan
+    cerr = np.nan
+    kept = 0
+    for p in range(num_iter):
+        centre = med if p == 0 else cmean
+        width = clip_width(p, n, iqr, cvar, num_sigma, centre)
+        if math.isnan(centre) or math.isnan(width):
+            out[C_NCLIPPED] = n
+            out[C_NKEPT] = 0
+            return orm
+        kept, cmean, cvar, cerr, _swx = _unit_moments(a, n, centre, width)
+    out[C_MEANCLIP] = cmean
+    out[C_VARCLIP] = cvar
+    out[C_MEANCLIP_ERRVAR] = cerr
+    out[C_NCLIPPED] = n - kept
+    out[C_NKEPT] = kept
+    return orm
+
+
+@njit(cache=True, nogil=True)
+def _gather_row(x, m, and_mask, prop_bits, buf, rejected):
+    """Selected finite samples of the 1-D ``x`` into ``buf``; returns ``(n, ormask)``."""
+    andm = np.uint32(and_mask)
+    nprop = prop_bits.shape[0]
+    for b in range(nprop):
+        rejected[b] = 0.0
+    n = 0
+    orm = np.uint32(0)
+    for i in range(x.shape[0]):
+        xi = x[i]
+        mi = np.uint32(m[i])
+        good = ((mi & andm) == 0) & math.isfinite(xi)
+        buf[n] = xi
+        n += np.int64(good)
+        orm |= mi if good else np.uint32(0)
+        if nprop and not good:
+            for b in range(nprop):
+                if (mi & prop_bits[b]) != 0:
+                    rejected[b] += 1.0
+    return n, orm
+
+
+@njit(cache=True, nogil=True)
+def reduce_cells(
+    image, mask, yedges, xedges, and_mask, num_sigma, num_iter, do_quantiles, do_clip, prop_bits, prop_thr,
+    out, ormask,
+):
+    """Unit-weight NaN-safe statistics of every cell of a 2-D block.
+
+    Cell ``(i, j)`` covers rows ``yedges[i]:yedges[i+1]`` and columns ``xedges[j]:xedges[j+1]`` of
+    ``image``/``mask``; its results go to row ``i * (len(xedges) - 1) + j`` of ``out``
+    (``N_COLUMNS`` wide) and ``ormask``. Equivalent to :func:`reduce_rows` (fast path) on the
+    cells' pixels in row-major order.
+    """
+    ncy = yedges.shape[0] - 1
+    ncx = xedges.shape[0] - 1
+    size = 1
+    for i in range(ncy):
+        for j in range(ncx):
+            size = max(size, (yedges[i + 1] - yedges[i]) * (xedges[j + 1] - xedges[j]))
+    buf = np.empty(size, dtype=image.dtype)
+    andm = np.uint32(and_mask)
+    nprop = prop_bits.shape[0]
+    rejected = np.zeros(nprop, dtype=np.float64)
+    for i in range(ncy):
+        for j in range(ncx):
+            for b in range(nprop):
+                rejected[b] = 0.0
+            n = 0
+            orm = np.uint32(0)
+            for r in range(yedges[i], yedges[i + 1]):
+                for c in range(xedges[j], xedges[j + 1]):
+                    xi = image[r, c]
+                    mi = np.uint32(mask[r, c])
+                    good = ((mi & andm) == 0) & math.isfinite(xi)
+                    buf[n] = xi
+                    n += np.int64(good)
+                    orm |= mi if good else np.uint32(0)
+                    if nprop and not good:
+                        for b in range(nprop):
+                            if (mi & prop_bits[b]) != 0:
+                                rejected[b] += 1.0
+            total = (yedges[i + 1] - yedges[i]) * (xedges[j + 1] - xedges[j])
+            row = i * ncx + j
+            ormask[row] = reduce_gathered(
+                buf, n, total, orm, rejected, num_sigma, num_iter, do_quantiles, do_clip, prop_bits, prop_thr,
+                out[row],
+            )
+
+
+@njit(cache=True, nogil=True)
+def reduce_rows_unit(x, m, and_mask, num_sigma, num_iter, do_quantiles, do_clip, prop_bits, prop_thr, out, ormask):
+    """Fast path of :func:`reduce_rows` for unit weights, NaN-safe selection and the default error.
+
+    ``x`` is a float32 or float64 ``(n_sets, n_samples)`` array, ``m`` uint32 of the same shape.
+    """
+    n_sets, k = x.shape
+    buf = np.empty(k, dtype=x.dtype)
+    rejected = np.zeros(prop_bits.shape[0], dtype=np.float64)
+    for r in range(n_sets):
+        n, orm = _gather_row(x[r], m[r], and_mask, prop_bits, buf, rejected)
+        ormask[r] = reduce_gathered(
+            buf, n, k, orm, rejected, num_sigma, num_iter, do_quantiles, do_clip, prop_bits, prop_thr, out[r]
         )
 
 

@@ -23,7 +23,7 @@ from . import _kernels_background as K
 from .errors import DataQualityError, SchemaError
 from .model.masks import bitmask
 from .model.schema import data_ids, mask_planes, validate, with_provenance
-from .stats import Statistic, StatsConfig, compute_statistics
+from .stats import Statistic, StatsConfig, grid_statistics
 
 __all__ = [
     "BackgroundConfig",
@@ -143,28 +143,16 @@ def _cell_block(image, mask, *, yedges, xedges, and_mask, statistic, stats_confi
     (py0, py1), (px0, px1) = loc
     jy = np.flatnonzero((yedges[:-1] >= py0) & (yedges[:-1] < py1))
     ix = np.flatnonzero((xedges[:-1] >= px0) & (xedges[:-1] < px1))
-    ylo, yhi = yedges[jy] - py0, yedges[jy + 1] - py0
-    xlo, xhi = xedges[ix] - px0, xedges[ix + 1] - px0
-    hmax, wmax = int((yhi - ylo).max()), int((xhi - xlo).max())
-    rows = ylo[:, None] + np.arange(hmax)[None, :]
-    cols = xlo[:, None] + np.arange(wmax)[None, :]
-    rvalid = rows < yhi[:, None]
-    cvalid = cols < xhi[:, None]
-    rows = np.where(rvalid, rows, 0)
-    cols = np.where(cvalid, cols, 0)
-    ncy, ncx = jy.size, ix.size
-    vals = np.asarray(image, dtype=np.float64)[rows[:, :, None, None], cols[None, None, :, :]]
-    msk = np.asarray(mask, dtype=np.uint32)[rows[:, :, None, None], cols[None, None, :, :]]
-    valid = rvalid[:, :, None, None] & cvalid[None, None, :, :]
-    vals = np.where(valid, vals, np.nan)
-    vals = vals.transpose(0, 2, 1, 3).reshape(ncy * ncx, hmax * wmax)
-    msk = msk.transpose(0, 2, 1, 3).reshape(ncy * ncx, hmax * wmax)
+    ye = np.append(yedges[jy], yedges[jy[-1] + 1]) - py0
+    xe = np.append(xedges[ix], xedges[ix[-1] + 1]) - px0
     stat = Statistic(statistic)
     wanted = (stat, Statistic.NPOINT, Statistic.STDEV)
     if stat is Statistic.MEANCLIP:
         wanted += (Statistic.VARIANCECLIP,)
-    values, errors = compute_statistics(vals, mask=msk, axis=-1, statistics=wanted, config=stats_config, errors=True)
-    out = np.empty((_N_CELL_ROWS, ncy * ncx), dtype=np.float64)
+    values, errors = grid_statistics(
+        image, mask=mask, yedges=ye, xedges=xe, statistics=wanted, config=stats_config, errors=True
+    )
+    out = np.empty((_N_CELL_ROWS, jy.size, ix.size), dtype=np.float64)
     out[CELL_VALUE] = values[stat]
     out[CELL_ERROR] = errors[stat]
     out[CELL_NPOINT] = values[Statistic.NPOINT]
@@ -173,7 +161,7 @@ def _cell_block(image, mask, *, yedges, xedges, and_mask, statistic, stats_confi
     bad = out[CELL_NPOINT] == 0
     out[CELL_VALUE, bad] = np.nan
     out[CELL_ERROR, bad] = np.nan
-    return out.reshape(_N_CELL_ROWS, ncy, ncx)
+    return out
 
 
 def _as_dask(arr, chunks):

@@ -33,6 +33,7 @@ __all__ = [
     "Statistic",
     "StatsConfig",
     "compute_statistics",
+    "grid_statistics",
     "clipped_mean",
     "clipped_stdev",
     "median",
@@ -182,6 +183,8 @@ class _Plan:
         wanted = set(stats)
         self.do_clip = bool(wanted & _CLIP_STATS)
         self.do_quantiles = bool(wanted & _QUANTILE_STATS) or self.do_clip
+        #: unit weights, NaN-safe, error from the scatter: the kernels' gather-and-select fast path
+        self.unit = self.weight_mode == K.WEIGHT_NONE and self.error_mode == K.ERROR_DEFAULT and self.nan_safe
 
     def __dask_tokenize__(self):
         return (
@@ -205,6 +208,15 @@ class _Plan:
         out = np.full((n, K.N_COLUMNS + 1), np.nan, dtype=np.float64)
         ormask = np.zeros(n, dtype=np.uint32)
         table = out[:, : K.N_COLUMNS]
+        if self.unit and x.shape[1] > K.FAST_MIN_SAMPLES:
+            if x.dtype not in (np.float32, np.float64):
+                x = x.astype(np.float64)
+            K.reduce_rows_unit(
+                x, m, self.and_mask, self.num_sigma, self.num_iter, self.do_quantiles, self.do_clip,
+                self.prop_bits, self.prop_thr, table, ormask,
+            )
+            out[:, K.N_COLUMNS] = ormask
+            return out
         K.reduce_rows(
             x,
             m,
@@ -402,6 +414,62 @@ def compute_statistics(
         vals, errs = _finish(table, stats, errors, np)
         vals = {k: np.asarray(v) for k, v in vals.items()}
         errs = {k: np.asarray(v) for k, v in errs.items()}
+    return (vals, errs) if errors else vals
+
+
+def grid_statistics(
+    values: np.ndarray,
+    *,
+    mask: np.ndarray | None = None,
+    yedges,
+    xedges,
+    statistics: Iterable[Statistic | str] | Statistic | str = (Statistic.MEAN,),
+    config: StatsConfig = StatsConfig(),
+    planes: Mapping[str, int] | None = None,
+    errors: bool = False,
+):
+    """Statistics of every cell of a grid laid over a 2-D numpy array (eager; a block function).
+
+    Cell ``(i, j)`` holds ``values[yedges[i]:yedges[i+1], xedges[j]:xedges[j+1]]``; the edges are
+    increasing integers inside the array. Returns what :func:`compute_statistics` returns for each
+    cell's pixels (row-major), as arrays of shape ``(len(yedges) - 1, len(xedges) - 1)``. With unit
+    weights, NaN-safe selection and the default error, all cells are reduced in one kernel call
+    that reads the array in place (no copy per cell).
+    """
+    stats = _as_stats(statistics)
+    if not isinstance(config, StatsConfig):
+        raise SchemaError(f"config must be a StatsConfig, got {type(config).__name__}")
+    x = np.asarray(values)
+    if x.ndim != 2:
+        raise SchemaError(f"grid_statistics needs a 2-D array, got shape {x.shape}")
+    ye = np.asarray(yedges, dtype=np.int64)
+    xe = np.asarray(xedges, dtype=np.int64)
+    for name, e, size in (("yedges", ye, x.shape[0]), ("xedges", xe, x.shape[1])):
+        if e.ndim != 1 or e.size < 2 or np.any(np.diff(e) <= 0) or e[0] < 0 or e[-1] > size:
+            raise SchemaError(f"{name} {e.tolist()} are not increasing edges inside 0..{size}")
+    _check_inputs(x, mask, None, None, config, None)
+    m = np.zeros(x.shape, np.uint32) if mask is None else np.broadcast_to(np.asarray(mask), x.shape)
+    plan = _Plan(config, planes, stats, False, False)
+    ncy, ncx = ye.size - 1, xe.size - 1
+    if plan.unit:
+        if x.dtype not in (np.float32, np.float64):
+            x = x.astype(np.float64)
+        table = np.full((ncy * ncx, K.N_COLUMNS + 1), np.nan, dtype=np.float64)
+        ormask = np.zeros(ncy * ncx, dtype=np.uint32)
+        K.reduce_cells(
+            x, m.astype(np.uint32, copy=False), ye, xe, plan.and_mask, plan.num_sigma, plan.num_iter,
+            plan.do_quantiles, plan.do_clip, plan.prop_bits, plan.prop_thr, table[:, : K.N_COLUMNS], ormask,
+        )
+        table[:, K.N_COLUMNS] = ormask
+    else:
+        rows = []
+        for i in range(ncy):
+            for j in range(ncx):
+                xc = x[ye[i] : ye[i + 1], xe[j] : xe[j + 1]].reshape(1, -1)
+                mc = m[ye[i] : ye[i + 1], xe[j] : xe[j + 1]].astype(np.uint32).reshape(1, -1)
+                rows.append(plan.run(xc, mc, np.zeros(xc.shape), np.ones(xc.shape)))
+        table = np.concatenate(rows)
+    vals, errs = _finish(table.reshape(ncy, ncx, -1), stats, errors, np)
     return (vals, errs) if errors else vals
 
 
