@@ -62,6 +62,17 @@ def run(args) -> int:
     if not selected:
         return 2
 
+    kept: list[dict] = []
+    earlier = None
+    previous = out / "results.json"
+    if args.update and previous.exists():
+        old = json.loads(previous.read_text())
+        if old.get("mode") == mode:
+            rerun = {c.name for c in selected}
+            kept = [r for r in old["rows"] if r["case"] not in rerun]
+            earlier = {"date_utc": old["date_utc"], "load_average": old["machine"].get("load_average"),
+                       "cases": sorted({r["case"] for r in kept}, key=names.index)}
+
     t_start = time.perf_counter()
     print(f"building the {mode} inputs under {inputs.work_dir(s)} (cached)", flush=True)
     inputs.build(s, echo=lambda m: print(m, flush=True))
@@ -96,10 +107,11 @@ def run(args) -> int:
         for impl in usable:
             records.append(report.record(case, impl, runs[impl.name]))
         # written after every case, so an interrupted run keeps what it measured
-        done = [c for c in selected if any(r["case"] == c.name for r in records)]
-        results = report.assemble(done, records, machine, mode=mode, reps=reps, threads=threads, sizes=s,
+        rows = sorted(kept + records, key=lambda r: names.index(r["case"]))
+        done = [c for c in all_cases if any(r["case"] == c.name for r in rows)]
+        results = report.assemble(done, rows, machine, mode=mode, reps=reps, threads=threads, sizes=s,
                                   seconds=time.perf_counter() - t_start,
-                                  load_after=measure.machine()["load_average"])
+                                  load_after=measure.machine()["load_average"], earlier=earlier)
         (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
         (out / "results.md").write_text(report.markdown(results))
     print()
@@ -132,6 +144,8 @@ def main(argv=None) -> int:
     p_run.add_argument("--only", nargs="+", metavar="NAME", help="run only these cases")
     p_run.add_argument("--reps", type=int, default=None, help="repetitions per implementation (default 3, quick 1)")
     p_run.add_argument("--out", default=None, help="directory of results.md / results.json (default benchmarks/)")
+    p_run.add_argument("--update", action="store_true",
+                       help="keep the rows of the cases not run now from the results.json already in --out")
     p_run.add_argument("--threads", type=int, default=None, help="threads of the multi-threaded rows (default 2)")
     sub.add_parser("setup", help="install the peers (SWarp via apt-get when root; pip packages)")
     p_piece = sub.add_parser("_piece", help=argparse.SUPPRESS)

@@ -51,7 +51,7 @@ def _judge(target, rows: dict) -> dict:
     return out
 
 
-def assemble(cases, records, machine, *, mode, reps, threads, sizes, seconds, load_after) -> dict:
+def assemble(cases, records, machine, *, mode, reps, threads, sizes, seconds, load_after, earlier=None) -> dict:
     targets = []
     for case in cases:
         rows = {r["impl"]: r for r in records if r["case"] == case.name}
@@ -71,6 +71,7 @@ def assemble(cases, records, machine, *, mode, reps, threads, sizes, seconds, lo
         "cases": [{"name": c.name, "title": c.title} for c in cases],
         "rows": records,
         "targets": targets,
+        "earlier": earlier,
     }
 
 
@@ -104,6 +105,12 @@ def markdown(results: dict) -> str:
         "(other work shared the machine when these exceed 0.5 or so)",
         f"- total run time: {results['total_seconds']:.0f} s. Reproduce: `python -m benchmarks setup && "
         f"python -m benchmarks run{' --quick' if results['mode'] == 'quick' else ''}`",
+    ]
+    if results.get("earlier"):
+        e = results["earlier"]
+        lines.append(f"- rows of {', '.join(e['cases'])} kept from the run of {e['date_utc']} "
+                     f"(load average then: {e['load_average']}); the other cases were measured at the date above")
+    lines += [
         "",
         "Mpix/s/core = input megapixels / (median wall s x threads the implementation uses). Ratios: "
         "per-core throughput ours / peer, or peak memory ours / reference row. Peak MB: resident memory "
