@@ -80,7 +80,8 @@ def check_celestial(wcs: WCS, *, what: str = "WCS") -> None:
     det = float(np.linalg.det(matrix))
     with np.errstate(all="ignore"):
         cond = float(np.linalg.cond(matrix)) if np.all(np.isfinite(matrix)) else np.inf
-    if not np.isfinite(det) or det == 0.0 or not np.isfinite(cond) or cond > 1e10:
+    # singular: pixels of no size (|det| below 1e-30 deg^2, 3.6e-12 arcsec on a side) or degenerate shape
+    if not np.isfinite(det) or abs(det) < 1e-30 or not np.isfinite(cond) or cond > 1e10:
         raise SchemaError(f"{what} has a singular pixel scale matrix (determinant {det:g}, condition number {cond:.3g})")
 
 
