@@ -27,3 +27,21 @@ def tan_wcs():
 @pytest.fixture
 def rng():
     return np.random.default_rng(12345)
+
+
+@pytest.fixture(scope="session")
+def small_sim():
+    """Four simulated 256x256 exposures with every artifact switched on (shared, do not modify)."""
+    from pipeline.sim import SimConfig, simulate
+
+    return simulate(SimConfig.small(), seed=1)
+
+
+@pytest.fixture(scope="session")
+def small_tract(small_sim):
+    """A tract centred on ``small_sim`` with 200-pixel patches and a 20-pixel border."""
+    from pipeline.model.skymap import SkyMap
+    from pipeline.model.wcs import get_wcs
+
+    footprints = [(get_wcs(e), e.image.shape) for e in small_sim.exposures]
+    return SkyMap.centred_on(footprints, patch_inner=(200, 200), patch_border=20).tracts[0]
