@@ -589,69 +589,152 @@ def quartiles_select(a, n):
     return q25, med, q75
 
 
+#: sample size, bins and sample-rank margin of :func:`quartiles_hist`
+HIST_SAMPLE = 256
+HIST_BINS = 2048
+HIST_MARGIN = 28
+#: sets smaller than this use :func:`quartiles_select` instead
+HIST_MIN_SAMPLES = 2048
+
+
 @njit(cache=True, nogil=True)
+def make_hist_scratch(size, dtype):
+    """Scratch buffers of :func:`quartiles_hist` for up to ``size`` values of ``dtype``."""
+    slots = np.full(HIST_BINS + 2, -1, dtype=np.int64)
+    hist = np.zeros(HIST_BINS + 2, dtype=np.int64)
+    return np.empty(HIST_SAMPLE, dtype=np.float64), hist, slots, np.empty(max(size, 1), dtype=dtype)
+
+
+@njit(cache=True, nogil=True)
+def _all_equal(a):
+    for i in range(1, a.shape[0]):
+        if a[i] != a[0]:
+            return False
+    return True
+
+
+@njit(cache=True, nogil=True)
+def _bin_of(x, lo, scale, top):
+    """Monotone bin index: 0 below ``lo``, ``1 .. top`` inside, ``top + 1`` at or above the top."""
+    t = (np.float64(x) - lo) * scale
+    t = min(max(t, -1.0), top)
+    return int(t + 1.0)
+
+
+@njit(cache=True, nogil=True)
+def quartiles_hist(a, n, sample, hist, slots, cand):
+    """``(q25, median, q75)`` (numpy "linear") of the finite values ``a[:n]`` by histogram selection.
+
+    A sorted systematic sample of ``HIST_SAMPLE`` values brackets the quartiles; one pass counts the
+    values in ``HIST_BINS`` equal bins over that bracket (plus one bin below and one above); a second
+    pass copies the values of the few bins holding the wanted ranks into ``cand`` (length >= n),
+    where they are sorted. The bins are monotone in the value, so the ranks are exact.
+    ``a`` is not modified; ``slots`` must be all -1 on entry and is left so.
+    """
+    if n < HIST_MIN_SAMPLES:
+        for i in range(n):
+            cand[i] = a[i]
+        return quartiles_select(cand, n)
+    s = sample.shape[0]
+    for i in range(s):
+        sample[i] = np.float64(a[(i * n) // s])
+    sample.sort()
+    lo = sample[s // 4 - HIST_MARGIN]
+    hi = sample[(3 * s) // 4 + HIST_MARGIN]
+    nb = hist.shape[0] - 2
+    scale = nb / (hi - lo) if hi > lo else np.inf
+    if not math.isfinite(scale) or not math.isfinite(lo * scale):
+        for i in range(n):
+            cand[i] = a[i]
+        return quartiles_select(cand, n)
+    top = np.float64(nb)
+    for b in range(nb + 2):
+        hist[b] = 0
+    for i in range(n):
+        hist[_bin_of(a[i], lo, scale, top)] += 1
+    # cumulative counts: hist[b] = number of values in bins <= b
+    for b in range(1, nb + 2):
+        hist[b] += hist[b - 1]
+    ranks = np.empty(6, dtype=np.int64)
+    fr = np.empty(3, dtype=np.float64)
+    for q in range(3):
+        t = (0.25 * (q + 1)) * (n - 1)
+        j = int(math.floor(t))
+        fr[q] = t - j
+        ranks[2 * q] = j
+        ranks[2 * q + 1] = min(j + 1, n - 1)
+    rbin = np.empty(6, dtype=np.int64)
+    nslot = 0
+    sbin = np.empty(6, dtype=np.int64)
+    for r in range(6):
+        b = np.searchsorted(hist, ranks[r], side="right")
+        rbin[r] = b
+        if slots[b] < 0:
+            slots[b] = nslot
+            sbin[nslot] = b
+            nslot += 1
+    start = np.empty(nslot + 1, dtype=np.int64)
+    fill = np.empty(nslot, dtype=np.int64)
+    start[0] = 0
+    for k in range(nslot):
+        b = sbin[k]
+        count = hist[b] - (hist[b - 1] if b > 0 else 0)
+        start[k + 1] = start[k] + count
+        fill[k] = start[k]
+    for i in range(n):
+        k = slots[_bin_of(a[i], lo, scale, top)]
+        if k >= 0:
+            cand[fill[k]] = a[i]
+            fill[k] += 1
+    for k in range(nslot):
+        seg = cand[start[k] : start[k + 1]]
+        if seg.shape[0] > 1:
+            if seg.shape[0] <= 16:
+                _insertion_sort(seg, 0, seg.shape[0])
+            elif not _all_equal(seg):
+                seg.sort()
+    res = np.empty(3, dtype=np.float64)
+    for q in range(3):
+        vals = np.empty(2, dtype=np.float64)
+        for u in range(2):
+            b = rbin[2 * q + u]
+            before = hist[b - 1] if b > 0 else 0
+            vals[u] = np.float64(cand[start[slots[b]] + ranks[2 * q + u] - before])
+        if fr[q] == 0.0:
+            res[q] = vals[0] + 0.0
+        else:
+            res[q] = _lerp(vals[0], vals[1], fr[q])
+    for k in range(nslot):
+        slots[sbin[k]] = -1
+    return res[0], res[1], res[2]
+
+
+# Sums over a gathered buffer may be reassociated so that they run as SIMD lanes: their order is
+# then fixed by the buffer order and the vector width of the machine's code.
+
+
+@njit(cache=True, nogil=True, fastmath={"reassoc"})
 def _kept_sum(a, n, centre, width):
-    """Count and sum of ``a[:n]`` with ``|a - centre| <= width`` (four interleaved partial sums)."""
-    c0 = 0
-    c1 = 0
-    c2 = 0
-    c3 = 0
-    s0 = 0.0
-    s1 = 0.0
-    s2 = 0.0
-    s3 = 0.0
-    stop = n - n % 4
-    for i in range(0, stop, 4):
-        x0 = np.float64(a[i])
-        x1 = np.float64(a[i + 1])
-        x2 = np.float64(a[i + 2])
-        x3 = np.float64(a[i + 3])
-        k0 = abs(x0 - centre) <= width
-        k1 = abs(x1 - centre) <= width
-        k2 = abs(x2 - centre) <= width
-        k3 = abs(x3 - centre) <= width
-        s0 += x0 if k0 else 0.0
-        s1 += x1 if k1 else 0.0
-        s2 += x2 if k2 else 0.0
-        s3 += x3 if k3 else 0.0
-        c0 += np.int64(k0)
-        c1 += np.int64(k1)
-        c2 += np.int64(k2)
-        c3 += np.int64(k3)
-    for i in range(stop, n):
-        x0 = np.float64(a[i])
-        k0 = abs(x0 - centre) <= width
-        s0 += x0 if k0 else 0.0
-        c0 += np.int64(k0)
-    return (c0 + c1) + (c2 + c3), (s0 + s1) + (s2 + s3)
+    """Count and sum of ``a[:n]`` with ``|a - centre| <= width``."""
+    cnt = 0
+    s = 0.0
+    for i in range(n):
+        x = np.float64(a[i])
+        keep = abs(x - centre) <= width
+        s += x if keep else 0.0
+        cnt += np.int64(keep)
+    return cnt, s
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, fastmath={"reassoc"})
 def _kept_m2(a, n, centre, width, mean):
     """Sum of ``(a - mean)**2`` over ``a[:n]`` with ``|a - centre| <= width``."""
-    s0 = 0.0
-    s1 = 0.0
-    s2 = 0.0
-    s3 = 0.0
-    stop = n - n % 4
-    for i in range(0, stop, 4):
-        x0 = np.float64(a[i])
-        x1 = np.float64(a[i + 1])
-        x2 = np.float64(a[i + 2])
-        x3 = np.float64(a[i + 3])
-        d0 = x0 - mean
-        d1 = x1 - mean
-        d2 = x2 - mean
-        d3 = x3 - mean
-        s0 += d0 * d0 if abs(x0 - centre) <= width else 0.0
-        s1 += d1 * d1 if abs(x1 - centre) <= width else 0.0
-        s2 += d2 * d2 if abs(x2 - centre) <= width else 0.0
-        s3 += d3 * d3 if abs(x3 - centre) <= width else 0.0
-    for i in range(stop, n):
-        x0 = np.float64(a[i])
-        d0 = x0 - mean
-        s0 += d0 * d0 if abs(x0 - centre) <= width else 0.0
-    return (s0 + s1) + (s2 + s3)
+    s = 0.0
+    for i in range(n):
+        x = np.float64(a[i])
+        d = x - mean
+        s += d * d if abs(x - centre) <= width else 0.0
+    return s
 
 
 @njit(cache=True, nogil=True)
@@ -672,12 +755,15 @@ def _unit_moments(a, n, centre, width):
 
 
 @njit(cache=True, nogil=True)
-def reduce_gathered(a, n, total, orm, rejected, num_sigma, num_iter, do_quantiles, do_clip, prop_bits, prop_thr, out):
+def reduce_gathered(
+    a, n, total, orm, lo, hi, rejected, num_sigma, num_iter, do_quantiles, do_clip, prop_bits, prop_thr, hs, out
+):
     """The statistics of :func:`reduce_one` for ``n`` gathered unit-weight finite samples ``a[:n]``.
 
-    ``total`` counts every sample of the set, ``orm`` is the OR of the selected samples' masks and
-    ``rejected[b]`` the number of excluded samples with ``prop_bits[b]``. Reorders ``a``; returns
-    ORMASK.
+    ``total`` counts every sample of the set, ``orm`` is the OR of the selected samples' masks,
+    ``lo``/``hi`` their minimum and maximum,
+    ``rejected[b]`` the number of excluded samples with ``prop_bits[b]``; ``hs`` comes from
+    :func:`make_hist_scratch`. Returns ORMASK.
     """
     cnt, mean, var, errvar, swx = _unit_moments(a, n, 0.0, np.inf)
     s1 = np.float64(n)
@@ -685,11 +771,6 @@ def reduce_gathered(a, n, total, orm, rejected, num_sigma, num_iter, do_quantile
         tot = s1 + rejected[b]
         if tot != 0.0 and rejected[b] / tot > prop_thr[b]:
             orm |= prop_bits[b]
-    lo = np.inf
-    hi = -np.inf
-    for i in range(n):
-        lo = min(lo, np.float64(a[i]))
-        hi = max(hi, np.float64(a[i]))
     out[C_NPOINT] = n
     out[C_NMASKED] = total - n
     out[C_MEAN] = mean
@@ -709,7 +790,8 @@ def reduce_gathered(a, n, total, orm, rejected, num_sigma, num_iter, do_quantile
     out[C_NKEPT] = n
     if not (do_quantiles or do_clip):
         return orm
-    q25, med, q75 = quartiles_select(a, n)
+    sample, hist, slots, cand = hs
+    q25, med, q75 = quartiles_hist(a, n, sample, hist, slots, cand)
     out[C_MEDIAN] = med
     out[C_Q25] = q25
     out[C_Q75] = q75
@@ -738,13 +820,15 @@ def reduce_gathered(a, n, total, orm, rejected, num_sigma, num_iter, do_quantile
 
 @njit(cache=True, nogil=True)
 def _gather_row(x, m, and_mask, prop_bits, buf, rejected):
-    """Selected finite samples of the 1-D ``x`` into ``buf``; returns ``(n, ormask)``."""
+    """Selected finite samples of the 1-D ``x`` into ``buf``; returns ``(n, ormask, min, max)``."""
     andm = np.uint32(and_mask)
     nprop = prop_bits.shape[0]
     for b in range(nprop):
         rejected[b] = 0.0
     n = 0
     orm = np.uint32(0)
+    lo = np.inf
+    hi = -np.inf
     for i in range(x.shape[0]):
         xi = x[i]
         mi = np.uint32(m[i])
@@ -752,11 +836,14 @@ def _gather_row(x, m, and_mask, prop_bits, buf, rejected):
         buf[n] = xi
         n += np.int64(good)
         orm |= mi if good else np.uint32(0)
+        xf = np.float64(xi)
+        lo = xf if (good & (xf < lo)) else lo
+        hi = xf if (good & (xf > hi)) else hi
         if nprop and not good:
             for b in range(nprop):
                 if (mi & prop_bits[b]) != 0:
                     rejected[b] += 1.0
-    return n, orm
+    return n, orm, lo, hi
 
 
 @njit(cache=True, nogil=True)
@@ -778,6 +865,7 @@ def reduce_cells(
         for j in range(ncx):
             size = max(size, (yedges[i + 1] - yedges[i]) * (xedges[j + 1] - xedges[j]))
     buf = np.empty(size, dtype=image.dtype)
+    hs = make_hist_scratch(size, image.dtype)
     andm = np.uint32(and_mask)
     nprop = prop_bits.shape[0]
     rejected = np.zeros(nprop, dtype=np.float64)
@@ -787,6 +875,8 @@ def reduce_cells(
                 rejected[b] = 0.0
             n = 0
             orm = np.uint32(0)
+            lo = np.inf
+            hi = -np.inf
             for r in range(yedges[i], yedges[i + 1]):
                 for c in range(xedges[j], xedges[j + 1]):
                     xi = image[r, c]
@@ -795,6 +885,9 @@ def reduce_cells(
                     buf[n] = xi
                     n += np.int64(good)
                     orm |= mi if good else np.uint32(0)
+                    xf = np.float64(xi)
+                    lo = xf if (good & (xf < lo)) else lo
+                    hi = xf if (good & (xf > hi)) else hi
                     if nprop and not good:
                         for b in range(nprop):
                             if (mi & prop_bits[b]) != 0:
@@ -802,7 +895,7 @@ def reduce_cells(
             total = (yedges[i + 1] - yedges[i]) * (xedges[j + 1] - xedges[j])
             row = i * ncx + j
             ormask[row] = reduce_gathered(
-                buf, n, total, orm, rejected, num_sigma, num_iter, do_quantiles, do_clip, prop_bits, prop_thr,
+                buf, n, total, orm, lo, hi, rejected, num_sigma, num_iter, do_quantiles, do_clip, prop_bits, prop_thr, hs,
                 out[row],
             )
 
@@ -815,11 +908,12 @@ def reduce_rows_unit(x, m, and_mask, num_sigma, num_iter, do_quantiles, do_clip,
     """
     n_sets, k = x.shape
     buf = np.empty(k, dtype=x.dtype)
+    hs = make_hist_scratch(k, x.dtype)
     rejected = np.zeros(prop_bits.shape[0], dtype=np.float64)
     for r in range(n_sets):
-        n, orm = _gather_row(x[r], m[r], and_mask, prop_bits, buf, rejected)
+        n, orm, lo, hi = _gather_row(x[r], m[r], and_mask, prop_bits, buf, rejected)
         ormask[r] = reduce_gathered(
-            buf, n, k, orm, rejected, num_sigma, num_iter, do_quantiles, do_clip, prop_bits, prop_thr, out[r]
+            buf, n, k, orm, lo, hi, rejected, num_sigma, num_iter, do_quantiles, do_clip, prop_bits, prop_thr, hs, out[r]
         )
 
 
