@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scipy.stats import norm
 
+from pipeline import _kernels_stats as K
 from pipeline.errors import MaskPlaneError, SchemaError, SkystackWarning
 from pipeline.model.masks import MaskPlane
 from pipeline.stats import (
@@ -21,6 +22,7 @@ from pipeline.stats import (
     clipped_mean,
     clipped_stdev,
     compute_statistics,
+    grid_statistics,
     iqr_sigma,
     median,
 )
@@ -465,3 +467,132 @@ def test_inputs_not_modified(rng):
     compute_statistics(x, mask=m, variance=v, statistics=ALL, config=CONFIGS[1])
     for a, b in zip((x, m, v), copies):
         np.testing.assert_array_equal(a, b)
+
+
+# ------------------------------------------------------------------------------ fast path
+
+
+EXACT_STATS = (Statistic.MEDIAN, Statistic.IQRANGE, Statistic.MIN, Statistic.MAX, Statistic.NPOINT,
+               Statistic.NMASKED, Statistic.NCLIPPED, Statistic.ORMASK)
+
+
+def _hard_samples(g, shape, kind):
+    """Samples that stress the quartile selection: ties, sorted runs, outliers, tiny or huge ranges."""
+    n = int(np.prod(shape))
+    if kind == "gauss":
+        x = g.normal(1000.0, 10.0, n)
+    elif kind == "integer":
+        x = np.round(g.normal(50.0, 2.0, n))
+    elif kind == "sorted":
+        x = np.sort(g.standard_t(2, n))
+    elif kind == "reversed":
+        x = np.sort(g.normal(size=n))[::-1].copy()
+    elif kind == "constant":
+        x = np.full(n, 3.25)
+    elif kind == "two_values":
+        x = np.where(g.random(n) < 0.7, 1.0, 2.0)
+    elif kind == "tiny_range":
+        x = 1.0 + g.integers(0, 4, n) * np.spacing(np.float32(1.0)).astype(np.float64)
+    else:  # huge range with outliers
+        x = g.standard_t(1, n) * 10.0 ** g.integers(-20, 20, n)
+    x = x.reshape(shape)
+    x[g.random(shape) < 0.05] = 1e6
+    x[g.random(shape) < 0.03] = np.nan
+    return x
+
+
+KINDS_OF_SAMPLES = ["gauss", "integer", "sorted", "reversed", "constant", "two_values", "tiny_range", "huge"]
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    k=st.sampled_from([65, 97, 700, 2048, 2049, 5000]),
+    kind=st.sampled_from(KINDS_OF_SAMPLES),
+    f32=st.booleans(),
+    niter=st.integers(1, 4),
+)
+def test_fast_path_equals_general_path(seed, k, kind, f32, niter):
+    """Unweighted rows of > 64 samples take the gather-and-select path; unit multiplicative weights
+    take the sorted general path: same counts, quantiles and clip decisions, sums to rounding."""
+    g = np.random.default_rng(seed)
+    x = _hard_samples(g, (3, k), kind)
+    if f32:
+        x = x.astype(np.float32)
+    m = np.where(g.random(x.shape) < 0.1, np.uint32(MaskPlane.BAD | MaskPlane.SAT), np.uint32(0))
+    thresholds = {"SAT": 0.05}
+    fast_cfg = StatsConfig(and_mask=("BAD",), num_iter=niter, mask_propagation_thresholds=thresholds)
+    slow_cfg = StatsConfig(and_mask=("BAD",), num_iter=niter, mask_propagation_thresholds=thresholds, weighted=True)
+    fast, ferr = compute_statistics(x, mask=m, axis=1, statistics=ALL, config=fast_cfg, errors=True)
+    slow, serr = compute_statistics(x, mask=m, weights=np.ones(x.shape), axis=1, statistics=ALL, config=slow_cfg,
+                                    errors=True)
+    for s in ALL:
+        if s in EXACT_STATS:
+            np.testing.assert_array_equal(fast[s], slow[s], err_msg=s.value)
+        else:
+            np.testing.assert_allclose(fast[s], slow[s], rtol=1e-12, atol=1e-300, equal_nan=True, err_msg=s.value)
+            np.testing.assert_allclose(ferr[s], serr[s], rtol=1e-11, atol=1e-300, equal_nan=True, err_msg=s.value)
+
+
+@pytest.mark.parametrize("kind", KINDS_OF_SAMPLES)
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 17, 2047, 2048, 3001, 16384])
+def test_quartile_kernels_equal_numpy_percentile(kind, n):
+    """Both selection kernels give numpy's "linear" quartiles exactly, for any value distribution."""
+    g = np.random.default_rng(n)
+    x = _hard_samples(g, (n,), kind)
+    x = x[np.isfinite(x)]
+    if x.size == 0:
+        x = np.array([2.5])
+    for dtype in (np.float64, np.float32):
+        xs = x.astype(dtype)
+        want = np.percentile(xs.astype(np.float64), [25, 50, 75])
+        got_select = K.quartiles_select(xs.copy(), xs.size)
+        sample, hist, slots, cand = K.make_hist_scratch(xs.size, xs.dtype)
+        before = xs.copy()
+        got_hist = K.quartiles_hist(xs, xs.size, sample, hist, slots, cand)
+        np.testing.assert_array_equal(xs, before)
+        assert np.all(slots == -1)
+        np.testing.assert_array_equal(got_select, want, err_msg=f"select {dtype}")
+        np.testing.assert_array_equal(got_hist, want, err_msg=f"hist {dtype}")
+
+
+def test_select_inplace_partitions(rng):
+    x = rng.integers(0, 20, 1000).astype(np.float64)
+    for k in (0, 1, 499, 500, 998, 999):
+        a = x.copy()
+        K.select_inplace(a, 0, a.size, k)
+        assert a[k] == np.sort(x)[k]
+        assert a[:k].max(initial=-np.inf) <= a[k] <= a[k + 1:].min(initial=np.inf)
+
+
+def test_grid_statistics_equal_per_cell_statistics(rng):
+    x, m, _ = _inputs(rng, (150, 133))
+    ye, xe = np.array([0, 40, 81, 150]), np.array([3, 50, 64, 130])
+    cfg = StatsConfig(and_mask=("BAD",), mask_propagation_thresholds={"SAT": 0.02})
+    for cfg_i in (cfg, StatsConfig(and_mask=("BAD",), nan_safe=False)):
+        got, gerr = grid_statistics(x, mask=m, yedges=ye, xedges=xe, statistics=ALL, config=cfg_i, errors=True)
+        for i in range(3):
+            for j in range(3):
+                cell = (slice(ye[i], ye[i + 1]), slice(xe[j], xe[j + 1]))
+                want, werr = compute_statistics(x[cell].ravel(), mask=m[cell].ravel(), statistics=ALL, config=cfg_i,
+                                                errors=True)
+                for s in ALL:
+                    assert got[s].shape == (3, 3) and got[s].dtype == want[s].dtype
+                    np.testing.assert_array_equal(got[s][i, j], want[s], err_msg=f"{s} {i} {j}")
+                    np.testing.assert_array_equal(gerr[s][i, j], werr[s], err_msg=f"{s} {i} {j}")
+
+
+def test_grid_statistics_validation():
+    x = np.zeros((10, 12), np.float32)
+    with pytest.raises(SchemaError, match="needs a 2-D array"):
+        grid_statistics(x[0], yedges=[0, 1], xedges=[0, 5])
+    with pytest.raises(SchemaError, match=r"yedges \[0, 11\] are not increasing edges inside 0..10"):
+        grid_statistics(x, yedges=[0, 11], xedges=[0, 5])
+    with pytest.raises(SchemaError, match=r"xedges \[5, 5\] are not increasing"):
+        grid_statistics(x, yedges=[0, 10], xedges=[5, 5])
+    with pytest.raises(SchemaError, match="config must be a StatsConfig"):
+        grid_statistics(x, yedges=[0, 10], xedges=[0, 5], config={})
+    with pytest.raises(SchemaError, match="need weights or a variance"):
+        grid_statistics(x, yedges=[0, 10], xedges=[0, 5], config=StatsConfig(weighted=True))
+    with pytest.raises(SchemaError, match="mask of shape"):
+        grid_statistics(x, mask=np.zeros((3, 3), np.uint32), yedges=[0, 10], xedges=[0, 5])
