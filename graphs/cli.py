@@ -6,7 +6,6 @@ import contextlib
 import json
 import logging
 import sys
-from pathlib import Path
 
 import click
 

@@ -16,12 +16,12 @@ import xarray as xr
 
 from pipeline.assemble import AssembleCoaddConfig, assemble_coadd
 from pipeline.errors import RepositoryError
-from pipeline.io.repo import Repository, coadd_path, patch_unit, warp_path
+from pipeline.io.repo import Repository, patch_unit, visit_unit, warp_path
 from pipeline.model.schema import NJY_ZERO_POINT
-from pipeline.model.skymap import Patch, SkyMap, Tract
-from pipeline.model.wcs import get_wcs
+from pipeline.model.skymap import Patch, Tract
 
 from .execute import Unit
+from .plan import exposure_patches, exposures_by_visit, repo_tracts
 
 __all__ = ["coadd_units", "warp_coverage"]
 
@@ -33,23 +33,12 @@ def warp_coverage(repo: Repository, tract: Tract) -> dict[str, dict[int, set[int
 
     Coverage comes from the exposures' WCS footprints (metadata only, no pixel is read).
     """
-    by_visit: dict[int, list[int]] = {}
-    for r in repo.list_exposures():
-        if r["complete"]:
-            by_visit.setdefault(r["visit"], []).append(r["detector"])
     out: dict[str, dict[int, set[int]]] = {}
-    for visit, detectors in sorted(by_visit.items()):
-        product = warp_path(tract.id, visit, "direct")
-        if not repo.is_complete(product, f"visit_{visit}"):
+    for visit, detectors in exposures_by_visit(repo).items():
+        if not repo.is_complete(warp_path(tract.id, visit, "direct"), visit_unit(visit)):
             continue
-        patches: set[int] = set()
-        band = None
-        for d in detectors:
-            ds = repo.open_exposure(visit, d)
-            band = band or ds.attrs.get("band")
-            shape = (ds.sizes["y"], ds.sizes["x"])
-            found = tract.patches_overlapping(get_wcs(ds), shape, x0=int(ds.x[0]), y0=int(ds.y[0]))
-            patches.update(p.index for p in found)
+        band = repo.open_exposure(visit, detectors[0]).attrs.get("band")
+        patches = {p.index for d in detectors for p in exposure_patches(repo, visit, d, tract)}
         out.setdefault(str(band), {})[visit] = patches
     return out
 
@@ -77,10 +66,7 @@ def coadd_units(
     config: AssembleCoaddConfig = AssembleCoaddConfig(),
 ) -> list[Unit]:
     """One unit per (tract, patch, band) that some complete direct warp covers."""
-    if repo.skymap_json is None:
-        raise RepositoryError(f"the repository {repo.url} has no sky map; ingest exposures first", ids={"file": repo.url})
-    skymap = SkyMap.from_json(repo.skymap_json)
-    tracts = [skymap.tract(tract)] if tract is not None else [skymap.tract(t) for t in skymap.tract_ids]
+    tracts = repo_tracts(repo, tract)
     units = []
     for t in tracts:
         wanted = None if patches is None else {t.patch(p).index for p in patches}

@@ -29,13 +29,13 @@ from pipeline.io.repo import Repository, open_repo, visit_unit, warp_path
 from pipeline.model.geometry import Box
 from pipeline.model.masks import CANONICAL_PLANES, MaskPlane, mask_attrs, remap_mask
 from pipeline.model.schema import NJY_ZERO_POINT, mask_planes
-from pipeline.model.skymap import SkyMap, Tract
-from pipeline.model.wcs import get_wcs
+from pipeline.model.skymap import Tract
 from pipeline.psf import PsfModel, model_psf
 from pipeline.psf_match import ModelPsfMatchConfig, model_psf_match
 from pipeline.warp import WarpConfig, plan_warp, warp_exposure
 
 from .execute import RunReport, Unit, run_units
+from .plan import detectors_on_tract, exposures_by_visit, repo_tracts
 from .warps import copy_good_pixels, plan_footprint
 
 __all__ = ["PSF_MATCHED_WARP_CONFIG", "psf_matched_warp", "psf_matched_warp_units", "run_psf_matched_warps"]
@@ -105,13 +105,6 @@ def psf_matched_warp(
     return out
 
 
-def _touches(repo: Repository, visit: int, detector: int, tract: Tract) -> bool:
-    ds = repo.open_exposure(visit, detector)
-    shape = (ds.sizes["y"], ds.sizes["x"])
-    x0, y0 = int(ds.indexes["x"][0]), int(ds.indexes["y"][0])
-    return bool(tract.patches_overlapping(get_wcs(ds), shape, x0=x0, y0=y0))
-
-
 def psf_matched_warp_units(
     repo: Repository,
     *,
@@ -129,29 +122,17 @@ def psf_matched_warp_units(
     matching configuration (default :data:`PSF_MATCHED_WARP_CONFIG`). Read a result with
     ``repo.open_warp(tract, visit, kind="psf_matched")``.
     """
-    if repo.skymap_json is None:
-        raise RepositoryError(f"the repository {repo.url} has no sky map; ingest exposures first", ids={"file": repo.url})
-    skymap = SkyMap.from_json(repo.skymap_json)
-    tracts = [skymap.tract(tract)] if tract is not None else [skymap.tract(t) for t in skymap.tract_ids]
-    records = [r for r in repo.list_exposures() if r["complete"]]
-    wanted = None if visits is None else sorted({int(v) for v in visits})
-    by_visit: dict[int, list[int]] = {}
-    for r in records:
-        if wanted is None or r["visit"] in wanted:
-            by_visit.setdefault(r["visit"], []).append(r["detector"])
-    if wanted is not None:
-        missing = [v for v in wanted if v not in by_visit]
-        if missing:
-            raise RepositoryError(f"no exposures of visit(s) {missing} in {repo.url}", ids={"visit": missing[0]})
+    tracts = repo_tracts(repo, tract)
+    by_visit = exposures_by_visit(repo, visits)
     model = model_psf() if model is None else model
     units = []
     for t in tracts:
-        for visit in sorted(by_visit):
-            detectors = [d for d in sorted(by_visit[visit]) if _touches(repo, visit, d, t)]
-            if not detectors:
+        on_tract = detectors_on_tract(repo, t, by_visit)
+        for visit in by_visit:
+            if visit not in on_tract:
                 log.info("visit %s does not touch tract %s: no PSF-matched warp", visit, t.id)
                 continue
-            units.append(_unit(repo, t, visit, detectors, overwrite, model, config, warp_config))
+            units.append(_unit(repo, t, visit, on_tract[visit], overwrite, model, config, warp_config))
     return units
 
 

@@ -24,11 +24,11 @@ from pipeline.io.repo import Repository, open_repo, visit_unit, warp_path
 from pipeline.model.geometry import Box
 from pipeline.model.masks import CANONICAL_PLANES, MaskPlane, mask_attrs, remap_mask
 from pipeline.model.schema import NJY_ZERO_POINT, mask_planes
-from pipeline.model.skymap import SkyMap, Tract
-from pipeline.model.wcs import get_wcs
+from pipeline.model.skymap import Tract
 from pipeline.warp import WarpConfig, WarpPlan, plan_warp, warp_exposure
 
 from .execute import RunReport, Unit, run_units
+from .plan import detectors_on_tract, exposures_by_visit, repo_tracts
 
 __all__ = ["warp_units", "run_warps", "copy_good_pixels", "plan_footprint"]
 
@@ -65,13 +65,6 @@ def copy_good_pixels(warps: Iterable[xr.Dataset]) -> xr.Dataset:
     return out
 
 
-def _touches(repo: Repository, visit: int, detector: int, tract: Tract) -> bool:
-    ds = repo.open_exposure(visit, detector)
-    shape = (ds.sizes["y"], ds.sizes["x"])
-    x0, y0 = int(ds.indexes["x"][0]), int(ds.indexes["y"][0])
-    return bool(tract.patches_overlapping(get_wcs(ds), shape, x0=x0, y0=y0))
-
-
 def warp_units(
     repo: Repository,
     *,
@@ -93,28 +86,16 @@ def warp_units(
         raise RepositoryError(
             f"warp kind {kind!r} is not built by warp_units; only 'direct' (PSF-matched warps come from PSF matching)"
         )
-    if repo.skymap_json is None:
-        raise RepositoryError(f"the repository {repo.url} has no sky map; ingest exposures first", ids={"file": repo.url})
-    skymap = SkyMap.from_json(repo.skymap_json)
-    tracts = [skymap.tract(tract)] if tract is not None else [skymap.tract(t) for t in skymap.tract_ids]
-    records = [r for r in repo.list_exposures() if r["complete"]]
-    wanted = None if visits is None else sorted({int(v) for v in visits})
-    by_visit: dict[int, list[int]] = {}
-    for r in records:
-        if wanted is None or r["visit"] in wanted:
-            by_visit.setdefault(r["visit"], []).append(r["detector"])
-    if wanted is not None:
-        missing = [v for v in wanted if v not in by_visit]
-        if missing:
-            raise RepositoryError(f"no exposures of visit(s) {missing} in {repo.url}", ids={"visit": missing[0]})
+    tracts = repo_tracts(repo, tract)
+    by_visit = exposures_by_visit(repo, visits)
     units = []
     for t in tracts:
-        for visit in sorted(by_visit):
-            detectors = [d for d in sorted(by_visit[visit]) if _touches(repo, visit, d, t)]
-            if not detectors:
+        on_tract = detectors_on_tract(repo, t, by_visit)
+        for visit in by_visit:
+            if visit not in on_tract:
                 log.info("visit %s does not touch tract %s: no warp", visit, t.id)
                 continue
-            units.append(_warp_unit(repo, t, visit, detectors, overwrite, config))
+            units.append(_warp_unit(repo, t, visit, on_tract[visit], overwrite, config))
     return units
 
 

@@ -122,7 +122,7 @@ def compute_scale_factors(exposure: xr.Dataset, *, config: ScaleVarianceConfig =
     REDUCE_INTERP_ORDER, ignoredPixelMask = maskPlanes, MEANCLIP, AKIMA_SPLINE);
     ``use_reference_constant`` has no counterpart (the reference always uses 0.74).
     """
-    ids = _check(exposure)
+    _check(exposure)
     model = fit_background(exposure, config=config.background)
     bg = model.evaluate(like=exposure).data
     image = exposure["image"].data
