@@ -23,6 +23,7 @@ __all__ = [
     "interp_eval",
     "interp_line",
     "eval_grid",
+    "eval_grid_into",
     "chebyshev_terms",
     "chebyshev_design",
     "chebyshev_eval",
@@ -211,11 +212,55 @@ def interp_line(knots, values, style, reduce, q, out):
 
 
 @numba.njit(cache=True)
-def eval_grid(xc, yc, grid, style, reduce, qy, qx):
-    """Separable evaluation of a cell grid (columns first) at rows ``qy`` and columns ``qx``.
+def _locate(x, q, case, idx, dt):
+    """Where each query point falls for :func:`interp_eval`: case 0 left of the knots, 1 right of
+    them, 2 inside interval ``idx``; ``dt`` is the offset from the knot the polynomial starts at."""
+    n = x.size
+    for k in range(q.size):
+        t = q[k]
+        if t < x[0]:
+            case[k] = 0
+            idx[k] = 0
+            dt[k] = t - x[0]
+        elif t > x[n - 1]:
+            case[k] = 1
+            idx[k] = n - 2
+            dt[k] = t - x[n - 1]
+        else:
+            i = np.searchsorted(x, t, side="right") - 1
+            if i > n - 2:
+                i = n - 2
+            case[k] = 2
+            idx[k] = i
+            dt[k] = t - x[i]
 
-    Returns ``(image, status)``; ``status`` is 0, or the number of usable knots of the first
-    line that had too few for ``style`` when ``reduce`` is false.
+
+@numba.njit(cache=True)
+def _eval_located(x, y, b, c, d, case, idx, dt, out):
+    """:func:`interp_eval` (non-constant styles) at points already placed by :func:`_locate`."""
+    n = x.size
+    h = x[n - 1] - x[n - 2]
+    i = n - 2
+    d1 = b[i] + 2.0 * c[i] * h + 3.0 * d[i] * h * h
+    d2 = 2.0 * c[i] + 6.0 * d[i] * h
+    for k in range(case.size):
+        t = dt[k]
+        if case[k] == 2:
+            j = idx[k]
+            out[k] = y[j] + t * (b[j] + t * (c[j] + t * d[j]))
+        elif case[k] == 0:
+            out[k] = y[0] + t * b[0] + t * t * c[0]
+        else:
+            out[k] = y[n - 1] + t * d1 + 0.5 * t * t * d2
+
+
+@numba.njit(cache=True)
+def eval_grid_into(xc, yc, grid, style, reduce, qy, qx, out):
+    """:func:`eval_grid` writing into ``out`` (shape ``(len(qy), len(qx))``, any float dtype).
+
+    Returns the status of :func:`eval_grid`. Rows whose column-interpolated values are all finite
+    share one placement of the query columns among the knots (same arithmetic as
+    :func:`interp_line`, without a search per pixel).
     """
     ny, nx = grid.shape
     h = qy.size
@@ -225,15 +270,46 @@ def eval_grid(xc, yc, grid, style, reduce, qy, qx):
     for i in range(nx):
         status = interp_line(yc, grid[:, i].copy(), style, reduce, qy, col)
         if status:
-            return np.empty((0, 0), dtype=np.float64), status
+            return status
         cols[:, i] = col
-    out = np.empty((h, w))
     row = np.empty(w)
+    shared = style != STYLE_CONSTANT and nx >= MIN_POINTS[style] and nx >= 2
+    case = np.empty(w, dtype=np.int8)
+    idx = np.empty(w, dtype=np.int64)
+    dt = np.empty(w)
+    if shared:
+        _locate(xc, qx, case, idx, dt)
     for r in range(h):
-        status = interp_line(xc, cols[r].copy(), style, reduce, qx, row)
-        if status:
-            return np.empty((0, 0), dtype=np.float64), status
-        out[r] = row
+        line = cols[r]
+        finite = True
+        for i in range(nx):
+            if not np.isfinite(line[i]):
+                finite = False
+                break
+        if shared and finite:
+            yv = line.copy()
+            b, c, d = interp_coeffs(xc, yv, style)
+            _eval_located(xc, yv, b, c, d, case, idx, dt, row)
+        else:
+            status = interp_line(xc, line.copy(), style, reduce, qx, row)
+            if status:
+                return status
+        for k in range(w):
+            out[r, k] = row[k]
+    return 0
+
+
+@numba.njit(cache=True)
+def eval_grid(xc, yc, grid, style, reduce, qy, qx):
+    """Separable evaluation of a cell grid (columns first) at rows ``qy`` and columns ``qx``.
+
+    Returns ``(image, status)``; ``status`` is 0, or the number of usable knots of the first
+    line that had too few for ``style`` when ``reduce`` is false.
+    """
+    out = np.empty((qy.size, qx.size))
+    status = eval_grid_into(xc, yc, grid, style, reduce, qy, qx, out)
+    if status:
+        return np.empty((0, 0), dtype=np.float64), status
     return out, 0
 
 

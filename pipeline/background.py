@@ -220,9 +220,10 @@ def _check_cells(cells, *, ids):
 
 def _spline_block(qy, qx, cells, *, xc, yc, style, reduce, ids):
     grid = np.ascontiguousarray(cells[CELL_VALUE])
-    out, status = K.eval_grid(
+    out = np.empty((np.size(qy), np.size(qx)), dtype=np.float32)
+    status = K.eval_grid_into(
         np.asarray(xc, np.float64), np.asarray(yc, np.float64), grid, style, reduce,
-        np.asarray(qy, np.float64), np.asarray(qx, np.float64),
+        np.asarray(qy, np.float64), np.asarray(qx, np.float64), out,
     )
     if status:
         raise DataQualityError(
@@ -230,7 +231,7 @@ def _spline_block(qy, qx, cells, *, xc, yc, style, reduce, ids):
             f"{K.MIN_POINTS[style]} {_STYLE_NAMES[style]} needs (undersample_style THROW_EXCEPTION)",
             ids=ids,
         )
-    return out.astype(np.float32)
+    return out
 
 
 def _solve_chebyshev(cells, *, xc, yc, order, weighting, width, height, ids):
