@@ -360,3 +360,29 @@ def test_cells_independent_of_chunking(cy, cx, bins, stat):
     parts = fit_background(ds.chunk({"y": cy, "x": cx}), config=cfg)
     np.testing.assert_array_equal(whole.cells.compute(), parts.cells.compute())
     np.testing.assert_array_equal(whole.evaluate().values, parts.evaluate(like=ds.chunk({"y": cy, "x": cx})).values)
+
+
+@pytest.mark.parametrize("style", [K.STYLE_CONSTANT, K.STYLE_LINEAR, K.STYLE_SPLINE, K.STYLE_AKIMA])
+@pytest.mark.parametrize("holes", [False, True])
+def test_grid_evaluation_equals_line_by_line(rng, style, holes):
+    """The shared column placement gives exactly the line-by-line interpolation (columns first)."""
+    xc = np.sort(rng.uniform(0, 500, 9))
+    yc = np.sort(rng.uniform(0, 400, 7))
+    grid = rng.normal(10.0, 1.0, (7, 9))
+    if holes:
+        grid[rng.random(grid.shape) < 0.15] = np.nan
+        grid[:, 4] = np.nan
+    qy = np.arange(-40.0, 450.0, 3.3)
+    qx = np.arange(540.0, -60.0, -2.9)
+    cols = np.empty((qy.size, xc.size))
+    for i in range(xc.size):
+        assert K.interp_line(yc, grid[:, i].copy(), style, True, qy, cols[:, i]) == 0
+    want = np.empty((qy.size, qx.size))
+    for r in range(qy.size):
+        assert K.interp_line(xc, cols[r].copy(), style, True, qx, want[r]) == 0
+    got, status = K.eval_grid(xc, yc, grid, style, True, qy, qx)
+    assert status == 0
+    np.testing.assert_array_equal(got, want)
+    out32 = np.empty(want.shape, np.float32)
+    assert K.eval_grid_into(xc, yc, grid, style, True, qy, qx, out32) == 0
+    np.testing.assert_array_equal(out32, want.astype(np.float32))
