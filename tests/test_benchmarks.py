@@ -74,6 +74,7 @@ def test_missing_peer_is_reported_not_skipped():
     ])
     assert ours["wall_s"] == 3.0 and ours["cpu_s"] == 4.0 and ours["peak_mb"] == 12.0
     assert ours["mpix_per_s_per_core"] == pytest.approx(8.0 / (3.0 * 2), rel=1e-12)
+    assert ours["mpix_per_cpu_s"] == pytest.approx(8.0 / 4.0, rel=1e-12)
     peer = report.record(case, case.impls[1], [], status=f"not installed ({missing})")
     results = report.assemble([case], [ours, peer], {"cores": 2, "memory_gb": 1.0, "cpu_model": "cpu",
                                                     "python": "3", "platform": "p", "load_average": [0, 0, 0]},
@@ -98,4 +99,5 @@ def test_target_verdicts():
                           reps=1, threads=1, sizes=s, seconds=1.0, load_after=[0, 0, 0])
     thr, mem = res["targets"]
     assert thr["ratio"] == pytest.approx(2.5, rel=1e-12) and thr["verdict"] == "PASS"
+    assert thr["cpu_ratio"] == pytest.approx(2.5, rel=1e-12) and "(CPU-time 2.50x)" in thr["ratio_text"]
     assert mem["ratio"] == pytest.approx(1.3, rel=1e-12) and mem["verdict"] == "MISS"
