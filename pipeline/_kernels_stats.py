@@ -981,14 +981,14 @@ def _column_quantile(Y, j, n, f):
     if n <= 0:
         return np.nan
     if n == 1:
-        return Y[0, j]
+        return np.float64(Y[0, j])
     t = f * (n - 1)
     q = int(math.floor(t))
     if q >= n - 1:
-        return Y[n - 1, j]
+        return np.float64(Y[n - 1, j])
     g = t - q
-    a = Y[q, j]
-    b = Y[q + 1, j]
+    a = np.float64(Y[q, j])
+    b = np.float64(Y[q + 1, j])
     d = b - a
     if g >= 0.5:
         return b - d * (1.0 - g)
@@ -1020,9 +1020,9 @@ def stack_pixels(
     W = np.empty((nk, nx), dtype=np.float64)
     V = np.empty((nk, nx), dtype=np.float64)
     G = np.empty((nk, nx), dtype=np.bool_)
-    M = np.empty((nk, nx), dtype=np.uint32)
-    WR = np.empty((nk, nx), dtype=np.float64)
-    Y = np.empty((size, nx), dtype=np.float64)
+    WR = np.empty(nx, dtype=np.float64)
+    # the order statistics need only the input precision (float32 images sort twice as fast)
+    Y = np.empty((size, nx), dtype=image.dtype)
     n = np.empty(nx, dtype=np.int64)
     n_unmasked = np.empty(nx, dtype=np.int64)
     orm = np.empty(nx, dtype=np.uint32)
@@ -1062,7 +1062,6 @@ def stack_pixels(
                 mk = np.uint32(mask[k, i, j])
                 xk = np.float64(image[k, i, j])
                 vk = np.float64(variance[k, i, j])
-                M[k, j] = mk
                 any_mask[j] |= mk
                 unmasked = (mk & andm) == 0
                 n_unmasked[j] += np.int64(unmasked)
@@ -1074,7 +1073,7 @@ def stack_pixels(
                     wk = wconst
                 good = unmasked & wvalid & math.isfinite(xk)
                 G[k, j] = good
-                WR[k, j] = wk
+                WR[j] = wk
                 X[k, j] = xk if good else 0.0
                 W[k, j] = wk if good else 0.0
                 V[k, j] = vk if good else 0.0
@@ -1082,12 +1081,11 @@ def stack_pixels(
                 n[j] += np.int64(good)
                 orm[j] |= mk if good else np.uint32(0)
                 s1[j] += wk if good else 0.0
-        for b in range(nprop):
-            bit = prop_bits[b]
-            for k in range(nk):
+            for b in range(nprop):
+                bit = prop_bits[b]
                 for j in range(nx):
-                    hit = (not G[k, j]) & ((M[k, j] & bit) != 0)
-                    rejected[b, j] += WR[k, j] if hit else 0.0
+                    hit = (not G[k, j]) & ((np.uint32(mask[k, i, j]) & bit) != 0)
+                    rejected[b, j] += WR[j] if hit else 0.0
         if need_sort:
             for k in range(nk, size):
                 for j in range(nx):
