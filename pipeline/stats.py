@@ -381,7 +381,10 @@ def compute_statistics(
     Differences: with ``nan_safe=False`` non-finite samples count in NPOINT and poison the plain
     moments as in the reference, but the median and quartiles are taken over the finite samples
     only (the reference sorts NaNs into its quartiles). The sums are formed in float64 in a fixed
-    order of the samples, so results do not depend on the sample order.
+    order of the samples, so results do not depend on the sample order; the exception is sets of
+    more than 64 samples without weights, with ``nan_safe`` and the default error, whose sums run
+    in sample order (vectorised): there the sample order can change the last bits of the moments
+    and clipped statistics, never the counts, quantiles or masks.
     """
     stats = _as_stats(statistics)
     # DataArrays are reduced through their (numpy or dask) data; dimensions are positional
