@@ -8,6 +8,8 @@ output).
 
 from __future__ import annotations
 
+import math
+
 import numba
 import numpy as np
 import scipy.fft as sfft
@@ -15,17 +17,40 @@ import scipy.fft as sfft
 __all__ = ["correlate_varying", "or_dilate", "correlate_direct"]
 
 
+def _tiles(n: int, tile: int, h: int) -> tuple[int, int]:
+    """Tile length (at most ``tile``, spread evenly over ``n``) and its FFT-friendly padded length."""
+    count = -(-n // max(min(tile, n), 1))
+    t = -(-n // count)
+    f = sfft.next_fast_len(t + 2 * h, real=True)
+    return t, f
+
+
 def correlate_varying(
-    ext: np.ndarray, kernels: np.ndarray, wy: np.ndarray, wx: np.ndarray, *, tile: int = 256, rtol: float = 1e-10
+    ext: np.ndarray,
+    kernels: np.ndarray,
+    wy: np.ndarray,
+    wx: np.ndarray,
+    *,
+    tile: int = 256,
+    rtol: float = 1e-10,
+    single_ratio: float = 0.0,
 ) -> np.ndarray:
     """``sum_t wy[t, :, None] * wx[t, None, :] * (kernels[t] correlated with ext)`` on the valid region.
 
-    ``ext`` must be finite (float64). When the kernels span at most half as many independent
-    images (singular values above ``rtol`` times the largest), they are replaced by that span: a
-    spatially constant kernel model then needs a single transform. The correlations then run as FFTs on overlapping tiles of at most
-    ``tile x tile`` output pixels: one forward transform per tile shared by all components and one
-    inverse transform per independent component, so the cost per pixel does not grow with the
-    kernel size.
+    ``ext`` must be finite (any float dtype; the transforms run in float64). The correlations run as FFTs on overlapping tiles of at most
+    ``tile x tile`` output pixels (sizes spread evenly and padded to fast FFT lengths), one forward
+    transform per tile shared by all components and one inverse transform per component, so the
+    cost per pixel does not grow with the kernel size. Two reductions keep it cheap and exact:
+
+    - when the kernels span at most half as many independent images (singular values above
+      ``rtol`` times the largest), they are replaced by that span: a spatially constant kernel
+      model then needs a single transform;
+    - otherwise, when the kernels are one dominant image ``D`` plus small departures
+      (``K_t = alpha_t D + R_t`` with ``||R|| <= single_ratio * ||K||``, Frobenius norms over all
+      components), ``D`` is correlated in float64 and the departures ``R_t`` in float32, whose
+      rounding (about ``1e-7`` of their share, itself at most ``single_ratio`` of the total for
+      ``|w| <= 1``) stays below the float32 rounding of the output. ``single_ratio=0`` keeps
+      everything in float64.
     """
     n_t, k, k2 = kernels.shape
     if k != k2 or k % 2 == 0:
@@ -35,33 +60,53 @@ def correlate_varying(
     out = np.zeros((ny, nx), dtype=np.float64)
     if ny <= 0 or nx <= 0:
         return out
-    u, sv, vt = np.linalg.svd(kernels.reshape(n_t, -1), full_matrices=False)
+    flat = kernels.reshape(n_t, -1).astype(np.float64)
+    u, sv, vt = np.linalg.svd(flat, full_matrices=False)
     keep = sv > rtol * sv[0] if sv[0] > 0 else np.zeros(sv.shape, bool)
     if not keep.any():
         return out
-    if 2 * keep.sum() <= n_t:  # mixing costs n_t multiply-adds per component and pixel: only when it pays
-        comps = vt[keep].reshape(-1, k, k)
-        mix = np.ascontiguousarray(u[:, keep] * sv[keep])
-    else:
-        comps, mix = kernels, np.empty((0, 0))
     wy = np.ascontiguousarray(wy, dtype=np.float64)
     wx = np.ascontiguousarray(wx, dtype=np.float64)
-    ty, tx = min(tile, ny), min(tile, nx)
-    fy = sfft.next_fast_len(ty + 2 * h, real=True)
-    fx = sfft.next_fast_len(tx + 2 * h, real=True)
-    padded = np.zeros((comps.shape[0], fy, fx), dtype=np.float64)
-    padded[:, :k, :k] = comps[:, ::-1, ::-1]
-    kf = sfft.rfft2(padded, axes=(-2, -1))
-    buf = np.zeros((fy, fx), dtype=np.float64)
+    empty = np.empty((0, 0))
+    parts = []  # (kernel images, mixing matrix or empty, FFT dtype)
+    residual = math.sqrt(float((sv[1:] ** 2).sum()))
+    total = math.sqrt(float((sv**2).sum()))
+    if 2 * keep.sum() <= n_t:  # mixing costs n_t multiply-adds per component and pixel: only when it pays
+        parts.append((vt[keep].reshape(-1, k, k), np.ascontiguousarray(u[:, keep] * sv[keep]), np.float64))
+    elif residual <= single_ratio * total:
+        alpha = u[:, 0] * sv[0]
+        dominant = vt[0]
+        parts.append((dominant.reshape(1, k, k), np.ascontiguousarray(alpha[:, None]), np.float64))
+        parts.append(((flat - alpha[:, None] * dominant[None, :]).reshape(n_t, k, k), empty, np.float32))
+    else:
+        parts.append((flat.reshape(n_t, k, k), empty, np.float64))
+    ty, fy = _tiles(ny, tile, h)
+    tx, fx = _tiles(nx, tile, h)
+    spectra = []
+    for comps, mix, dtype in parts:
+        padded = np.zeros((comps.shape[0], fy, fx), dtype=dtype)
+        padded[:, :k, :k] = comps[:, ::-1, ::-1]
+        spectra.append(sfft.rfft2(padded, axes=(-2, -1), workers=1))
+    dtypes = {p[2] for p in parts}
+    bufs = {dt: np.zeros((fy, fx), dtype=dt) for dt in dtypes}
+    prods = [np.empty(kf.shape[1:], dtype=kf.dtype) for kf in spectra]
+    convs = [np.empty((p[0].shape[0], fy, fx), dtype=p[2]) for p in parts]
     for y0 in range(0, ny, ty):
         y1 = min(y0 + ty, ny)
         for x0 in range(0, nx, tx):
             x1 = min(x0 + tx, nx)
-            buf[...] = 0.0
-            buf[: y1 - y0 + 2 * h, : x1 - x0 + 2 * h] = ext[y0 : y1 + 2 * h, x0 : x1 + 2 * h]
-            spec = sfft.rfft2(buf)
-            conv = sfft.irfft2(kf * spec[None], s=(fy, fx), axes=(-2, -1))
-            _combine(out, conv, mix, wy, wx, y0, y1, x0, x1, 2 * h)
+            window = ext[y0 : y1 + 2 * h, x0 : x1 + 2 * h]
+            tile_spec = {}
+            for dt, buf in bufs.items():
+                # what lies past a short edge window never reaches a valid output (no wrap-around)
+                buf[: window.shape[0], : window.shape[1]] = window
+                tile_spec[dt] = sfft.rfft2(buf, workers=1)
+            for (comps, mix, dtype), kf, prod, conv in zip(parts, spectra, prods, convs):
+                spec = tile_spec[dtype]
+                for r in range(comps.shape[0]):
+                    np.multiply(kf[r], spec, out=prod)
+                    conv[r] = sfft.irfft2(prod, s=(fy, fx), workers=1, overwrite_x=True)
+                _combine(out, conv, mix, wy, wx, y0, y1, x0, x1, 2 * h)
     return out
 
 

@@ -672,25 +672,48 @@ def _report(model, cxs, cys, box, sci, ref, fwhm_sci, fwhm_ref, single_sums, sum
 # convolution
 
 
-def _weights(loc, geom, kern):
+def _weights(loc, geom, kern, pairs=None):
+    """Per-term row and column weights ``(wy, wx)`` of the block at ``loc`` (model terms by default)."""
     (ya, yb), (xa, xb) = loc
     xs = np.arange(geom["x0"] + xa, geom["x0"] + xb, dtype=np.float64)
     ys = np.arange(geom["y0"] + ya, geom["y0"] + yb, dtype=np.float64)
     box, order, kind = kern["box"], kern["order"], kern["kind"]
-    tx = _axis_terms(_scaled(xs, box[0], box[2]), order, kind)
-    ty = _axis_terms(_scaled(ys, box[1], box[3]), order, kind)
-    pairs = _spatial_pairs(order)
+    if pairs is None:
+        pairs = _spatial_pairs(order)
+    top = max(max(a, b) for a, b in pairs)
+    tx = _axis_terms(_scaled(xs, box[0], box[2]), top, kind)
+    ty = _axis_terms(_scaled(ys, box[1], box[3]), top, kind)
     wx = np.array([tx[a] for a, _ in pairs])
     wy = np.array([ty[b] for _, b in pairs])
     return wy, wx
 
 
-def _border(loc, shape, h):
-    (ya, yb), (xa, xb) = loc
-    ny, nx = shape
-    yy = np.arange(ya, yb)
-    xx = np.arange(xa, xb)
-    return ((yy < h) | (yy >= ny - h))[:, None] | ((xx < h) | (xx >= nx - h))[None, :]
+def _axis_product(a: int, c: int, kind: str) -> list[tuple[int, float]]:
+    """``g_a g_c`` as a combination of single axis functions: ``T_a T_c = (T_{a+c} + T_{|a-c|}) / 2``."""
+    if kind == "chebyshev1":
+        return [(a + c, 0.5), (abs(a - c), 0.5)]
+    return [(a + c, 1.0)]
+
+
+def _squared_model(comps: np.ndarray, order: int, kind: str):
+    """``K(x, y)² = sum_m g_m(x, y) Q_m`` exactly, with ``g_m`` single spatial terms ``(a, b)``.
+
+    The ``T(T+1)/2`` products ``K_t K_s`` carry weights ``f_t f_s``, polynomials of twice the order;
+    regrouped over the spatial terms of that degree they need one correlation per term instead of
+    one per product.
+    """
+    pairs = _spatial_pairs(order)
+    acc: dict[tuple[int, int], np.ndarray] = {}
+    for t, (at, bt) in enumerate(pairs):
+        for s in range(t, len(pairs)):
+            a_s, b_s = pairs[s]
+            prod = comps[t] * comps[s] * (1.0 if s == t else 2.0)
+            for ax, cx in _axis_product(at, a_s, kind):
+                for by, cy in _axis_product(bt, b_s, kind):
+                    key = (ax, by)
+                    acc[key] = acc.get(key, 0.0) + (cx * cy) * prod
+    terms = sorted(acc, key=lambda ab: (ab[0] + ab[1], -ab[0]))
+    return terms, np.array([acc[ab] for ab in terms])
 
 
 def _prepare(ext, geom, kern, block_info):
@@ -706,63 +729,69 @@ def _prepare(ext, geom, kern, block_info):
     return loc, ext
 
 
+def _set_border(out, loc, shape, h, value):
+    """Write ``value`` on the pixels of the block within ``h`` of the exposure's edge (slices only)."""
+    (ya, yb), (xa, xb) = loc
+    ny, nx = shape
+    out[: max(0, min(h - ya, yb - ya))] = value
+    out[max(0, ny - h - ya):] = value
+    out[:, : max(0, min(h - xa, xb - xa))] = value
+    out[:, max(0, nx - h - xa):] = value
+    return out
+
+
+def _finite_input(ext):
+    """The block as float32/float64 with non-finite pixels zeroed, and the NaN and inf masks (None when none)."""
+    if ext.dtype not in (np.float32, np.float64):
+        ext = ext.astype(np.float64)
+    if np.isfinite(ext).all():
+        return ext, None, None
+    nan, inf = np.isnan(ext), np.isinf(ext)
+    return np.where(nan | inf, 0.0, ext).astype(ext.dtype), nan, inf
+
+
 def _image_block(ext, *, geom, kern, block_info=None):
     loc, ext = _prepare(ext, geom, kern, block_info)
     wy, wx = _weights(loc, geom, kern)
-    ext = np.asarray(ext, dtype=np.float64)
-    bad = ~np.isfinite(ext)
-    has_bad = bad.any()
-    if has_bad:
-        ext = np.where(bad, 0.0, ext)
+    ext, nan, inf = _finite_input(ext)
     out = correlate_varying(ext, kern["comps"], wy, wx)
     out /= (kern["sums"][:, None] * wy).T @ wx
-    if has_bad:
-        out[or_dilate(bad, kern["footprint"])] = np.nan
-    out[_border(loc, geom["shape"], kern["h"])] = np.nan
-    return out.astype(np.float32)
+    if nan is not None:
+        out[or_dilate(nan | inf, kern["footprint"])] = np.nan
+    return _set_border(out.astype(np.float32), loc, geom["shape"], kern["h"], np.nan)
 
 
 def _variance_block(ext, *, geom, kern, block_info=None):
     loc, ext = _prepare(ext, geom, kern, block_info)
     wy, wx = _weights(loc, geom, kern)
-    comps = kern["comps"]
-    n_t = comps.shape[0]
-    prods, pwy, pwx = [], [], []
-    for t in range(n_t):
-        for s in range(t, n_t):
-            prods.append(comps[t] * comps[s])
-            pwy.append(wy[t] * wy[s])
-            pwx.append(wx[t] * wx[s] * (1.0 if s == t else 2.0))
-    ext = np.asarray(ext, dtype=np.float64)
-    nan = np.isnan(ext)
-    inf = np.isinf(ext)
-    bad = nan | inf
-    if bad.any():
-        ext = np.where(bad, 0.0, ext)
-    out = correlate_varying(ext, np.array(prods), np.array(pwy), np.array(pwx))
+    qy, qx = _weights(loc, geom, kern, kern["square_terms"])
+    ext, nan, inf = _finite_input(ext)
+    out = correlate_varying(ext, kern["square_kernels"], qy, qx)
     norm = (kern["sums"][:, None] * wy).T @ wx
-    out /= norm * norm
-    if inf.any():
-        out[or_dilate(inf, kern["footprint"])] = np.inf
-    if nan.any():
-        out[or_dilate(nan, kern["footprint"])] = np.nan
-    out[_border(loc, geom["shape"], kern["h"])] = np.inf
-    return out.astype(np.float32)
+    norm *= norm
+    out /= norm
+    if nan is not None:
+        if inf.any():
+            out[or_dilate(inf, kern["footprint"])] = np.inf
+        if nan.any():
+            out[or_dilate(nan, kern["footprint"])] = np.nan
+    return _set_border(out.astype(np.float32), loc, geom["shape"], kern["h"], np.inf)
 
 
 def _mask_block(ext, *, geom, kern, block_info=None):
     loc, ext = _prepare(ext, geom, kern, block_info)
     out = or_dilate(np.ascontiguousarray(ext, dtype=np.uint32), kern["footprint"])
-    out[_border(loc, geom["shape"], kern["h"])] = np.uint32(geom["no_data"])
-    return out
+    return _set_border(out, loc, geom["shape"], kern["h"], np.uint32(geom["no_data"]))
 
 
 def _kernel_arrays(kernel_model: KernelModel) -> dict:
     """What the convolution blocks need from a kernel model (small arrays, no report)."""
     comps = kernel_model.component_kernels()
     used = np.any(kernel_model.coefficients != 0, axis=1)
+    square_terms, square_kernels = _squared_model(comps, kernel_model.order, kernel_model.spatial_model_type)
     return {
         "h": kernel_model.radius, "comps": comps, "sums": comps.sum(axis=(1, 2)),
+        "square_terms": square_terms, "square_kernels": square_kernels,
         "footprint": np.any(kernel_model.basis[used] != 0, axis=0),
         "box": kernel_model.box, "order": kernel_model.order, "kind": kernel_model.spatial_model_type,
     }
