@@ -182,11 +182,20 @@ def cell_statistics(
     """Lazy cell table ``(5, ny, nx)``: statistic, its standard error, NPOINT, STDEV, VARIANCECLIP.
 
     ``image`` and ``mask`` are 2-D numpy or dask arrays; cells are the products of the ``yedges`` and
-    ``xedges`` intervals (local pixels). The arrays are rechunked so that every block holds whole
-    cells (about the original chunk size); one task per block. Cells without a usable pixel get a
-    NaN statistic and error.
+    ``xedges`` intervals (local pixels). Dask arrays are rechunked so that every block holds whole
+    cells (about the original chunk size); one task per block. Numpy arrays are reduced at once in
+    one pass (the table is then a one-chunk dask array). Cells without a usable pixel get a NaN
+    statistic and error.
     """
     and_mask = stats_config.and_mask
+    if isinstance(image, np.ndarray) and isinstance(mask, np.ndarray):
+        # in-memory input: one kernel pass over the whole image, no block copies or hashing
+        whole = {"array-location": [(0, image.shape[0]), (0, image.shape[1])]}
+        table = _cell_block(
+            image, mask, yedges=np.asarray(yedges), xedges=np.asarray(xedges), and_mask=and_mask,
+            statistic=statistic, stats_config=stats_config, block_info={0: whole},
+        )
+        return da.from_array(table, chunks=table.shape)
     ty = image.chunksize[0] if isinstance(image, da.Array) else _DEFAULT_BLOCK
     tx = image.chunksize[1] if isinstance(image, da.Array) else _DEFAULT_BLOCK
     ypix, ycells = _group_edges(yedges, ty)
@@ -428,9 +437,10 @@ def fit_background(image_ds: xr.Dataset, *, config: BackgroundConfig = Backgroun
 
     Cells: ``nx = ceil(W / bin_x)``, ``ny = ceil(H / bin_y)`` nearly equal cells; statistic
     ``config.statistic`` of the pixels without any ``ignored_mask_planes`` bit (non-finite pixels are
-    always left out), with its standard error. Nothing is computed here; the returned model holds
-    the cell table as a small dask array. A :class:`DataQualityError` is raised when the model is
-    computed if no pixel at all is usable.
+    always left out), with its standard error. The returned model holds the cell table as a small
+    dask array: lazy for dask-backed input; for numpy-backed input it is computed here (one pass
+    over the image in memory, as cheap as wrapping the image in a graph). A
+    :class:`DataQualityError` is raised when the model is evaluated if no pixel at all is usable.
 
     Notes
     -----
