@@ -976,6 +976,54 @@ def _row_moments(X, W, V, G, nk, nx, centre, width, error_mode, mean, var, errva
 
 
 @njit(cache=True, nogil=True)
+def _row_moments_shifted(X, W, V, G, nk, nx, centre, width, error_mode, mean, var, errvar, cnt, s1, s2, a1, a2, a3, q1):
+    """:func:`_row_moments` in one pass over the planes, for clip passes.
+
+    The second moment is accumulated about the clip centre ``c`` and moved to the mean:
+    ``sum w (x - mean)^2 = sum w (x - c)^2 - S1 (mean - c)^2``; kept samples lie within the clip
+    width of ``c``, so the shift costs no precision worth noting.
+    """
+    for j in range(nx):
+        s1[j] = 0.0
+        s2[j] = 0.0
+        a1[j] = 0.0
+        a2[j] = 0.0
+        a3[j] = 0.0
+        q1[j] = 0.0
+        cnt[j] = 0
+    for k in range(nk):
+        for j in range(nx):
+            d = X[k, j] - centre[j]
+            keep = G[k, j] & (abs(d) <= width[j])
+            w = W[k, j] if keep else 0.0
+            v = V[k, j] if keep else 0.0
+            s1[j] += w
+            s2[j] += w * w
+            a1[j] += w * X[k, j]
+            q1[j] += w * d * d if keep else 0.0
+            a2[j] += w * w * v
+            a3[j] += w * v
+            cnt[j] += np.int64(keep)
+    for j in range(nx):
+        if cnt[j] == 0 or s1[j] == 0.0:
+            mean[j] = np.nan
+            var[j] = np.nan
+            errvar[j] = np.nan
+            continue
+        mean[j] = a1[j] / s1[j]
+        off = mean[j] - centre[j]
+        m2 = max(q1[j] - s1[j] * off * off, 0.0)
+        denom = s1[j] * s1[j] - s2[j]
+        var[j] = m2 * s1[j] / denom if denom != 0.0 else np.nan
+        if error_mode == ERROR_INPUT_VARIANCE:
+            errvar[j] = a2[j] / (s1[j] * s1[j])
+        elif error_mode == ERROR_MOSAIC:
+            errvar[j] = a3[j] / s1[j]
+        else:
+            errvar[j] = var[j] * s2[j] / (s1[j] * s1[j])
+
+
+@njit(cache=True, nogil=True)
 def _column_quantile(Y, j, n, f):
     """numpy "linear" quantile of the sorted column ``Y[:n, j]``."""
     if n <= 0:
@@ -1041,6 +1089,7 @@ def stack_pixels(
     a1 = np.empty(nx, dtype=np.float64)
     a2 = np.empty(nx, dtype=np.float64)
     a3 = np.empty(nx, dtype=np.float64)
+    q1 = np.empty(nx, dtype=np.float64)
     andm = np.uint32(and_mask)
     nmap = map_from.shape[0]
     need_sort = statistic != STACK_MEAN
@@ -1126,8 +1175,8 @@ def stack_pixels(
                     if it > 0:
                         centre[j] = mean[j]
                     width[j] = clip_width(it, n[j], iqr[j], var[j], num_sigma, centre[j])
-                _row_moments(
-                    X, W, V, G, nk, nx, centre, width, error_mode, mean, var, errvar, cnt, s1, s2, a1, a2, a3
+                _row_moments_shifted(
+                    X, W, V, G, nk, nx, centre, width, error_mode, mean, var, errvar, cnt, s1, s2, a1, a2, a3, q1
                 )
             for j in range(nx):
                 out_image[i, j] = mean[j]
