@@ -31,7 +31,7 @@ def correlate_varying(
     wy: np.ndarray,
     wx: np.ndarray,
     *,
-    tile: int = 256,
+    tile: int = 220,
     rtol: float = 1e-10,
     single_ratio: float = 0.0,
 ) -> np.ndarray:
@@ -103,11 +103,27 @@ def correlate_varying(
                 tile_spec[dt] = sfft.rfft2(buf, workers=1)
             for (comps, mix, dtype), kf, prod, conv in zip(parts, spectra, prods, convs):
                 spec = tile_spec[dtype]
-                for r in range(comps.shape[0]):
-                    np.multiply(kf[r], spec, out=prod)
-                    conv[r] = sfft.irfft2(prod, s=(fy, fx), workers=1, overwrite_x=True)
-                _combine(out, conv, mix, wy, wx, y0, y1, x0, x1, 2 * h)
+                if mix.size:
+                    for r in range(comps.shape[0]):
+                        np.multiply(kf[r], spec, out=prod)
+                        conv[r] = sfft.irfft2(prod, s=(fy, fx), workers=1, overwrite_x=True)
+                    _combine(out, conv, mix, wy, wx, y0, y1, x0, x1, 2 * h)
+                else:
+                    for r in range(comps.shape[0]):
+                        np.multiply(kf[r], spec, out=prod)
+                        one = sfft.irfft2(prod, s=(fy, fx), workers=1, overwrite_x=True)
+                        _accumulate(out, one, wy[r], wx[r], y0, y1, x0, x1, 2 * h)
     return out
+
+
+@numba.njit(cache=True, nogil=True)
+def _accumulate(out, conv, wy, wx, y0, y1, x0, x1, off):
+    """``out[y, x] += wy[y] wx[x] conv[off + y - y0, off + x - x0]`` over the tile."""
+    for i in range(y0, y1):
+        ci = off + i - y0
+        w = wy[i]
+        for j in range(x0, x1):
+            out[i, j] += w * wx[j] * conv[ci, off + j - x0]
 
 
 @numba.njit(cache=True, nogil=True)
