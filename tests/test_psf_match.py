@@ -187,6 +187,80 @@ def test_correlate_varying_and_or_dilate_against_direct(rng):
         correlate_varying(ext, np.ones((1, 4, 4)), wy[:1], wx[:1])
 
 
+@settings(max_examples=20, deadline=None)
+@given(order=st.integers(0, 3), kind=st.sampled_from(["chebyshev1", "polynomial"]), seed=st.integers(0, 2**16))
+def test_property_squared_model_is_kernel_squared(order, kind, seed):
+    from pipeline.psf_match import _axis_terms, _scaled, _spatial_pairs, _squared_model
+
+    rng = np.random.default_rng(seed)
+    n_t = len(_spatial_pairs(order))
+    comps = rng.normal(size=(n_t, 5, 5))
+    terms, squares = _squared_model(comps, order, kind)
+    assert len(terms) == len(set(terms)) == len(_spatial_pairs(2 * order))  # one term per degree-2k monomial
+    box = (-0.5, -0.5, 99.5, 79.5)
+    for x, y in rng.uniform(-10, 110, size=(6, 2)):
+        tx = _axis_terms(_scaled(x, box[0], box[2]), 2 * order, kind)
+        ty = _axis_terms(_scaled(y, box[1], box[3]), 2 * order, kind)
+        kern = np.tensordot(spatial_terms(x, y, box, order, kind), comps, axes=1)
+        got = sum(tx[a] * ty[b] * q for (a, b), q in zip(terms, squares))
+        np.testing.assert_allclose(got, kern * kern, rtol=1e-10, atol=1e-10 * (kern * kern).max())
+
+
+def test_correlate_varying_tiles_and_input_dtype(rng):
+    from pipeline._kernels_convolve import _tiles
+
+    ext = rng.normal(size=(83, 77)).astype(np.float32)
+    kernels = rng.normal(size=(4, 11, 11))
+    wy, wx = rng.normal(size=(4, 73)), rng.normal(size=(4, 67))
+    wx[2] = wx[0]  # shared column weights, as the spatial terms have
+    want = sum(correlate_direct(ext.astype(float), kernels[t]) * np.outer(wy[t], wx[t]) for t in range(4))
+    for tile in (5, 13, 40, 172):
+        got = correlate_varying(ext, kernels, wy, wx, tile=tile)
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-11)
+    np.testing.assert_array_equal(correlate_varying(ext, kernels, wy, wx), correlate_varying(ext.astype(float), kernels, wy, wx))
+    # tiles spread evenly over the block, FFT lengths cover tile + halo
+    for n, tile in [(1000, 172), (1020, 172), (7, 172), (345, 100)]:
+        t, f = _tiles(n, tile, 10)
+        assert t <= tile and math.ceil(n / t) == math.ceil(n / tile) and f >= t + 20
+        assert math.ceil(n / t) * t - n < math.ceil(n / t)
+
+
+def test_variance_equals_sum_over_kernel_products(tan_wcs):
+    """Oracle: the 21 products ``f_t f_s (K_t K_s) (x) V`` of the direct definition, every pixel."""
+    sci = GaussianPsf(1.6, gradient=(0.003, -0.002), center=(60, 50))
+    rng = np.random.default_rng(7)
+    shape = (90, 110)
+    variance = rng.uniform(0.5, 2.0, size=shape) * np.where(rng.uniform(size=shape) < 0.02, 500.0, 1.0)
+    ds = _exposure(tan_wcs, sci, shape=shape, variance=variance)
+    km, _ = solve_kernel_model(GridPsf.from_dataset(ds), GaussianPsf(2.8), Box.of(ds))
+    comps, h = km.component_kernels(), km.radius
+    ys, xs = np.meshgrid(ds.y.values[h:-h], ds.x.values[h:-h], indexing="ij")
+    f = km.spatial_terms(xs, ys)
+    v = ds["variance"].values.astype(float)
+    want = np.zeros(xs.shape)
+    for t in range(len(comps)):
+        for s in range(len(comps)):
+            want += f[t] * f[s] * correlate_direct(v, comps[t] * comps[s])
+    norm = np.tensordot(comps.sum(axis=(1, 2)), f, axes=1)
+    want /= norm * norm
+    for chunks in (None, (37, 41)):
+        src = ds if chunks is None else _chunk(ds, chunks)
+        got = convolve_kernel_model(src, km)["variance"].values[h:-h, h:-h]
+        np.testing.assert_allclose(got, want, rtol=3e-7)
+
+
+def test_set_border_matches_distance_to_edge():
+    from pipeline.psf_match import _set_border
+
+    shape, h = (50, 40), 6
+    yy, xx = np.mgrid[0:50, 0:40]
+    edge = (yy < h) | (yy >= 50 - h) | (xx < h) | (xx >= 40 - h)
+    for loc in [((0, 50), (0, 40)), ((3, 20), (30, 40)), ((10, 30), (10, 20)), ((45, 50), (0, 5))]:
+        (ya, yb), (xa, xb) = loc
+        got = _set_border(np.zeros((yb - ya, xb - xa)), loc, shape, h, 1.0)
+        np.testing.assert_array_equal(got.astype(bool), edge[ya:yb, xa:xb])
+
+
 # ---------------------------------------------------------------------------------------------- solve
 
 
