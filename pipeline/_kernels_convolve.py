@@ -17,12 +17,24 @@ import scipy.fft as sfft
 __all__ = ["correlate_varying", "or_dilate", "correlate_direct"]
 
 
+def _smooth_length(n: int) -> int:
+    """Smallest ``m >= n`` of the form ``2^a 3^b 5^c`` (lengths with larger factors transform slower)."""
+    m = max(int(n), 1)
+    while True:
+        r = m
+        for p in (2, 3, 5):
+            while r % p == 0:
+                r //= p
+        if r == 1:
+            return m
+        m += 1
+
+
 def _tiles(n: int, tile: int, h: int) -> tuple[int, int]:
-    """Tile length (at most ``tile``, spread evenly over ``n``) and its FFT-friendly padded length."""
+    """Tile length (at most ``tile``, spread evenly over ``n``) and its 5-smooth padded FFT length."""
     count = -(-n // max(min(tile, n), 1))
     t = -(-n // count)
-    f = sfft.next_fast_len(t + 2 * h, real=True)
-    return t, f
+    return t, _smooth_length(t + 2 * h)
 
 
 def correlate_varying(
