@@ -901,7 +901,9 @@ def model_psf_match(
     off in ModelPsfMatch), the kernelSum argument (always 1).
 
     The convolution is exact at every pixel (no 10-pixel interpolation grid of kernel images) and
-    costs one forward FFT per tile plus one inverse FFT per independent component kernel.
+    costs one forward FFT per tile plus one inverse FFT per independent component kernel; the
+    variance plane uses ``K²`` regrouped over the spatial terms of twice the order (15 inverse FFTs
+    for order 2 rather than one per product of components, 21).
 
     With an in-memory ``psf`` variable the solve runs now and errors raise at once; with a lazy
     (dask) one it becomes a delayed task, the returned kernel model is a ``dask.delayed`` object and
