@@ -285,23 +285,336 @@ def count_blocks(
             out_range[by, bx, 3] = jmax
 
 
-@numba.njit(**_NOGIL)
-def window_flags(img, var, msk, nodata, grow_full):
-    """``(has_bad, has_grow)``: does the window hold a bad pixel / a ``grow_full`` bit anywhere."""
+# ------------------------------------------------------------------------------------------
+# the block warp
+
+#: fused multiply-add allowed in the weight and tap sums (not in the position code, whose
+#: floor decisions must agree with :func:`count_blocks`)
+_SUMS = dict(nogil=True, error_model="numpy", fastmath={"contract"})
+
+
+@numba.njit(inline="always", **_SUMS)
+def _sincos(x):
+    """``(sin x, cos x)`` for ``|x| <= pi/3``: Taylor polynomials to degree 19 and 20.
+
+    The first omitted terms are below 1e-19, so both agree with the libm functions to a few units
+    in the last place; unlike libm calls the polynomials cost a handful of multiply-adds.
+    """
+    z = x * x
+    s = -1.0 / 121645100408832000.0
+    s = s * z + 1.0 / 355687428096000.0
+    s = s * z - 1.0 / 1307674368000.0
+    s = s * z + 1.0 / 6227020800.0
+    s = s * z - 1.0 / 39916800.0
+    s = s * z + 1.0 / 362880.0
+    s = s * z - 1.0 / 5040.0
+    s = s * z + 1.0 / 120.0
+    s = s * z - 1.0 / 6.0
+    s = x + x * z * s
+    c = 1.0 / 2432902008176640000.0
+    c = c * z - 1.0 / 6402373705728000.0
+    c = c * z + 1.0 / 20922789888000.0
+    c = c * z - 1.0 / 87178291200.0
+    c = c * z + 1.0 / 479001600.0
+    c = c * z - 1.0 / 3628800.0
+    c = c * z + 1.0 / 40320.0
+    c = c * z - 1.0 / 720.0
+    c = c * z + 1.0 / 24.0
+    c = 1.0 - 0.5 * z + z * z * c
+    return s, c
+
+
+@numba.njit(inline="always", **_SUMS)
+def _row_weights(fs, n, bilinear, linear, cb, sb, table, weights, sums):
+    """1-D weights of the fractional offsets ``fs`` of a row of pixels: ``weights[c, :2n]``, their sum ``sums[c]``.
+
+    Bilinear: ``(1 - f, f)``. Tabulated Lanczos (``table`` with more than one row): :func:`table_weights`.
+    Exact Lanczos: proportional to :func:`kernel_weights`, ``L(j - f) = c0 sin(pi (j - f) / n) / (j - f)^2``
+    with ``c0 = n sin(pi f) / pi^2`` common to all taps and left out (the warp only uses ratios of
+    weights: it divides by their sum, and the first-moment correction is linear in them), and
+    ``sin``/``cos`` of ``pi f / n`` by polynomial: no libm call. ``f == 0``: the exact delta.
+    """
+    m = 2 * n
+    if bilinear:
+        for c in range(fs.size):
+            weights[c, 0] = 1.0 - fs[c]
+            weights[c, 1] = fs[c]
+            sums[c] = 1.0
+        return
+    if table.shape[0] > 1:
+        for c in range(fs.size):
+            sums[c] = table_weights(fs[c], table, weights[c])
+        return
+    for c in range(fs.size):
+        f = fs[c]
+        if f == 0.0:
+            for k in range(m):
+                weights[c, k] = 0.0
+            weights[c, n - 1] = 1.0
+            sums[c] = 1.0
+            continue
+        sa, ca = _sincos(-math.pi * f / n)
+        total = 0.0
+        for k in range(m):
+            t = k - (n - 1) - f
+            w = (sa * cb[k] + ca * sb[k]) / (t * t)
+            weights[c, k] = w
+            total += w
+        if linear:
+            m1 = 0.0
+            for k in range(m):
+                m1 += weights[c, k] * (k - (n - 1) - f)
+            weights[c, n - 1] += m1
+            weights[c, n] -= m1
+        sums[c] = total
+
+
+@numba.njit(inline="always", **_SUMS)
+def _span_or(flags, span):
+    """``out[k] = OR of flags[k : k + span]`` (clipped at the end)."""
+    size = flags.size
+    out = np.zeros(size, flags.dtype)
+    for k in range(size):
+        acc = flags[k]
+        for t in range(k + 1, min(k + span, size)):
+            acc |= flags[t]
+        out[k] = acc
+    return out
+
+
+@numba.njit(inline="always", **_SUMS)
+def _window_flags(img, var, msk, nodata, grow_full, span):
+    """Per-window lookup tables of where bad pixels and ``grow_full`` bits are.
+
+    Returns ``(bad, has_bad, row_bad, col_bad, has_grow, row_grow, col_grow)``: ``bad[r, c]`` is 1 for a
+    bad pixel (image or variance not finite, or ``nodata`` set); ``row_bad[r]`` is non-zero when any of
+    rows ``r .. r+span-1`` holds a bad pixel (columns likewise); ``row_grow[r]`` is the OR of the
+    ``grow_full`` bits in rows ``r .. r+span-1`` (columns likewise). A kernel footprint whose first row
+    ``r`` and first column ``c`` have ``row_bad[r] == 0`` or ``col_bad[c] == 0`` holds no bad pixel; one
+    with ``row_grow[r] & col_grow[c] == 0`` holds no ``grow_full`` bit.
+    """
+    ny, nx = img.shape
+    bad = np.zeros((ny, nx), np.uint8)
+    rb = np.zeros(ny, np.uint8)
+    cb = np.zeros(nx, np.uint8)
+    rg = np.zeros(ny, np.uint32)
+    cg = np.zeros(nx, np.uint32)
     has_bad = False
     has_grow = False
-    ny, nx = img.shape
     for r in range(ny):
+        row_g = np.uint32(0)
         for c in range(nx):
             m = msk[r, c]
-            if (m & grow_full) != 0:
-                has_grow = True
+            g = m & grow_full
+            row_g |= g
+            cg[c] |= g
             if (m & nodata) != 0 or not math.isfinite(img[r, c]) or not math.isfinite(var[r, c]):
+                bad[r, c] = 1
+                rb[r] = 1
+                cb[c] = 1
                 has_bad = True
-    return has_bad, has_grow
+        rg[r] = row_g
+        if row_g != 0:
+            has_grow = True
+    return bad, has_bad, _span_or(rb, span), _span_or(cb, span), has_grow, _span_or(rg, span), _span_or(cg, span)
 
 
-@numba.njit(**_NOGIL)
+@numba.njit(inline="always", **_SUMS)
+def _warp_block(
+    src_img, src_var, src_msk, win_x0, win_y0, valid, nodes_x, nodes_y, gx0, gy0, step, dst_x0, dst_y0,
+    out_img, out_var, out_msk, n, bilinear, linear, mask_order, grow_full, nodata, scale, table,
+):
+    """Body of :func:`warp_block`, inlined into one compiled function per kernel (``n`` a constant)."""
+    ny, nx = out_img.shape
+    m = 2 * n
+    cb, sb = trig_tables(n)
+    ix_lo = valid[0]
+    iy_lo = valid[1]
+    ix_hi = valid[2]
+    iy_hi = valid[3]
+    nan = np.nan
+    inf = np.inf
+    bad, has_bad, row_bad, col_bad, has_grow, row_grow, col_grow = _window_flags(
+        src_img, src_var, src_msk, nodata, grow_full, m
+    )
+    # flat views and unsigned offsets: tap reads without negative-index handling
+    flat_i = src_img.ravel()
+    flat_v = src_var.ravel()
+    width = np.uint64(src_img.shape[1])
+    # rows of source positions: current row Y and previous row Y-1, for X in [dst_x0-1, dst_x0+nx)
+    cur_x = np.empty(nx + 1)
+    cur_y = np.empty(nx + 1)
+    prv_x = np.empty(nx + 1)
+    prv_y = np.empty(nx + 1)
+    # per pixel of the row: good flag, floor position, fractional offsets, relative area, weights
+    good = np.zeros(nx, np.bool_)
+    ii = np.zeros(nx, np.int64)
+    jj = np.zeros(nx, np.int64)
+    fxs = np.zeros(nx)
+    fys = np.zeros(nx)
+    areas = np.zeros(nx)
+    wxs = np.empty((nx, m))
+    wys = np.empty((nx, m))
+    sxs = np.empty(nx)
+    sys_ = np.empty(nx)
+    _row(gx0, gy0, step, nodes_x, nodes_y, dst_x0 - 1, dst_y0 - 1, prv_x, prv_y)
+    for r in range(ny):
+        Y = dst_y0 + r
+        _row(gx0, gy0, step, nodes_x, nodes_y, dst_x0 - 1, Y, cur_x, cur_y)
+        n_good = 0
+        for c in range(nx):
+            x = cur_x[c + 1]
+            y = cur_y[c + 1]
+            # relative area from the left neighbour and the one below (NaN if either is off the lattice)
+            area = abs((x - cur_x[c]) * (y - prv_y[c + 1]) - (y - cur_y[c]) * (x - prv_x[c + 1]))
+            ok = math.isfinite(x) and math.isfinite(y) and math.isfinite(area)
+            if ok:
+                fi = math.floor(x)
+                fj = math.floor(y)
+                ok = fi >= ix_lo and fi <= ix_hi and fj >= iy_lo and fj <= iy_hi
+            good[c] = ok
+            if ok:
+                n_good += 1
+                i = int(fi)
+                j = int(fj)
+                ii[c] = i
+                jj[c] = j
+                fxs[c] = x - i
+                fys[c] = y - j
+                areas[c] = area
+            else:
+                fxs[c] = 0.0
+                fys[c] = 0.0
+        for c in range(nx + 1):
+            prv_x[c] = cur_x[c]
+            prv_y[c] = cur_y[c]
+        if n_good == 0:
+            for c in range(nx):
+                out_img[r, c] = nan
+                out_var[r, c] = inf
+                out_msk[r, c] = nodata
+            continue
+        _row_weights(fxs, n, bilinear, linear, cb, sb, table, wxs, sxs)
+        _row_weights(fys, n, bilinear, linear, cb, sb, table, wys, sys_)
+        for c in range(nx):
+            if not good[c]:
+                out_img[r, c] = nan
+                out_var[r, c] = inf
+                out_msk[r, c] = nodata
+                continue
+            i = ii[c]
+            j = jj[c]
+            fx = fxs[c]
+            fy = fys[c]
+            base_x = i - (n - 1) - win_x0
+            base_y = j - (n - 1) - win_y0
+            # does the footprint hold a bad pixel? (the lookup tables rule most footprints out at once)
+            any_bad = False
+            if has_bad and row_bad[base_y] != 0 and col_bad[base_x] != 0:
+                for b in range(m):
+                    for a in range(m):
+                        if bad[base_y + b, base_x + a] != 0:
+                            any_bad = True
+            core_bad = False
+            acc_i = 0.0
+            acc_v = 0.0
+            if not any_bad:
+                # separable sums: each footprint row with the x weights, then the rows with the y weights
+                o = np.uint64(base_y) * width + np.uint64(base_x)
+                for b in range(m):
+                    ri = 0.0
+                    rv = 0.0
+                    for a in range(m):
+                        w = wxs[c, a]
+                        ri += w * flat_i[o + np.uint64(a)]
+                        rv += w * w * flat_v[o + np.uint64(a)]
+                    w = wys[c, b]
+                    acc_i += w * ri
+                    acc_v += w * w * rv
+                    o += width
+                s_good = sxs[c] * sys_[c]
+            else:
+                s_good = 0.0
+                for b in range(m):
+                    wyb = wys[c, b]
+                    yy = base_y + b
+                    oy = b - (n - 1)
+                    in_core_y = (oy == 0) or (oy == 1 and fy != 0.0)
+                    for a in range(m):
+                        xx = base_x + a
+                        if bad[yy, xx] != 0:
+                            ox = a - (n - 1)
+                            if in_core_y and ((ox == 0) or (ox == 1 and fx != 0.0)):
+                                core_bad = True
+                            continue
+                        w = wxs[c, a] * wyb
+                        acc_i += w * src_img[yy, xx]
+                        acc_v += w * w * src_var[yy, xx]
+                        s_good += w
+            m_img = np.uint32(0)
+            if has_grow and (row_grow[base_y] & col_grow[base_x]) != 0:
+                for b in range(m):
+                    if wys[c, b] == 0.0:
+                        continue
+                    for a in range(m):
+                        if wxs[c, a] != 0.0:
+                            m_img |= src_msk[base_y + b, base_x + a]
+            # mask footprint of the mask kernel (order mask_order, taps with non-zero weight)
+            m_msk = np.uint32(0)
+            for oy in range(-(mask_order - 1), mask_order + 1):
+                if oy != 0 and fy == 0.0:
+                    continue
+                for ox in range(-(mask_order - 1), mask_order + 1):
+                    if ox != 0 and fx == 0.0:
+                        continue
+                    m_msk |= src_msk[j + oy - win_y0, i + ox - win_x0]
+            mout = (m_img & grow_full) | m_msk
+            if core_bad or not (s_good > 0.0):
+                out_img[r, c] = nan
+                out_var[r, c] = inf
+                out_msk[r, c] = mout | nodata
+                continue
+            k = areas[c] / s_good
+            out_img[r, c] = k * acc_i * scale
+            out_var[r, c] = k * k * acc_v * scale * scale
+            out_msk[r, c] = mout
+
+
+_BLOCK = dict(cache=True, **_SUMS)
+
+
+@numba.njit(**_BLOCK)
+def _warp_block_bilinear(si, sv, sm, wx0, wy0, valid, nx_, ny_, gx0, gy0, step, dx0, dy0, oi, ov, om, linear, mask_order,
+                         grow, nodata, scale, table):
+    _warp_block(si, sv, sm, wx0, wy0, valid, nx_, ny_, gx0, gy0, step, dx0, dy0, oi, ov, om, 1, True, linear,
+                mask_order, grow, nodata, scale, table)
+
+
+@numba.njit(**_BLOCK)
+def _warp_block_lanczos3(si, sv, sm, wx0, wy0, valid, nx_, ny_, gx0, gy0, step, dx0, dy0, oi, ov, om, linear, mask_order,
+                         grow, nodata, scale, table):
+    _warp_block(si, sv, sm, wx0, wy0, valid, nx_, ny_, gx0, gy0, step, dx0, dy0, oi, ov, om, 3, False, linear,
+                mask_order, grow, nodata, scale, table)
+
+
+@numba.njit(**_BLOCK)
+def _warp_block_lanczos4(si, sv, sm, wx0, wy0, valid, nx_, ny_, gx0, gy0, step, dx0, dy0, oi, ov, om, linear, mask_order,
+                         grow, nodata, scale, table):
+    _warp_block(si, sv, sm, wx0, wy0, valid, nx_, ny_, gx0, gy0, step, dx0, dy0, oi, ov, om, 4, False, linear,
+                mask_order, grow, nodata, scale, table)
+
+
+@numba.njit(**_BLOCK)
+def _warp_block_lanczos5(si, sv, sm, wx0, wy0, valid, nx_, ny_, gx0, gy0, step, dx0, dy0, oi, ov, om, linear, mask_order,
+                         grow, nodata, scale, table):
+    _warp_block(si, sv, sm, wx0, wy0, valid, nx_, ny_, gx0, gy0, step, dx0, dy0, oi, ov, om, 5, False, linear,
+                mask_order, grow, nodata, scale, table)
+
+
+_BLOCK_KERNELS = {(1, True): _warp_block_bilinear, (3, False): _warp_block_lanczos3, (4, False): _warp_block_lanczos4,
+                  (5, False): _warp_block_lanczos5}
+
+
 def warp_block(
     src_img,
     src_var,
@@ -331,130 +644,26 @@ def warp_block(
     """Warp one destination block (spec warping.md section 1.3, with the bad-tap rule below).
 
     ``src_*`` is the source window whose element [0, 0] is source pixel ``(win_x0, win_y0)``; it must
-    hold every tap of every good pixel. ``valid`` as in :func:`count_blocks`. ``scale`` multiplies the
-    image (its square the variance): the photometric calibration. ``table`` (from :func:`kernel_table`,
-    or an empty array for exact evaluation) tabulates the Lanczos weights.
+    hold every tap of every good pixel (image and variance as C-contiguous float64, mask uint32).
+    ``valid`` as in :func:`count_blocks`. ``scale`` multiplies the image (its square the variance):
+    the photometric calibration. ``table`` (from :func:`kernel_table`, or an empty array for exact
+    evaluation) tabulates the Lanczos weights.
 
     Bad taps: a source pixel whose image or variance is not finite, or whose mask has ``nodata``, is
     bad. If a bad pixel has non-zero *bilinear* weight the output pixel is no-data (NaN, +inf,
     ``nodata`` OR-ed into its mask); otherwise bad taps are dropped and the kernel is renormalised
     by the sum of the remaining weights. Mask bits are OR-ed from every tap, bad or not.
+
+    Image, variance and mask are resampled in one pass, by a function compiled for each kernel
+    order (fixed-length tap loops). The arithmetic of a pixel depends only on its own footprint
+    (separable sums when no tap is bad, tap-by-tap sums otherwise), never on the rest of the window,
+    so the result does not depend on the chunking.
     """
-    ny, nx = out_img.shape
-    n = order
-    wx = np.empty(2 * n)
-    wy = np.empty(2 * n)
-    wx2 = np.empty(2 * n)
-    cb, sb = trig_tables(n)
-    ix_lo, iy_lo, ix_hi, iy_hi = valid
-    nan = np.nan
-    inf = np.inf
-    has_bad, has_grow = window_flags(src_img, src_var, src_msk, nodata, grow_full)
-    use_table = table.shape[0] > 1 and not bilinear
-    # rows of source positions: current row Y and previous row Y-1, for X in [dst_x0-1, dst_x0+nx)
-    cur_x = np.empty(nx + 1)
-    cur_y = np.empty(nx + 1)
-    prv_x = np.empty(nx + 1)
-    prv_y = np.empty(nx + 1)
-    _row(gx0, gy0, step, nodes_x, nodes_y, dst_x0 - 1, dst_y0 - 1, prv_x, prv_y)
-    for r in range(ny):
-        Y = dst_y0 + r
-        _row(gx0, gy0, step, nodes_x, nodes_y, dst_x0 - 1, Y, cur_x, cur_y)
-        for c in range(nx):
-            x = cur_x[c + 1]
-            y = cur_y[c + 1]
-            # relative area from the left neighbour and the one below (NaN if either is off the lattice)
-            area = abs((x - cur_x[c]) * (y - prv_y[c + 1]) - (y - cur_y[c]) * (x - prv_x[c + 1]))
-            good = math.isfinite(x) and math.isfinite(y) and math.isfinite(area)
-            if good:
-                fi = math.floor(x)
-                fj = math.floor(y)
-                good = fi >= ix_lo and fi <= ix_hi and fj >= iy_lo and fj <= iy_hi
-            if not good:
-                out_img[r, c] = nan
-                out_var[r, c] = inf
-                out_msk[r, c] = nodata
-                continue
-            i = int(fi)
-            j = int(fj)
-            fx = x - i
-            fy = y - j
-            if use_table:
-                sx = table_weights(fx, table, wx)
-                sy = table_weights(fy, table, wy)
-            else:
-                sx = kernel_weights(fx, n, bilinear, linear, cb, sb, wx)
-                sy = kernel_weights(fy, n, bilinear, linear, cb, sb, wy)
-            base_x = i - (n - 1) - win_x0
-            base_y = j - (n - 1) - win_y0
-            core_bad = False
-            m_img = np.uint32(0)
-            if not has_bad:
-                for a in range(2 * n):
-                    wx2[a] = wx[a] * wx[a]
-                acc_i = 0.0
-                acc_v = 0.0
-                for b in range(2 * n):
-                    yy = base_y + b
-                    ri = 0.0
-                    rv = 0.0
-                    for a in range(2 * n):
-                        ri += wx[a] * src_img[yy, base_x + a]
-                        rv += wx2[a] * src_var[yy, base_x + a]
-                    acc_i += wy[b] * ri
-                    acc_v += wy[b] * wy[b] * rv
-                s_good = sx * sy
-            else:
-                acc_i = 0.0
-                acc_v = 0.0
-                s_good = 0.0
-                for b in range(2 * n):
-                    wyb = wy[b]
-                    yy = base_y + b
-                    oy = b - (n - 1)
-                    in_core_y = (oy == 0) or (oy == 1 and fy != 0.0)
-                    for a in range(2 * n):
-                        xx = base_x + a
-                        v = src_img[yy, xx]
-                        vv = src_var[yy, xx]
-                        if (src_msk[yy, xx] & nodata) != 0 or not math.isfinite(v) or not math.isfinite(vv):
-                            ox = a - (n - 1)
-                            if in_core_y and ((ox == 0) or (ox == 1 and fx != 0.0)):
-                                core_bad = True
-                            continue
-                        w = wx[a] * wyb
-                        acc_i += w * v
-                        acc_v += w * w * vv
-                        s_good += w
-            if has_grow:
-                for b in range(2 * n):
-                    if wy[b] == 0.0:
-                        continue
-                    for a in range(2 * n):
-                        if wx[a] != 0.0:
-                            m_img |= src_msk[base_y + b, base_x + a]
-            # mask footprint of the mask kernel (order mask_order, taps with non-zero weight)
-            m_msk = np.uint32(0)
-            for oy in range(-(mask_order - 1), mask_order + 1):
-                if oy != 0 and fy == 0.0:
-                    continue
-                for ox in range(-(mask_order - 1), mask_order + 1):
-                    if ox != 0 and fx == 0.0:
-                        continue
-                    m_msk |= src_msk[j + oy - win_y0, i + ox - win_x0]
-            mout = (m_img & grow_full) | m_msk
-            if core_bad or not (s_good > 0.0):
-                out_img[r, c] = nan
-                out_var[r, c] = inf
-                out_msk[r, c] = mout | nodata
-                continue
-            k = area / s_good
-            out_img[r, c] = k * acc_i * scale
-            out_var[r, c] = k * k * acc_v * scale * scale
-            out_msk[r, c] = mout
-        for c in range(nx + 1):
-            prv_x[c] = cur_x[c]
-            prv_y[c] = cur_y[c]
+    kernel = _BLOCK_KERNELS.get((int(order), bool(bilinear)))
+    if kernel is None:
+        raise ValueError(f"no warp kernel of order {order} (bilinear={bilinear})")
+    kernel(src_img, src_var, src_msk, win_x0, win_y0, valid, nodes_x, nodes_y, gx0, gy0, step, dst_x0, dst_y0,
+           out_img, out_var, out_msk, linear, mask_order, grow_full, nodata, scale, table)
 
 
 @numba.njit(**_NOGIL)

@@ -443,14 +443,32 @@ def _correlation_factor(nodes_x, nodes_y, lx0, ly0, step, dst_range, valid, n, b
 # pixels
 
 
-def _run_block(img, var, msk, *, plan_args, dst: Box, win_origin, crop):
-    """Warp one destination block from stitched source blocks (numpy in, numpy out)."""
-    if isinstance(img, list):
-        img, var, msk = np.block(img), np.block(var), np.block(msk)
+def _window(blocks, crop, dtype) -> np.ndarray:
+    """``crop`` of the 2-D grid of ``blocks`` (or of one array) as a C-contiguous ``dtype`` array, in one copy."""
     (y0, y1), (x0, x1) = crop
-    img = np.ascontiguousarray(img[y0:y1, x0:x1])
-    var = np.ascontiguousarray(var[y0:y1, x0:x1])
-    msk = np.ascontiguousarray(msk[y0:y1, x0:x1], dtype=np.uint32)
+    if not isinstance(blocks, list):
+        return np.ascontiguousarray(blocks[y0:y1, x0:x1], dtype=dtype)
+    out = np.empty((y1 - y0, x1 - x0), dtype)
+    top = 0
+    for row in blocks:
+        h = row[0].shape[0]
+        a, b = max(y0, top), min(y1, top + h)
+        left = 0
+        for blk in row:
+            w = blk.shape[1]
+            c, d = max(x0, left), min(x1, left + w)
+            if a < b and c < d:
+                out[a - y0 : b - y0, c - x0 : d - x0] = blk[a - top : b - top, c - left : d - left]
+            left += w
+        top += h
+    return out
+
+
+def _run_block(img, var, msk, *, plan_args, dst: Box, win_origin, crop):
+    """Warp one destination block from a grid of source blocks (numpy in, numpy out)."""
+    img = _window(img, crop, np.float64)
+    var = _window(var, crop, np.float64)
+    msk = _window(msk, crop, np.uint32)
     out_img = np.empty(dst.shape, np.float32)
     out_var = np.empty(dst.shape, np.float32)
     out_msk = np.empty(dst.shape, np.uint32)
