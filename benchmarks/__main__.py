@@ -69,7 +69,7 @@ def run(args) -> int:
         old = json.loads(previous.read_text())
         if old.get("mode") == mode:
             rerun = {c.name for c in selected}
-            kept = [r for r in old["rows"] if r["case"] not in rerun]
+            kept = [report.complete(r) for r in old["rows"] if r["case"] not in rerun]
             earlier = {"date_utc": old["date_utc"], "load_average": old["machine"].get("load_average"),
                        "cases": sorted({r["case"] for r in kept}, key=names.index)}
 
@@ -122,6 +122,24 @@ def run(args) -> int:
     return 0
 
 
+def render(args) -> int:
+    """Re-judge the targets and rewrite results.md from the results.json in ``--out``."""
+    out = Path(args.out) if args.out else HERE
+    old = json.loads((out / "results.json").read_text())
+    s = inputs.sizes(old["mode"], old["threads"])
+    all_cases = C.cases(s)
+    rows = [report.complete(r) for r in old["rows"]]
+    done = [c for c in all_cases if any(r["case"] == c.name for r in rows)]
+    results = report.assemble(done, rows, old["machine"], mode=old["mode"], reps=old["reps"], threads=old["threads"],
+                              sizes=s, seconds=old["total_seconds"], load_after=old["load_average_after"],
+                              earlier=old.get("earlier"))
+    results["date_utc"] = old["date_utc"]
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out / "results.md").write_text(report.markdown(results))
+    print(report.markdown(results))
+    return 0
+
+
 def piece(args) -> int:
     s = inputs.sizes(args.mode, args.threads)
     impl = C.find(s, args.case, args.impl)
@@ -148,6 +166,8 @@ def main(argv=None) -> int:
                        help="keep the rows of the cases not run now from the results.json already in --out")
     p_run.add_argument("--threads", type=int, default=None, help="threads of the multi-threaded rows (default 2)")
     sub.add_parser("setup", help="install the peers (SWarp via apt-get when root; pip packages)")
+    p_render = sub.add_parser("render", help="rewrite results.md from results.json (targets judged again)")
+    p_render.add_argument("--out", default=None, help="directory holding results.json (default benchmarks/)")
     p_piece = sub.add_parser("_piece", help=argparse.SUPPRESS)
     p_piece.add_argument("case")
     p_piece.add_argument("impl")
@@ -157,6 +177,8 @@ def main(argv=None) -> int:
     if args.command == "setup":
         setup()
         return 0
+    if args.command == "render":
+        return render(args)
     if args.command == "_piece":
         return piece(args)
     return run(args)

@@ -36,6 +36,15 @@ def record(case, impl, runs: list[dict], status: str | None = None) -> dict:
     return row
 
 
+def complete(row: dict) -> dict:
+    """Fill the derived figures of a row read back from an older results.json."""
+    row = dict(row)
+    row.setdefault("mpix_per_cpu_s", None)
+    if row.get("mpix") and row.get("cpu_s"):
+        row["mpix_per_cpu_s"] = row["mpix"] / row["cpu_s"]
+    return row
+
+
 def _judge(target, rows: dict) -> dict:
     ours, peer = rows.get(target.ours), rows.get(target.peer)
     out = {"ours": target.ours, "peer": target.peer, "text": target.text, "op": target.op,
