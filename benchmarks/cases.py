@@ -38,7 +38,7 @@ class Impl:
 class Target:
     ours: str
     peer: str
-    op: str  # ">=" on per-core throughput ratio ours/peer, "<=" on peak-memory ratio ours/peer
+    op: str  # ">=" on per-core throughput ratio ours/peer, "<=" on peak-memory ratio; "info": ratio, no verdict
     factor: float
     text: str
     metric: str = "throughput"
@@ -641,6 +641,122 @@ def run_coadd(st):
 
 
 # --------------------------------------------------------------------------------------------
+# 7. coadd: warp + combine of the N = 8 repository onto the patch, side by side with the peers
+
+
+def prep_pipeline_coadd(ctx):
+    from pipeline.io.repo import open_repo
+
+    s: Sizes = ctx["sizes"]
+    n = s.scaling[0]
+    path = inputs.repo_path(s, n)
+    _clear_warps(path)  # every repetition starts from the ingested repository: no warps, no coadds
+    repo = open_repo(str(path), mode="r+")
+    return {"repo": repo, "n": n, "client": None, "threads": s.threads, "mpix": n * s.exposure**2 / 1e6}
+
+
+def run_pipeline_coadd(st):
+    import time
+
+    from graphs.coadd import coadd_units
+    from graphs.execute import run_units
+    from graphs.warps import warp_units
+
+    t0 = time.perf_counter()
+    warps = run_units(warp_units(st["repo"], overwrite=True), progress=False)
+    if not warps.ok:
+        raise RuntimeError(warps.summary())
+    t1 = time.perf_counter()
+    coadds = run_units(coadd_units(st["repo"], overwrite=True), progress=False)
+    if not coadds.ok:
+        raise RuntimeError(coadds.summary())
+    t2 = time.perf_counter()
+    return {"visits": st["n"], "patches": len(coadds.done), "warp_s": round(t1 - t0, 2),
+            "coadd_only_s": round(t2 - t1, 2)}
+
+
+def prep_swarp_coadd(ctx, combine: str):
+    s: Sizes = ctx["sizes"]
+    n = s.scaling[0]
+    sw = inputs.work_dir(s) / "swarp"
+    files = [str(sw / f) for f in ctx["layout"]["exposures"]["swarp_files"][:n]]
+    return {"files": files, "head": sw / "coadd.head", "threads": s.threads, "combine": combine,
+            "mpix": n * s.exposure**2 / 1e6, "exe": swarp_executable()}
+
+
+def swarp_coadd_command(st, tmp: Path) -> list[str]:
+    """One SWarp call that resamples (LANCZOS3) and combines the image+weight copies onto the patch."""
+    return [
+        st["exe"], *st["files"], "-c", "/dev/null",
+        "-IMAGEOUT_NAME", str(tmp / "coadd.fits"), "-WEIGHTOUT_NAME", str(tmp / "coadd.weight.fits"),
+        "-WEIGHT_TYPE", "MAP_WEIGHT", "-WEIGHT_SUFFIX", ".weight.fits",
+        "-RESAMPLING_TYPE", "LANCZOS3", "-COMBINE", "Y", "-COMBINE_TYPE", st["combine"], "-RESAMPLE", "Y",
+        "-RESAMPLE_DIR", str(tmp), "-SUBTRACT_BACK", "N", "-NTHREADS", str(st["threads"]),
+        "-VERBOSE_TYPE", "QUIET", "-WRITE_XML", "N", "-DELETE_TMPFILES", "Y", "-FSCALASTRO_TYPE", "FIXED",
+        "-RESCALE_WEIGHTS", "N",
+    ]
+
+
+def warm_swarp_coadd(st):
+    run_swarp_coadd(dict(st, files=st["files"][:1]))
+
+
+def run_swarp_coadd(st):
+    import subprocess
+
+    from astropy.io import fits
+
+    tmp = Path(tempfile.mkdtemp(prefix="swarp-coadd-"))
+    try:
+        shutil.copy(st["head"], tmp / "coadd.head")
+        proc = subprocess.run(swarp_coadd_command(st, tmp), capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"SWarp failed ({proc.returncode}): {proc.stderr.strip()[-300:]}")
+        header = fits.getheader(tmp / "coadd.fits")
+        return {"combine_type": st["combine"], "output": f"{header['NAXIS1']}x{header['NAXIS2']}"}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def prep_reproject_coadd(ctx):
+    s: Sizes = ctx["sizes"]
+    st = _prep_reproject(ctx, s.scaling[0])
+    images, weights = [], []
+    for data, w in st["pairs"]:
+        images.append((data[0], w))
+        with np.errstate(divide="ignore"):
+            weights.append(np.where(np.isfinite(data[1]) & (data[1] > 0), 1.0 / data[1], 0.0).astype(np.float32))
+    return dict(st, pairs=None, images=images, weights=weights)
+
+
+def warm_reproject_coadd(st):
+    small = dict(st, images=[(d[:64, :64], w[:64, :64]) for d, w in st["images"][:2]],
+                 weights=[x[:64, :64] for x in st["weights"][:2]], shape=(32, 32))
+    run_reproject_coadd(small)
+
+
+def run_reproject_coadd(st, combine="mean"):
+    from reproject import reproject_interp
+    from reproject.mosaicking import reproject_and_coadd
+
+    out, foot = reproject_and_coadd(st["images"], st["wcs"], shape_out=st["shape"], input_weights=st["weights"],
+                                    reproject_function=reproject_interp, combine_function=combine,
+                                    order="bilinear")
+    return {"combine_function": combine, "output_good_pixels": int((foot > 0).sum())}
+
+
+def reproject_supports_median() -> bool:
+    """Whether the installed reproject_and_coadd accepts combine_function='median'."""
+    import inspect
+
+    try:
+        from reproject.mosaicking import reproject_and_coadd
+    except ImportError:
+        return False
+    return "'median'" in (inspect.getdoc(reproject_and_coadd) or "")
+
+
+# --------------------------------------------------------------------------------------------
 # registry
 
 
@@ -660,6 +776,25 @@ def cases(s: Sizes) -> list[Case]:
     ]
     scaling_impls.append(Impl(f"coadd_N{n8}", f"skystack coadd_units N={n8} (graphs.coadd)", prep_coadd, run_coadd,
                               ours=True, reps=1))
+    coadd_impls = [
+        Impl("skystack", f"skystack warp_units + coadd_units, run_units ({s.threads} threads)", prep_pipeline_coadd,
+             run_pipeline_coadd, ours=True, warmup=warm_warp_n),
+    ]
+    coadd_impls += [
+        Impl(f"swarp_{kind.lower()}", f"SWarp LANCZOS3 + COMBINE_TYPE {kind} (image+weight, NTHREADS {s.threads})",
+             (lambda ctx, kind=kind: prep_swarp_coadd(ctx, kind)), run_swarp_coadd, requires=("exe:swarp|SWarp",),
+             warmup=warm_swarp_coadd)
+        for kind in ("CLIPPED", "MEDIAN", "WEIGHTED")
+    ]
+    coadd_impls.append(Impl("reproject_mean", "reproject_and_coadd reproject_interp bilinear, mean, weights 1/variance",
+                            prep_reproject_coadd, run_reproject_coadd, requires=("reproject",),
+                            warmup=warm_reproject_coadd))
+    if reproject_supports_median():
+        coadd_impls.append(Impl("reproject_median", "reproject_and_coadd reproject_interp bilinear, median",
+                                prep_reproject_coadd, lambda st: run_reproject_coadd(st, "median"),
+                                requires=("reproject",), warmup=warm_reproject_coadd))
+    coadd_targets = tuple(Target(i.name, "swarp_clipped", "info", 1.0, "information")
+                          for i in coadd_impls if i.name != "swarp_clipped")
     return [
         Case("resample", f"Lanczos3 warp of {s.exposure}x{s.exposure} exposures onto the {s.patch}x{s.patch} patch", (
             Impl("skystack", f"skystack warp_exposure (image+variance+mask, {s.threads} threads)", prep_warp_skystack,
@@ -715,6 +850,8 @@ def cases(s: Sizes) -> list[Case]:
         )),
         Case("scaling", f"warping N {s.exposure}x{s.exposure} exposures into a repository; coadd", tuple(scaling_impls),
              (Target(f"warp_N{s.scaling[-1]}", f"warp_N{n8}", "<=", 1.2, f"peak <= 1.2x N={n8}", metric="peak"),)),
+        Case("coadd", f"warp + coadd of N={n8} {s.exposure}x{s.exposure} exposures onto the {s.patch}x{s.patch} "
+             "patch", tuple(coadd_impls), coadd_targets),
     ]
 
 

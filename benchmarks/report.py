@@ -57,8 +57,12 @@ def _judge(target, rows: dict) -> dict:
         out.update(verdict="N/A", ratio_text=f"n/a ({missing}: {why})")
         return out
     ratio = ours[key] / peer[key]
-    passed = {">=": ratio >= target.factor, ">": ratio > target.factor, "<=": ratio <= target.factor}[target.op]
-    out.update(ratio=ratio, verdict="PASS" if passed else "MISS", ratio_text=f"{ratio:.2f}x")
+    if target.op == "info":  # a ratio shown for information, with no target to pass
+        verdict = "info"
+    else:
+        passed = {">=": ratio >= target.factor, ">": ratio > target.factor, "<=": ratio <= target.factor}[target.op]
+        verdict = "PASS" if passed else "MISS"
+    out.update(ratio=ratio, verdict=verdict, ratio_text=f"{ratio:.2f}x")
     if key == "mpix_per_s_per_core" and ours.get("mpix_per_cpu_s") and peer.get("mpix_per_cpu_s"):
         # the same comparison on CPU time, which other work on a shared machine disturbs less
         out["cpu_ratio"] = ours["mpix_per_cpu_s"] / peer["mpix_per_cpu_s"]
