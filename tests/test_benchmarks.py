@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from benchmarks import cases as C
@@ -101,3 +103,123 @@ def test_target_verdicts():
     assert thr["ratio"] == pytest.approx(2.5, rel=1e-12) and thr["verdict"] == "PASS"
     assert thr["cpu_ratio"] == pytest.approx(2.5, rel=1e-12) and "(CPU-time 2.50x)" in thr["ratio_text"]
     assert mem["ratio"] == pytest.approx(1.3, rel=1e-12) and mem["verdict"] == "MISS"
+
+
+# the coadd case: registration, information-only ratios, and the peers' combination on tiny inputs
+
+
+def _tiny_wcs(side):
+    from astropy.wcs import WCS
+
+    w = WCS(naxis=2)
+    w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    w.wcs.crval = [150.0, 2.0]
+    w.wcs.crpix = [side / 2 + 0.5, side / 2 + 0.5]
+    w.wcs.cdelt = [-0.2 / 3600, 0.2 / 3600]
+    return w
+
+
+@pytest.mark.parametrize("mode", ["quick", "full"])
+def test_coadd_case_rows_and_information_targets(mode):
+    s = inputs.sizes(mode, 2)
+    (case,) = [c for c in C.cases(s) if c.name == "coadd"]
+    names = [i.name for i in case.impls]
+    assert names[:5] == ["skystack", "swarp_clipped", "swarp_median", "swarp_weighted", "reproject_mean"]
+    assert ("reproject_median" in names) == C.reproject_supports_median()
+    assert [i.name for i in case.impls if i.ours] == ["skystack"]
+    assert f"N={s.scaling[0]}" in case.title and f"{s.patch}x{s.patch}" in case.title
+    assert {t.ours for t in case.targets} == set(names) - {"swarp_clipped"}
+    assert all(t.peer == "swarp_clipped" and t.op == "info" and t.text == "information" for t in case.targets)
+
+
+def test_swarp_coadd_command_combines_in_one_call(tmp_path):
+    s = inputs.sizes("full", 3)
+    ctx = {"sizes": s, "layout": {"exposures": {"swarp_files": [f"exp_{v}.fits" for v in range(32)]}}}
+    st = C.prep_swarp_coadd(ctx, "MEDIAN")
+    assert len(st["files"]) == 8 and st["threads"] == 3
+    assert st["mpix"] == pytest.approx(8 * 2048**2 / 1e6, rel=1e-12)
+    cmd = C.swarp_coadd_command(dict(st, exe="swarp"), tmp_path)
+    opts = dict(zip(cmd[9::2], cmd[10::2]))
+    assert cmd[1:9] == st["files"]
+    assert opts["-COMBINE"] == "Y" and opts["-COMBINE_TYPE"] == "MEDIAN" and opts["-RESAMPLE"] == "Y"
+    assert opts["-RESAMPLING_TYPE"] == "LANCZOS3" and opts["-NTHREADS"] == "3"
+    assert opts["-WEIGHT_TYPE"] == "MAP_WEIGHT" and opts["-IMAGEOUT_NAME"] == str(tmp_path / "coadd.fits")
+
+
+def test_information_target_has_no_verdict_and_na_when_peer_missing():
+    s = inputs.sizes("quick", 2)
+    impls = (C.Impl("a", "a", None, None, ours=True), C.Impl("b", "b", None, None), C.Impl("c", "c", None, None))
+    case = C.Case("c", "c", impls, (C.Target("a", "b", "info", 1.0, "information"),
+                                    C.Target("a", "c", "info", 1.0, "information")))
+
+    def row(impl, wall, threads):
+        return report.record(case, impl, [{"wall_s": wall, "cpu_s": 2 * wall, "peak_mb": 10.0, "baseline_mb": 1.0,
+                                           "mpix": 6.0, "threads": threads, "extra": {}}])
+
+    machine = {"cores": 2, "memory_gb": 1.0, "cpu_model": "c", "python": "3", "platform": "p", "load_average": [0, 0, 0]}
+    rows = [row(impls[0], 3.0, 2), row(impls[1], 1.5, 1), report.record(case, impls[2], [], status="not installed (c)")]
+    res = report.assemble([case], rows, machine, mode="quick", reps=1, threads=2, sizes=s, seconds=1.0,
+                          load_after=[0, 0, 0])
+    info, na = res["targets"]
+    # per core: a = 6 / (3 * 2) = 1, b = 6 / 1.5 = 4
+    assert info["verdict"] == "info" and info["ratio"] == pytest.approx(0.25, rel=1e-12)
+    assert info["cpu_ratio"] == pytest.approx(0.5, rel=1e-12)
+    assert na["verdict"] == "N/A" and "not installed (c)" in na["ratio_text"]
+    md = report.markdown(res)
+    assert "**info** c: a vs b: 0.25x (CPU-time 0.50x)" in md
+    assert "PASS" not in md.split("## Targets")[1] and "MISS" not in md.split("## Targets")[1]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("reproject") is None, reason="reproject is not installed")
+def test_reproject_coadd_is_the_inverse_variance_weighted_mean():
+    side = 40
+    w = _tiny_wcs(side)
+    values, variances = (3.0, -1.0, 7.5), (1.0, 4.0, 0.5)
+    images = [(np.full((side, side), v, np.float32), w) for v in values]
+    weights = [np.full((side, side), 1.0 / var, np.float32) for var in variances]
+    out = C.run_reproject_coadd({"images": images, "weights": weights, "wcs": w, "shape": (side, side)})
+    expected = sum(v / var for v, var in zip(values, variances)) / sum(1.0 / var for var in variances)
+    assert out["combine_function"] == "mean"
+    assert out["output_good_pixels"] >= (side - 2) ** 2
+    from reproject import reproject_interp
+    from reproject.mosaicking import reproject_and_coadd
+
+    mean, _ = reproject_and_coadd(images, w, shape_out=(side, side), input_weights=weights,
+                                  reproject_function=reproject_interp, order="bilinear")
+    np.testing.assert_allclose(mean[2:-2, 2:-2], expected, rtol=1e-6, atol=0)
+
+
+@pytest.mark.skipif(C.swarp_executable() is None, reason="SWarp is not installed")
+@pytest.mark.parametrize("combine", ["WEIGHTED", "MEDIAN", "CLIPPED"])
+def test_swarp_coadd_combines_constant_images(tmp_path, combine):
+    from astropy.io import fits
+
+    side = 48
+    w = _tiny_wcs(side)
+    values, variances = (3.0, -1.0, 7.5), (1.0, 4.0, 0.5)
+    files = []
+    for i, (v, var) in enumerate(zip(values, variances)):
+        path = tmp_path / f"exp_{i}.fits"
+        fits.PrimaryHDU(np.full((side, side), v, np.float32), header=w.to_header()).writeto(path)
+        fits.PrimaryHDU(np.full((side, side), 1.0 / var, np.float32), header=w.to_header()).writeto(
+            tmp_path / f"exp_{i}.weight.fits")
+        files.append(str(path))
+    head = w.to_header()
+    head["NAXIS"], head["NAXIS1"], head["NAXIS2"] = 2, side, side
+    (tmp_path / "coadd.head").write_text("\n".join(str(c) for c in head.cards) + "\nEND\n")
+    st = {"files": files, "head": tmp_path / "coadd.head", "threads": 1, "combine": combine,
+          "exe": C.swarp_executable()}
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    import shutil
+    import subprocess
+
+    shutil.copy(st["head"], out_dir / "coadd.head")
+    proc = subprocess.run(C.swarp_coadd_command(st, out_dir), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-500:]
+    coadd = fits.getdata(out_dir / "coadd.fits")
+    weighted = sum(v / var for v, var in zip(values, variances)) / sum(1.0 / var for var in variances)
+    # CLIPPED rejects nothing among three values this close in units of their sigmas: the weighted mean
+    expected = {"WEIGHTED": weighted, "MEDIAN": 3.0, "CLIPPED": weighted}[combine]
+    np.testing.assert_allclose(coadd[8:-8, 8:-8], expected, rtol=1e-5, atol=1e-5)
+    assert C.run_swarp_coadd(st) == {"combine_type": combine, "output": f"{side}x{side}"}
