@@ -22,7 +22,7 @@ from .errors import (
 from .io.fits import read_fits, write_fits
 from .io.psfex import PsfexModel
 from .io.repo import Repository, open_repo
-from .match_backgrounds import MatchBackgroundsConfig, MatchResult, match_backgrounds, plot_match_diagnostics
+from .match_backgrounds import MatchBackgroundsConfig, MatchResult, match_backgrounds
 from .model import (
     Box,
     MaskPlane,
@@ -59,7 +59,7 @@ __all__ = [
     "Statistic", "StatsConfig", "compute_statistics", "StackConfig", "stack",
     "BackgroundConfig", "BackgroundModel", "fit_background", "subtract_background",
     "ScaleVarianceConfig", "compute_scale_factors", "scale_variance",
-    "MatchBackgroundsConfig", "MatchResult", "match_backgrounds", "plot_match_diagnostics",
+    "MatchBackgroundsConfig", "MatchResult", "match_backgrounds",
     # warping and PSFs
     "WarpConfig", "plan_warp", "warp_exposure", "warp_psf", "CoaddPsfConfig", "coadd_psf",
     "GaussianPsf", "DoubleGaussianPsf", "MoffatPsf", "ImagePsf", "GridPsf", "PsfexPsf", "model_psf",

@@ -10,6 +10,7 @@ import xarray as xr
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from graphs.diagnostics import plot_match_diagnostics
 from pipeline.errors import MaskPlaneError, SchemaError
 from pipeline.match_backgrounds import (
     NO_OVERLAP,
@@ -18,7 +19,6 @@ from pipeline.match_backgrounds import (
     UNDERSAMPLED,
     MatchBackgroundsConfig,
     match_backgrounds,
-    plot_match_diagnostics,
     select_reference,
 )
 from pipeline.model.masks import MaskPlane, bitmask
