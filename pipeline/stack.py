@@ -26,7 +26,7 @@ from .errors import MaskPlaneError, SchemaError, SkystackWarning
 from .model.masks import add_planes, bitmask, check_same_planes, mask_attrs, planes_from_attrs
 from .model.schema import data_ids, validate, with_provenance
 from .model.wcs import WCS_COORD
-from .stats import propagation_table
+from .stats import check_propagation_thresholds, propagation_table
 
 __all__ = ["StackConfig", "stack", "online_mean", "stack_mask_map"]
 
@@ -63,10 +63,7 @@ class StackConfig(BaseModel):
     @field_validator("mask_propagation_thresholds")
     @classmethod
     def _check_thresholds(cls, value):
-        for name, thr in value.items():
-            if not (0.0 <= thr <= 1.0):
-                raise ValueError(f"mask propagation threshold of {name!r} is {thr}; it must lie in [0, 1]")
-        return value
+        return check_propagation_thresholds(value)
 
     def __hash__(self):
         return hash(self.model_dump_json())

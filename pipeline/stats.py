@@ -72,6 +72,14 @@ _CLIP_STATS = {Statistic.MEANCLIP, Statistic.STDEVCLIP, Statistic.VARIANCECLIP, 
 _COUNT_STATS = {Statistic.NPOINT, Statistic.NMASKED, Statistic.NCLIPPED}
 
 
+def check_propagation_thresholds(value: dict[str, float]) -> dict[str, float]:
+    """Validate a plane -> weight-fraction table of mask propagation thresholds (each in [0, 1])."""
+    for name, thr in value.items():
+        if not (0.0 <= thr <= 1.0):
+            raise ValueError(f"mask propagation threshold of {name!r} is {thr}; it must lie in [0, 1]")
+    return value
+
+
 class StatsConfig(BaseModel):
     """Control parameters of the statistics (the reference's ``StatisticsControl``)."""
 
@@ -107,10 +115,7 @@ class StatsConfig(BaseModel):
     @field_validator("mask_propagation_thresholds")
     @classmethod
     def _check_thresholds(cls, value):
-        for name, thr in value.items():
-            if not (0.0 <= thr <= 1.0):
-                raise ValueError(f"mask propagation threshold of {name!r} is {thr}; it must lie in [0, 1]")
-        return value
+        return check_propagation_thresholds(value)
 
     @model_validator(mode="after")
     def _check_error_modes(self):
