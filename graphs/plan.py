@@ -5,14 +5,17 @@ Everything here reads metadata only (sky map, exposure WCSs and shapes); no pixe
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import logging
+from collections.abc import Callable, Iterable
 
 from pipeline.errors import RepositoryError
 from pipeline.io.repo import Repository
 from pipeline.model.skymap import Patch, SkyMap, Tract
 from pipeline.model.wcs import get_wcs
 
-__all__ = ["repo_tracts", "exposures_by_visit", "exposure_patches", "detectors_on_tract"]
+log = logging.getLogger(__name__)
+
+__all__ = ["repo_tracts", "exposures_by_visit", "exposure_patches", "detectors_on_tract", "visit_units"]
 
 
 def repo_tracts(repo: Repository, tract: int | None = None) -> list[Tract]:
@@ -53,3 +56,21 @@ def detectors_on_tract(repo: Repository, tract: Tract, by_visit: dict[int, list[
         if touching:
             out[visit] = touching
     return out
+
+
+def visit_units(repo: Repository, *, tract: int | None, visits: Iterable[int] | None, what: str,
+                make: Callable[[Tract, int, list[int]], object]) -> list:
+    """``make(tract, visit, detectors)`` for every (tract, visit) whose detectors touch the tract.
+
+    Visits that touch no tract make nothing (logged, naming ``what`` would have been made).
+    """
+    by_visit = exposures_by_visit(repo, visits)
+    units = []
+    for t in repo_tracts(repo, tract):
+        on_tract = detectors_on_tract(repo, t, by_visit)
+        for visit in by_visit:
+            if visit not in on_tract:
+                log.info("visit %s does not touch tract %s: no %s", visit, t.id, what)
+                continue
+            units.append(make(t, visit, on_tract[visit]))
+    return units

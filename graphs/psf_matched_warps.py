@@ -35,7 +35,7 @@ from pipeline.psf_match import ModelPsfMatchConfig, model_psf_match
 from pipeline.warp import WarpConfig, plan_warp, warp_exposure
 
 from .execute import RunReport, Unit, run_units
-from .plan import detectors_on_tract, exposures_by_visit, repo_tracts
+from .plan import visit_units
 from .warps import copy_good_pixels, plan_footprint
 
 __all__ = ["PSF_MATCHED_WARP_CONFIG", "psf_matched_warp", "psf_matched_warp_units", "run_psf_matched_warps"]
@@ -122,18 +122,9 @@ def psf_matched_warp_units(
     matching configuration (default :data:`PSF_MATCHED_WARP_CONFIG`). Read a result with
     ``repo.open_warp(tract, visit, kind="psf_matched")``.
     """
-    tracts = repo_tracts(repo, tract)
-    by_visit = exposures_by_visit(repo, visits)
     model = model_psf() if model is None else model
-    units = []
-    for t in tracts:
-        on_tract = detectors_on_tract(repo, t, by_visit)
-        for visit in by_visit:
-            if visit not in on_tract:
-                log.info("visit %s does not touch tract %s: no PSF-matched warp", visit, t.id)
-                continue
-            units.append(_unit(repo, t, visit, on_tract[visit], overwrite, model, config, warp_config))
-    return units
+    return visit_units(repo, tract=tract, visits=visits, what="PSF-matched warp",
+                       make=lambda t, visit, detectors: _unit(repo, t, visit, detectors, overwrite, model, config, warp_config))
 
 
 def run_psf_matched_warps(

@@ -28,7 +28,7 @@ from pipeline.model.skymap import Tract
 from pipeline.warp import WarpConfig, WarpPlan, plan_warp, warp_exposure
 
 from .execute import RunReport, Unit, run_units
-from .plan import detectors_on_tract, exposures_by_visit, repo_tracts
+from .plan import visit_units
 
 __all__ = ["warp_units", "run_warps", "copy_good_pixels", "plan_footprint"]
 
@@ -86,17 +86,8 @@ def warp_units(
         raise RepositoryError(
             f"warp kind {kind!r} is not built by warp_units; only 'direct' (PSF-matched warps come from PSF matching)"
         )
-    tracts = repo_tracts(repo, tract)
-    by_visit = exposures_by_visit(repo, visits)
-    units = []
-    for t in tracts:
-        on_tract = detectors_on_tract(repo, t, by_visit)
-        for visit in by_visit:
-            if visit not in on_tract:
-                log.info("visit %s does not touch tract %s: no warp", visit, t.id)
-                continue
-            units.append(_warp_unit(repo, t, visit, on_tract[visit], overwrite, config))
-    return units
+    return visit_units(repo, tract=tract, visits=visits, what="warp",
+                       make=lambda t, visit, detectors: _warp_unit(repo, t, visit, detectors, overwrite, config))
 
 
 def run_warps(

@@ -45,3 +45,21 @@ def small_tract(small_sim):
 
     footprints = [(get_wcs(e), e.image.shape) for e in small_sim.exposures]
     return SkyMap.centred_on(footprints, patch_inner=(200, 200), patch_border=20).tracts[0]
+
+
+@pytest.fixture(scope="session")
+def two_visit_sim():
+    """Two small simulated exposures (96x112), the input of the warp-graph tests."""
+    from pipeline.sim import SimConfig, simulate
+
+    return simulate(SimConfig.small(), seed=4, n_visits=2, shape=(96, 112))
+
+
+def make_small_repo(tmp_path, exposures):
+    """A repository in ``tmp_path`` holding ``exposures``, with 64-pixel patches on a tract fitted to them."""
+    from graphs.ingest import ingest_datasets
+    from pipeline.io.repo import open_repo
+
+    repo = open_repo(tmp_path / "repo.zarr", create=True)
+    ingest_datasets(repo, exposures, skymap_kwargs=dict(patch_inner=(64, 64), patch_border=8, margin_arcsec=4.0))
+    return repo

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from graphs.execute import run_units
-from graphs.ingest import ingest_datasets
 from graphs.psf_matched_warps import (
     PSF_MATCHED_WARP_CONFIG,
     psf_matched_warp,
@@ -14,6 +13,7 @@ from graphs.psf_matched_warps import (
     run_psf_matched_warps,
 )
 from graphs.warps import warp_units
+from conftest import make_small_repo
 from pipeline.errors import RepositoryError
 from pipeline.io.repo import open_repo, visit_unit, warp_path
 from pipeline.model.geometry import Box
@@ -21,21 +21,18 @@ from pipeline.model.masks import MaskPlane
 from pipeline.model.schema import make_dataset
 from pipeline.model.skymap import SkyMap
 from pipeline.psf import GaussianPsf, adaptive_moments, model_psf
-from pipeline.sim import SimConfig, simulate
 from pipeline.testing import raise_if_dask_computes
+
 
 NO_DATA = int(MaskPlane.NO_DATA)
 
 
 @pytest.fixture(scope="module")
-def sim():
-    return simulate(SimConfig.small(), seed=4, n_visits=2, shape=(96, 112))
+def sim(two_visit_sim):
+    return two_visit_sim
 
 
-def make_repo(tmp_path, exposures):
-    repo = open_repo(tmp_path / "repo.zarr", create=True)
-    ingest_datasets(repo, exposures, skymap_kwargs=dict(patch_inner=(64, 64), patch_border=8, margin_arcsec=4.0))
-    return repo
+make_repo = make_small_repo
 
 
 def test_units_write_psf_matched_warps_beside_direct(tmp_path, sim):

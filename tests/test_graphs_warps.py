@@ -9,28 +9,26 @@ import xarray as xr
 from graphs.execute import run_units
 from graphs.ingest import ingest_datasets
 from graphs.warps import copy_good_pixels, plan_footprint, run_warps, warp_units
+from conftest import make_small_repo
 from pipeline.errors import RepositoryError
 from pipeline.io.repo import open_repo, visit_unit, warp_path
 from pipeline.model.geometry import Box
 from pipeline.model.masks import MaskPlane
 from pipeline.model.schema import make_dataset
 from pipeline.model.skymap import SkyMap
-from pipeline.sim import SimConfig, simulate
 from pipeline.testing import raise_if_dask_computes
 from pipeline.warp import WarpConfig, plan_warp, warp_exposure
+
 
 NO_DATA = int(MaskPlane.NO_DATA)
 
 
 @pytest.fixture(scope="module")
-def sim():
-    return simulate(SimConfig.small(), seed=4, n_visits=2, shape=(96, 112))
+def sim(two_visit_sim):
+    return two_visit_sim
 
 
-def make_repo(tmp_path, exposures):
-    repo = open_repo(tmp_path / "repo.zarr", create=True)
-    ingest_datasets(repo, exposures, skymap_kwargs=dict(patch_inner=(64, 64), patch_border=8, margin_arcsec=4.0))
-    return repo
+make_repo = make_small_repo
 
 
 def test_warp_units_write_the_direct_warp_of_each_visit(tmp_path, sim):
