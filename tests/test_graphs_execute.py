@@ -247,7 +247,7 @@ def test_run_units_validation():
 
 @pytest.mark.cluster
 def test_run_units_on_local_cluster(repo, tmp_path):
-    distributed = pytest.importorskip("distributed")
+    import distributed
     bad = "coadd tract=0 patch=1,1 band=r"
     builds = {}
     path, units = coadd_units(repo, builds, failing={bad})
