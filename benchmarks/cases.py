@@ -696,11 +696,11 @@ def run_pipeline_coadd(st):
     from graphs.warps import warp_units
 
     t0 = time.perf_counter()
-    warps = run_units(warp_units(st["repo"], overwrite=True), progress=False)
+    warps = run_units(warp_units(st["repo"], overwrite=True), progress=False, threads=st["threads"])
     if not warps.ok:
         raise RuntimeError(warps.summary())
     t1 = time.perf_counter()
-    coadds = run_units(coadd_units(st["repo"], overwrite=True), progress=False)
+    coadds = run_units(coadd_units(st["repo"], overwrite=True), progress=False, threads=st["threads"])
     if not coadds.ok:
         raise RuntimeError(coadds.summary())
     t2 = time.perf_counter()

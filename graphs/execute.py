@@ -156,6 +156,7 @@ def run_units(
     batch_size: int = 8,
     raise_on_error: bool = False,
     stream: TextIO | None = None,
+    threads: int | None = None,
 ) -> RunReport:
     """Run every unit that is not done yet and return a :class:`RunReport`.
 
@@ -165,13 +166,16 @@ def run_units(
     unit is recomputed on its own up to ``retries`` more times). ``finish()`` runs for each unit
     whose writes all succeeded. Failures are recorded per unit with the exception text; with
     ``raise_on_error`` a :class:`RunError` listing them is raised after the whole run.
-    ``progress`` prints one line per unit to ``stream`` (default stderr).
+    ``progress`` prints one line per unit to ``stream`` (default stderr). ``threads`` sizes the
+    local pool; by default dask's ``num_workers`` setting, else the number of cores.
     """
     units = list(units)
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if retries < 0:
         raise ValueError(f"retries must be non-negative, got {retries}")
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be at least 1, got {threads}")
     keys = [u.key for u in units]
     dupes = sorted({k for k in keys if keys.count(k) > 1})
     if dupes:
@@ -203,7 +207,7 @@ def run_units(
         if client is not None:
             outcomes = _compute_distributed(client, built, retries)
         else:
-            outcomes = _compute_local(built, retries)
+            outcomes = _compute_local(built, retries, threads)
         for unit, _, t0 in built:
             error, attempts, t_end = outcomes[unit.key]
             if error is None:
@@ -224,14 +228,14 @@ def run_units(
     return report
 
 
-def _compute_local(built, retries: int) -> dict[str, tuple[str | None, int, float]]:
+def _compute_local(built, retries: int, threads: int | None) -> dict[str, tuple[str | None, int, float]]:
     """Compute a batch on one shared thread pool, each unit in its own scheduler call.
 
     Every unit has its own ``dask.compute`` (so a failure is attributed to its unit and retried
-    alone) while all of them share one pool of ``cpu_count`` worker threads.
+    alone) while all of them share one pool of worker threads.
     """
     out: dict[str, tuple[str | None, int, float]] = {}
-    workers = os.cpu_count() or 1
+    workers = threads or dask.config.get("num_workers", None) or os.cpu_count() or 1
     with ThreadPoolExecutor(workers, thread_name_prefix="skystack-compute") as pool:
 
         def run(writes) -> tuple[str | None, int, float]:

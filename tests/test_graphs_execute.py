@@ -243,6 +243,32 @@ def test_run_units_validation():
         run_units([unit], retries=-1)
     with pytest.raises(ValueError, match=r"unit keys must be unique; repeated: \['a'\]"):
         run_units([unit, unit])
+    with pytest.raises(ValueError, match="threads must be at least 1, got 0"):
+        run_units([unit], threads=0)
+
+
+def _thread_names_of_blocks(**kwargs) -> set[str]:
+    """Names of the threads that computed the 16 blocks of one unit's write."""
+    names, lock = set(), threading.Lock()
+
+    def record(block):
+        with lock:
+            names.add(threading.current_thread().name)
+        return block
+
+    arr = da.zeros((64, 64), chunks=16).map_blocks(record, dtype=float, meta=np.empty((0, 0)))
+    unit = Unit(key="u", build=lambda: [arr.sum()], done=lambda: False, finish=lambda: None)
+    assert run_units([unit], progress=False, **kwargs).ok
+    return names
+
+
+def test_local_pool_size_follows_threads_then_dask_config():
+    assert _thread_names_of_blocks(threads=1) == {"skystack-compute_0"}
+    with dask.config.set(num_workers=1):
+        assert _thread_names_of_blocks() == {"skystack-compute_0"}
+    # two threads: only the pool's threads compute (which of them takes which block is the scheduler's)
+    names = _thread_names_of_blocks(threads=2)
+    assert names <= {"skystack-compute_0", "skystack-compute_1"}
 
 
 @pytest.mark.cluster
