@@ -1,4 +1,4 @@
-"""Inner loops of the binned background model: 1-D interpolants and their separable 2-D evaluation.
+"""Inner loops of the binned background model: per-cell statistics, 1-D interpolants, 2-D evaluation.
 
 Pure numpy/numba; imports neither xarray nor dask.
 
@@ -8,6 +8,8 @@ from the end knot with the interpolant's own first and second derivative there.
 """
 
 from __future__ import annotations
+
+import math
 
 import numba
 import numpy as np
@@ -27,6 +29,12 @@ __all__ = [
     "chebyshev_terms",
     "chebyshev_design",
     "chebyshev_eval",
+    "chebyshev_eval_into",
+    "CELL_STAT_MEAN",
+    "CELL_STAT_MEDIAN",
+    "CELL_STAT_MEANCLIP",
+    "cell_table",
+    "quartiles",
 ]
 
 STYLE_CONSTANT = 0
@@ -349,3 +357,409 @@ def chebyshev_eval(coeffs: np.ndarray, order: int, qx: np.ndarray, qy: np.ndarra
     for coef, (a, b) in zip(coeffs, chebyshev_terms(order)):
         cm[b, a] = coef
     return ty.T @ cm @ tx
+
+
+@numba.njit(cache=True, nogil=True)
+def _scaled_one(v, size):
+    # the arithmetic of _scaled for one point
+    lo = -0.5
+    hi = np.float64(size) - 0.5
+    return 2.0 * (np.float64(v) - 0.5 * (lo + hi)) / (hi - lo)
+
+
+@numba.njit(cache=True, nogil=True)
+def _cheb_rows(u, order):
+    """``T_0 .. T_order`` at the points ``u`` (already scaled to [-1, 1]), shape ``(order + 1, len(u))``."""
+    t = np.empty((order + 1, u.size))
+    for k in range(u.size):
+        t[0, k] = 1.0
+        if order >= 1:
+            t[1, k] = u[k]
+        for a in range(2, order + 1):
+            t[a, k] = 2.0 * u[k] * t[a - 1, k] - t[a - 2, k]
+    return t
+
+
+@numba.njit(cache=True, nogil=True)
+def chebyshev_eval_into(coeffs, order, qx, qy, width, height, out):
+    """:func:`chebyshev_eval` written into ``out`` (shape ``(len(qy), len(qx))``, float32 or float64).
+
+    Separable: per output row the ``order + 1`` coefficients of the x polynomial are formed from
+    the y terms, then the row is summed over the x terms in a float64 line buffer and written once.
+    Equal to :func:`chebyshev_eval` up to the order of the float64 sums (a few ulps before the
+    cast to ``out``'s dtype).
+    """
+    m = order + 1
+    cm = np.zeros((m, m))  # cm[b, a]: coefficient of T_a(x) T_b(y)
+    k = 0
+    for n in range(order + 1):
+        for j in range(n + 1):
+            cm[j, n - j] = coeffs[k]
+            k += 1
+    ux = np.empty(qx.size)
+    for i in range(qx.size):
+        ux[i] = _scaled_one(qx[i], width)
+    uy = np.empty(qy.size)
+    for i in range(qy.size):
+        uy[i] = _scaled_one(qy[i], height)
+    tx = _cheb_rows(ux, order)
+    ty = _cheb_rows(uy, order)
+    w = qx.size
+    line = np.empty(w)
+    ra = np.empty(m)
+    for r in range(qy.size):
+        for a in range(m):
+            s = 0.0
+            for b in range(m - a):
+                s += cm[b, a] * ty[b, r]
+            ra[a] = s
+        r0 = ra[0]
+        for i in range(w):
+            line[i] = r0 * tx[0, i]
+        for a in range(1, m):
+            ca = ra[a]
+            for i in range(w):
+                line[i] += ca * tx[a, i]
+        for i in range(w):
+            out[r, i] = line[i]
+
+
+# ------------------------------------------------------------------------------------------------
+# per-cell statistics (statistics_and_masks.md sections 1.2, 1.4, 1.5, 1.7, 1.8 for unit weights)
+
+CELL_STAT_MEAN = 0
+CELL_STAT_MEDIAN = 1
+CELL_STAT_MEANCLIP = 2
+
+#: sigma per unit interquartile range of a Gaussian
+IQR_TO_SIGMA = 0.741301109252802
+#: relative slack of the clip bounds (16 float64 ulps of the centre), as in the statistics module:
+#: a mean of identical values may differ from them by a few ulps, which must not clip them away
+CLIP_SLACK = 16.0 * 2.220446049250313e-16
+
+#: systematic sample, histogram bins and sample-rank margin of :func:`quartiles`
+_Q_SAMPLE = 256
+_Q_BINS = 2048
+_Q_MARGIN = 28
+#: sets smaller than this are sorted instead
+_Q_MIN_HIST = 2048
+
+
+@numba.njit(cache=True, nogil=True)
+def _kept_sum(a, n, centre, width):
+    cnt = 0
+    s = 0.0
+    for i in range(n):
+        x = np.float64(a[i])
+        keep = abs(x - centre) <= width
+        s += x if keep else 0.0
+        cnt += np.int64(keep)
+    return cnt, s
+
+
+@numba.njit(cache=True, nogil=True, fastmath={"reassoc"})
+def _kept_m2(a, n, centre, width, mean):
+    s = 0.0
+    for i in range(n):
+        x = np.float64(a[i])
+        d = x - mean
+        s += d * d if abs(x - centre) <= width else 0.0
+    return s
+
+
+@numba.njit(cache=True, nogil=True)
+def _moments(a, n, centre, width):
+    """``(count, mean, debiased variance, variance of the mean)`` of ``a[:n]`` within ``centre +- width``."""
+    cnt, swx = _kept_sum(a, n, centre, width)
+    s1 = np.float64(cnt)
+    mean = swx / s1 if s1 != 0.0 else np.nan
+    m2 = _kept_m2(a, n, centre, width, mean) if cnt > 0 else 0.0
+    denom = s1 * s1 - s1
+    var = m2 * s1 / denom if denom != 0.0 else np.nan
+    if cnt <= 0:
+        mean = np.nan
+        var = np.nan
+    errvar = var * s1 / (s1 * s1) if s1 != 0.0 else np.nan
+    return cnt, mean, var, errvar
+
+
+@numba.njit(cache=True, nogil=True)
+def _lerp(a, b, g):
+    d = b - a
+    if g >= 0.5:
+        return b - d * (1.0 - g)
+    return a + d * g
+
+
+@numba.njit(cache=True, nogil=True)
+def _select(a, lo, hi, k):
+    """Reorder ``a[lo:hi]`` so that ``a[k]`` holds its value of rank ``k - lo`` (no NaN inside)."""
+    while hi - lo > 16:
+        mid = (lo + hi) // 2
+        x = a[lo]
+        y = a[mid]
+        z = a[hi - 1]
+        if x > y:
+            x, y = y, x
+        if y > z:
+            y = z
+        if x > y:
+            y = x
+        p = y
+        i = lo
+        j = hi - 1
+        while i <= j:
+            while a[i] < p:
+                i += 1
+            while a[j] > p:
+                j -= 1
+            if i <= j:
+                t = a[i]
+                a[i] = a[j]
+                a[j] = t
+                i += 1
+                j -= 1
+        if k <= j:
+            hi = j + 1
+        elif k >= i:
+            lo = i
+        else:
+            return
+    for i in range(lo + 1, hi):
+        v = a[i]
+        j = i - 1
+        while j >= lo and a[j] > v:
+            a[j + 1] = a[j]
+            j -= 1
+        a[j + 1] = v
+
+
+@numba.njit(cache=True, nogil=True)
+def _quartile_ranks(n, ranks, fr):
+    for q in range(3):
+        t = (0.25 * (q + 1)) * (n - 1)
+        j = int(math.floor(t))
+        fr[q] = t - j
+        ranks[2 * q] = j
+        ranks[2 * q + 1] = min(j + 1, n - 1)
+
+
+@numba.njit(cache=True, nogil=True)
+def _quartiles_sorted(a, n, cand, res):
+    for i in range(n):
+        cand[i] = a[i]
+    seg = cand[:n]
+    seg.sort()
+    ranks = np.empty(6, dtype=np.int64)
+    fr = np.empty(3)
+    _quartile_ranks(n, ranks, fr)
+    for q in range(3):
+        v0 = np.float64(seg[ranks[2 * q]])
+        if fr[q] == 0.0:
+            res[q] = v0 + 0.0
+        else:
+            res[q] = _lerp(v0, np.float64(seg[ranks[2 * q + 1]]), fr[q])
+
+
+@numba.njit(cache=True, nogil=True)
+def quartiles(a, n, sample, hist, bins, slots, cand, res):
+    """``res[:] = (q25, median, q75)`` (numpy "linear" quantiles) of the finite values ``a[:n]``.
+
+    Exact order statistics by histogram selection: two order statistics of a systematic sample
+    bracket the quartiles, one pass puts every value in one of ``len(hist) - 2`` equal bins over
+    the bracket (plus one below, one above) and counts them, a second pass copies the values of
+    the few bins holding the six wanted ranks into ``cand``, where they are sorted. The bin index
+    is monotone in the value, so the ranks are exact. Sets of fewer than 2048 values are sorted.
+    Scratch: ``sample`` (float64, 256), ``hist`` (int64), ``bins`` (uint16, >= n), ``slots``
+    (int64, as ``hist``, all -1 on entry and left so), ``cand`` (>= n, ``a``'s dtype).
+    """
+    if n <= 0:
+        res[0] = np.nan
+        res[1] = np.nan
+        res[2] = np.nan
+        return
+    if n < _Q_MIN_HIST:
+        _quartiles_sorted(a, n, cand, res)
+        return
+    s = sample.shape[0]
+    for i in range(s):
+        sample[i] = np.float64(a[(i * n) // s])
+    klo = s // 4 - _Q_MARGIN
+    khi = (3 * s) // 4 + _Q_MARGIN
+    _select(sample, 0, s, khi)
+    hi = sample[khi]
+    _select(sample, 0, khi, klo)
+    lo = sample[klo]
+    nb = hist.shape[0] - 2
+    scale = nb / (hi - lo) if hi > lo else np.inf
+    if not math.isfinite(scale) or not math.isfinite(lo * scale):
+        _quartiles_sorted(a, n, cand, res)
+        return
+    top = np.float64(nb)
+    for i in range(n):
+        t = (np.float64(a[i]) - lo) * scale
+        t = min(max(t, -1.0), top)
+        bins[i] = np.uint16(np.int64(t + 1.0))
+    for b in range(nb + 2):
+        hist[b] = 0
+    for i in range(n):
+        hist[bins[i]] += 1
+    for b in range(1, nb + 2):
+        hist[b] += hist[b - 1]  # values in bins <= b
+    ranks = np.empty(6, dtype=np.int64)
+    fr = np.empty(3)
+    _quartile_ranks(n, ranks, fr)
+    rbin = np.empty(6, dtype=np.int64)
+    sbin = np.empty(6, dtype=np.int64)
+    nslot = 0
+    for r in range(6):
+        b = np.searchsorted(hist, ranks[r], side="right")
+        rbin[r] = b
+        if slots[b] < 0:
+            slots[b] = nslot
+            sbin[nslot] = b
+            nslot += 1
+    start = np.empty(nslot + 1, dtype=np.int64)
+    fill = np.empty(nslot, dtype=np.int64)
+    start[0] = 0
+    for k in range(nslot):
+        b = sbin[k]
+        start[k + 1] = start[k] + hist[b] - (hist[b - 1] if b > 0 else 0)
+        fill[k] = start[k]
+    for i in range(n):
+        k = slots[bins[i]]
+        if k >= 0:
+            cand[fill[k]] = a[i]
+            fill[k] += 1
+    for k in range(nslot):
+        seg = cand[start[k] : start[k + 1]]
+        if seg.shape[0] > 1:
+            seg.sort()
+    for q in range(3):
+        v = np.empty(2)
+        for u in range(2):
+            b = rbin[2 * q + u]
+            before = hist[b - 1] if b > 0 else 0
+            v[u] = np.float64(cand[start[slots[b]] + ranks[2 * q + u] - before])
+        if fr[q] == 0.0:
+            res[q] = v[0] + 0.0
+        else:
+            res[q] = _lerp(v[0], v[1], fr[q])
+    for k in range(nslot):
+        slots[sbin[k]] = -1
+
+
+@numba.njit(cache=True, nogil=True)
+def _sqrt_or_nan(v):
+    return math.sqrt(v) if v >= 0.0 else np.nan
+
+
+@numba.njit(cache=True, nogil=True)
+def _clip_width(p, n, iqr, var, num_sigma, centre):
+    if p == 0 or n <= 1:
+        width = num_sigma * IQR_TO_SIGMA * iqr
+    elif math.isnan(var):
+        return np.nan
+    else:
+        width = num_sigma * math.sqrt(max(var, 0.0))
+    return width + CLIP_SLACK * abs(centre)
+
+
+@numba.njit(cache=True, nogil=True)
+def _one_cell(a, n, stat, num_sigma, num_iter, sample, hist, bins, slots, cand, q, out, i, j):
+    """Cell row ``(value, error, npoint, stdev, varclip)`` of the ``n`` gathered samples ``a[:n]``."""
+    _cnt, mean, var, errvar = _moments(a, n, 0.0, np.inf)
+    value = np.nan
+    error = np.nan
+    varclip = np.nan
+    if n > 0:
+        if stat == CELL_STAT_MEAN:
+            value = mean
+            error = _sqrt_or_nan(errvar)
+        else:
+            quartiles(a, n, sample, hist, bins, slots, cand, q)
+            if stat == CELL_STAT_MEDIAN:
+                value = q[1]
+                error = _sqrt_or_nan(0.5 * math.pi * var / np.float64(n))
+            else:
+                iqr = q[2] - q[0]
+                cmean = np.nan
+                cvar = np.nan
+                cerr = np.nan
+                ok = True
+                for p in range(num_iter):
+                    centre = q[1] if p == 0 else cmean
+                    width = _clip_width(p, n, iqr, cvar, num_sigma, centre)
+                    if math.isnan(centre) or math.isnan(width):
+                        ok = False
+                        break
+                    _k, cmean, cvar, cerr = _moments(a, n, centre, width)
+                if ok:
+                    value = cmean
+                    error = _sqrt_or_nan(cerr)
+                    varclip = cvar
+    out[0, i, j] = value
+    out[1, i, j] = error
+    out[2, i, j] = n
+    out[3, i, j] = _sqrt_or_nan(var)
+    out[4, i, j] = varclip
+
+
+@numba.njit(cache=True, nogil=True)
+def _gather(image, mask, r0, r1, c0, c1, andm, buf):
+    """Copy the good pixels of ``image[r0:r1, c0:c1]`` (row-major) into ``buf``; returns their count.
+
+    A row without an excluded pixel is found by a vectorised scan and copied as a block.
+    """
+    n = 0
+    w = c1 - c0
+    for r in range(r0, r1):
+        xr = image[r, c0:c1]
+        mr = mask[r, c0:c1]
+        bad = np.uint32(0)
+        finite = True
+        for c in range(w):
+            bad |= np.uint32(mr[c]) & andm
+            finite &= (xr[c] - xr[c]) == 0.0
+        if bad == 0 and finite:
+            for c in range(w):
+                buf[n + c] = xr[c]
+            n += w
+        else:
+            for c in range(w):
+                x = xr[c]
+                good = ((np.uint32(mr[c]) & andm) == 0) & math.isfinite(x)
+                buf[n] = x
+                n += np.int64(good)
+    return n
+
+
+@numba.njit(cache=True, nogil=True)
+def cell_table(image, mask, yedges, xedges, and_mask, stat, num_sigma, num_iter, out):
+    """Fill ``out`` (float64, ``(5, len(yedges) - 1, len(xedges) - 1)``) with the cell table.
+
+    Cell ``(i, j)`` holds ``image[yedges[i]:yedges[i+1], xedges[j]:xedges[j+1]]``; its samples
+    are the finite pixels whose ``mask`` has no bit of ``and_mask``. Rows of ``out``: the
+    statistic ``stat`` (a ``CELL_STAT_*`` code) and its standard error, NPOINT, STDEV and the
+    clipped variance (NaN unless MEANCLIP). A cell without samples gets NaN statistic and error.
+    The good pixels of one cell are gathered into a compact buffer once; the moments, quartiles
+    and clip passes then run over that buffer.
+    """
+    ncy = yedges.shape[0] - 1
+    ncx = xedges.shape[0] - 1
+    size = 1
+    for i in range(ncy):
+        for j in range(ncx):
+            size = max(size, (yedges[i + 1] - yedges[i]) * (xedges[j + 1] - xedges[j]))
+    buf = np.empty(size, dtype=image.dtype)
+    cand = np.empty(size, dtype=image.dtype)
+    bins = np.empty(size, dtype=np.uint16)
+    sample = np.empty(_Q_SAMPLE)
+    hist = np.zeros(_Q_BINS + 2, dtype=np.int64)
+    slots = np.full(_Q_BINS + 2, -1, dtype=np.int64)
+    q = np.empty(3)
+    andm = np.uint32(and_mask)
+    for i in range(ncy):
+        for j in range(ncx):
+            n = _gather(image, mask, yedges[i], yedges[i + 1], xedges[j], xedges[j + 1], andm, buf)
+            _one_cell(buf, n, stat, num_sigma, num_iter, sample, hist, bins, slots, cand, q, out, i, j)

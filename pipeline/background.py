@@ -23,7 +23,7 @@ from . import _kernels_background as K
 from .errors import DataQualityError, SchemaError
 from .model.masks import bitmask
 from .model.schema import data_ids, mask_planes, validate, with_provenance
-from .stats import Statistic, StatsConfig, grid_statistics
+from .stats import Statistic, StatsConfig, grid_statistics, resolve_and_mask
 
 __all__ = [
     "BackgroundConfig",
@@ -138,6 +138,20 @@ def _group_edges(edges: np.ndarray, target: int) -> tuple[tuple[int, ...], tuple
     return tuple(pix), tuple(cells)
 
 
+_CELL_STAT_CODES = {"MEAN": K.CELL_STAT_MEAN, "MEDIAN": K.CELL_STAT_MEDIAN, "MEANCLIP": K.CELL_STAT_MEANCLIP}
+
+
+def _fast_cells(stats_config: StatsConfig) -> bool:
+    """Whether :func:`K.cell_table` computes what :func:`grid_statistics` would (unit weights,
+    non-finite samples excluded, error of the mean from the scatter)."""
+    return (
+        stats_config.nan_safe
+        and not stats_config.weighted
+        and not stats_config.error_from_input_variance
+        and not stats_config.error_mosaic_mode
+    )
+
+
 def _cell_block(image, mask, *, yedges, xedges, and_mask, statistic, stats_config, block_info=None):
     loc = block_info[0]["array-location"]
     (py0, py1), (px0, px1) = loc
@@ -145,6 +159,16 @@ def _cell_block(image, mask, *, yedges, xedges, and_mask, statistic, stats_confi
     ix = np.flatnonzero((xedges[:-1] >= px0) & (xedges[:-1] < px1))
     ye = np.append(yedges[jy], yedges[jy[-1] + 1]) - py0
     xe = np.append(xedges[ix], xedges[ix[-1] + 1]) - px0
+    code = _CELL_STAT_CODES.get(Statistic(statistic).value)
+    if code is not None and _fast_cells(stats_config):
+        out = np.empty((_N_CELL_ROWS, jy.size, ix.size), dtype=np.float64)
+        img = image if image.dtype in (np.float32, np.float64) else image.astype(np.float64)
+        K.cell_table(
+            img, mask.astype(np.uint32, copy=False), ye.astype(np.int64), xe.astype(np.int64),
+            resolve_and_mask(stats_config.and_mask), code,
+            float(stats_config.num_sigma_clip), int(stats_config.num_iter), out,
+        )
+        return out
     stat = Statistic(statistic)
     wanted = (stat, Statistic.NPOINT, Statistic.STDEV)
     if stat is Statistic.MEANCLIP:
@@ -269,8 +293,10 @@ def _solve_chebyshev(cells, *, xc, yc, order, weighting, width, height, ids):
 
 
 def _cheb_block(qy, qx, coeffs, *, order, width, height):
-    return K.chebyshev_eval(coeffs, order, np.asarray(qx, np.float64), np.asarray(qy, np.float64),
-                            width, height).astype(np.float32)
+    out = np.empty((np.size(qy), np.size(qx)), dtype=np.float32)
+    K.chebyshev_eval_into(np.asarray(coeffs, np.float64), order, np.asarray(qx, np.float64),
+                          np.asarray(qy, np.float64), width, height, out)
+    return out
 
 
 @dataclass(frozen=True)
