@@ -21,6 +21,7 @@ import numpy as np
 import xarray as xr
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from . import _kernels_stack as KS
 from . import _kernels_stats as K
 from .errors import MaskPlaneError, SchemaError, SkystackWarning
 from .model.masks import add_planes, bitmask, check_same_planes, mask_attrs, planes_from_attrs
@@ -120,15 +121,19 @@ class _StackPlan:
 
     def run(self, image, variance, mask, weights):
         """Stack numpy blocks ``(K, ny, nx)``; returns (image, variance, mask, n_image)."""
-        _, ny, nx = image.shape
+        return self.run_planes(list(image), list(variance), list(mask), weights)
+
+    def run_planes(self, images, variances, masks, weights):
+        """Stack K ``(ny, nx)`` planes given as lists; returns (image, variance, mask, n_image)."""
+        ny, nx = images[0].shape
         out_image = np.empty((ny, nx), dtype=np.float32)
         out_variance = np.empty((ny, nx), dtype=np.float32)
         out_mask = np.empty((ny, nx), dtype=np.uint32)
         out_n = np.empty((ny, nx), dtype=np.uint16)
-        K.stack_pixels(
-            image,
-            variance,
-            mask.astype(np.uint32, copy=False),
+        KS.stack_planes(
+            _typed_planes(images),
+            _typed_planes(variances),
+            _typed_planes([m.astype(np.uint32, copy=False) for m in masks]),
             np.asarray(weights, dtype=np.float64),
             self.and_mask,
             self.weight_mode,
@@ -142,7 +147,7 @@ class _StackPlan:
             self.clipped,
             self.map_from,
             self.map_to,
-            _pairs(image.shape[0]),
+            _pairs(len(images)),
             out_image,
             out_variance,
             out_mask,
@@ -157,6 +162,43 @@ class _StackPlan:
         for i, o in enumerate(outs):
             packed[i] = o
         return packed
+
+    def packed_blocks(self, images, variances, masks, weights):
+        """Block function for dask: lists of ``(k, ny, nx)`` blocks along ``visit`` in, the four
+        outputs bit-packed into one ``(4, ny, nx)`` uint32 array out (see :func:`_unpack_bits`)."""
+        outs = self.run_planes(
+            _planes_of(images), _planes_of(variances), _planes_of(masks), np.concatenate(list(weights))
+        )
+        packed = np.empty((4,) + outs[0].shape, dtype=np.uint32)
+        packed[0] = outs[0].view(np.uint32)
+        packed[1] = outs[1].view(np.uint32)
+        packed[2] = outs[2]
+        packed[3] = outs[3]
+        return packed
+
+
+def _planes_of(blocks):
+    """The 2-D planes of a list of ``(k, ny, nx)`` blocks, in order, without copying."""
+    return [plane for block in blocks for plane in block]
+
+
+@functools.lru_cache(maxsize=8)
+def _plane_list_type(dtype: np.dtype):
+    from numba import from_dtype, types
+
+    return types.Array(from_dtype(dtype), 2, "C")
+
+
+def _typed_planes(planes):
+    """A numba typed list of C-contiguous 2-D arrays of one dtype (planes already in that form,
+    e.g. whole zarr chunks or full-width row bands of in-memory images, are not copied)."""
+    from numba.typed import List
+
+    dtype = np.dtype(np.result_type(*planes))
+    out = List.empty_list(_plane_list_type(dtype))
+    for p in planes:
+        out.append(np.ascontiguousarray(p, dtype=dtype))
+    return out
 
 
 class _OnlinePlan:
@@ -350,30 +392,55 @@ def _run(plan, ds, planes, wdata, config, task):
         import dask.array as da
 
         arrs = [da.asarray(a) for a in (image, variance, mask)]
-        chunks = ((nvisit,),) + arrs[0].chunks[1:]
-        arrs = [a.rechunk(chunks) for a in arrs]
-        w = da.asarray(wdata).astype(np.float64).rechunk(-1)
-        # the visit axis is one chunk, so it can index the output too: each block function then
-        # sees its input blocks as they are (no concatenation copy) and returns 4 output planes
-        packed = da.blockwise(
-            plan.packed,
-            "vyx",
-            arrs[0],
-            "vyx",
-            arrs[1],
-            "vyx",
-            arrs[2],
-            "vyx",
-            w,
-            "v",
-            adjust_chunks={"v": 4},
-            dtype=np.float64,
-            meta=np.empty((0, 0, 0), dtype=np.float64),
-        )
-        outs = tuple(
-            packed.map_blocks(_unpack, index=i, out_dtype=dt, drop_axis=0, dtype=dt, meta=np.empty((0, 0), dt))
-            for i, dt in enumerate((np.float32, np.float32, np.uint32, np.uint16))
-        )
+        w = da.asarray(wdata).astype(np.float64)
+        if isinstance(plan, _StackPlan):
+            # visit contracted without concatenation: each task gets the lists of its visit
+            # blocks as they are (no copy into one 3-D block) and returns 4 bit-packed planes
+            packed = da.blockwise(
+                plan.packed_blocks,
+                "pyx",
+                arrs[0],
+                "vyx",
+                arrs[1],
+                "vyx",
+                arrs[2],
+                "vyx",
+                w,
+                "v",
+                new_axes={"p": 4},
+                concatenate=False,
+                dtype=np.uint32,
+                meta=np.empty((0, 0, 0), dtype=np.uint32),
+            )
+            outs = tuple(
+                packed.map_blocks(_unpack_bits, index=i, out_dtype=dt, drop_axis=0, dtype=dt, meta=np.empty((0, 0), dt))
+                for i, dt in enumerate((np.float32, np.float32, np.uint32, np.uint16))
+            )
+        else:
+            chunks = ((nvisit,),) + arrs[0].chunks[1:]
+            arrs = [a.rechunk(chunks) for a in arrs]
+            w = w.rechunk(-1)
+            # the visit axis is one chunk, so it can index the output too: each block function then
+            # sees its input blocks as they are and returns 4 output planes
+            packed = da.blockwise(
+                plan.packed,
+                "vyx",
+                arrs[0],
+                "vyx",
+                arrs[1],
+                "vyx",
+                arrs[2],
+                "vyx",
+                w,
+                "v",
+                adjust_chunks={"v": 4},
+                dtype=np.float64,
+                meta=np.empty((0, 0, 0), dtype=np.float64),
+            )
+            outs = tuple(
+                packed.map_blocks(_unpack, index=i, out_dtype=dt, drop_axis=0, dtype=dt, meta=np.empty((0, 0), dt))
+                for i, dt in enumerate((np.float32, np.float32, np.uint32, np.uint16))
+            )
     else:
         outs = plan.run(np.asarray(image), np.asarray(variance), np.asarray(mask), np.asarray(wdata))
 
@@ -401,6 +468,14 @@ def _run(plan, ds, planes, wdata, config, task):
 
 def _unpack(block, *, index, out_dtype):
     return block[index].astype(out_dtype)
+
+
+def _unpack_bits(block, *, index, out_dtype):
+    """Plane ``index`` of a block of :meth:`_StackPlan.packed_blocks` as ``out_dtype``."""
+    plane = block[index]
+    if np.dtype(out_dtype).itemsize == plane.dtype.itemsize:
+        return plane.view(out_dtype).copy()
+    return plane.astype(out_dtype)
 
 
 def _weights_vector(weights, ds: xr.Dataset, ids):
