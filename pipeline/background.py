@@ -88,6 +88,11 @@ class BackgroundConfig(BaseModel):
     weighting: bool = Field(True, description="weight the Chebyshev fit by 1/(standard error of each cell)")
     num_sigma_clip: float = Field(3.0, gt=0.0, le=100.0, description="clip half-width in sigma for MEANCLIP")
     num_iter: int = Field(3, ge=1, le=100, description="clipping passes for MEANCLIP, the first included")
+    ordered_sums: bool = Field(
+        False,
+        description="sum each cell's samples in pixel order, as pipeline.stats does (slower); by default the "
+        "same terms are summed in SIMD lanes, which differs only by rounding",
+    )
 
     @model_validator(mode="after")
     def _check_orders(self):
@@ -152,7 +157,8 @@ def _fast_cells(stats_config: StatsConfig) -> bool:
     )
 
 
-def _cell_block(image, mask, *, yedges, xedges, and_mask, statistic, stats_config, block_info=None):
+def _cell_block(image, mask, *, yedges, xedges, and_mask, statistic, stats_config, ordered_sums=False,
+                block_info=None):
     loc = block_info[0]["array-location"]
     (py0, py1), (px0, px1) = loc
     jy = np.flatnonzero((yedges[:-1] >= py0) & (yedges[:-1] < py1))
@@ -166,7 +172,7 @@ def _cell_block(image, mask, *, yedges, xedges, and_mask, statistic, stats_confi
         K.cell_table(
             img, mask.astype(np.uint32, copy=False), ye.astype(np.int64), xe.astype(np.int64),
             resolve_and_mask(stats_config.and_mask), code,
-            float(stats_config.num_sigma_clip), int(stats_config.num_iter), out,
+            float(stats_config.num_sigma_clip), int(stats_config.num_iter), bool(ordered_sums), out,
         )
         return out
     stat = Statistic(statistic)
@@ -202,6 +208,7 @@ def cell_statistics(
     xedges: np.ndarray,
     statistic: str,
     stats_config: StatsConfig,
+    ordered_sums: bool = False,
 ) -> da.Array:
     """Lazy cell table ``(5, ny, nx)``: statistic, its standard error, NPOINT, STDEV, VARIANCECLIP.
 
@@ -210,6 +217,16 @@ def cell_statistics(
     cells (about the original chunk size); one task per block. Numpy arrays are reduced at once in
     one pass (the table is then a one-chunk dask array). Cells without a usable pixel get a NaN
     statistic and error.
+
+    With unit weights, non-finite samples excluded and the default error (every ``stats_config``
+    built by :class:`BackgroundConfig`) the cells are reduced by :func:`K.cell_table`: the good
+    pixels of a cell are gathered once, the quartiles come from an exact histogram selection and
+    the moments and clip passes run over the gathered buffer. Its results equal
+    :func:`pipeline.stats.grid_statistics` exactly with ``ordered_sums`` (sums in pixel order);
+    without it the sums run in SIMD lanes and differ by rounding only (each sum of ``n`` terms by
+    at most ``n`` float64 ulps of the sum of absolute values; a sample within that distance of a
+    clip bound may then fall on the other side). Other statistics configurations go through
+    :func:`grid_statistics`.
     """
     and_mask = stats_config.and_mask
     if isinstance(image, np.ndarray) and isinstance(mask, np.ndarray):
@@ -217,7 +234,7 @@ def cell_statistics(
         whole = {"array-location": [(0, image.shape[0]), (0, image.shape[1])]}
         table = _cell_block(
             image, mask, yedges=np.asarray(yedges), xedges=np.asarray(xedges), and_mask=and_mask,
-            statistic=statistic, stats_config=stats_config, block_info={0: whole},
+            statistic=statistic, stats_config=stats_config, ordered_sums=ordered_sums, block_info={0: whole},
         )
         return da.from_array(table, chunks=table.shape)
     ty = image.chunksize[0] if isinstance(image, da.Array) else _DEFAULT_BLOCK
@@ -235,6 +252,7 @@ def cell_statistics(
         and_mask=and_mask,
         statistic=statistic,
         stats_config=stats_config,
+        ordered_sums=ordered_sums,
         new_axis=0,
         chunks=((_N_CELL_ROWS,), ycells, xcells),
         dtype=np.float64,
@@ -368,11 +386,14 @@ class BackgroundModel:
 
         ``like`` only lends its ``x``/``y`` parent-pixel coordinates (and its chunks when it is
         dask-backed); it may be a sub-window or extend beyond the fitted image (extrapolation).
+        The model image has the chunks of ``like`` (of the fitted image when ``like`` is None) if
+        those are dask arrays, else it is one block: an in-memory image is evaluated in one pass
+        and written once, without assembling blocks.
         """
         if like is None:
             xs = np.arange(self.x0, self.x0 + self.width)
             ys = np.arange(self.y0, self.y0 + self.height)
-            chunks = self.chunks or (_DEFAULT_BLOCK, _DEFAULT_BLOCK)
+            chunks = self.chunks or (self.height, self.width)
         else:
             if "x" not in like.coords or "y" not in like.coords:
                 raise SchemaError("evaluate(like=...) needs 'x' and 'y' pixel coordinates", ids=self.ids)
@@ -383,7 +404,7 @@ class BackgroundModel:
             if isinstance(data, da.Array) and data.ndim == 2:
                 chunks = data.chunks
             else:
-                chunks = (_DEFAULT_BLOCK, _DEFAULT_BLOCK)
+                chunks = (max(len(ys), 1), max(len(xs), 1))
         qy = da.from_array((ys - self.y0).astype(np.float64), chunks=(chunks[0],))
         qx = da.from_array((xs - self.x0).astype(np.float64), chunks=(chunks[1],))
         cells = self._checked_cells()
@@ -494,7 +515,7 @@ def fit_background(image_ds: xr.Dataset, *, config: BackgroundConfig = Backgroun
     msk = image_ds["mask"].data
     cells = cell_statistics(
         img, msk, yedges=yedges, xedges=xedges, statistic=config.statistic,
-        stats_config=config.stats_config(and_mask),
+        stats_config=config.stats_config(and_mask), ordered_sums=config.ordered_sums,
     )
     chunks = img.chunks if isinstance(img, da.Array) else None
     x0, y0 = int(image_ds.indexes["x"][0]), int(image_ds.indexes["y"][0])
