@@ -445,18 +445,6 @@ _Q_MARGIN = 28
 _Q_MIN_HIST = 2048
 
 
-@numba.njit(cache=True, nogil=True)
-def _kept_sum_ordered(a, n, centre, width):
-    cnt = 0
-    s = 0.0
-    for i in range(n):
-        x = np.float64(a[i])
-        keep = abs(x - centre) <= width
-        s += x if keep else 0.0
-        cnt += np.int64(keep)
-    return cnt, s
-
-
 @numba.njit(cache=True, nogil=True, fastmath={"reassoc"})
 def _kept_sum(a, n, centre, width):
     cnt = 0
@@ -480,15 +468,12 @@ def _kept_m2(a, n, centre, width, mean):
 
 
 @numba.njit(cache=True, nogil=True)
-def _moments(a, n, centre, width, ordered):
+def _moments(a, n, centre, width):
     """``(count, mean, debiased variance, variance of the mean)`` of ``a[:n]`` within ``centre +- width``.
 
-    The sum is taken in buffer order when ``ordered`` (as the statistics module does), else as
-    SIMD lanes (same terms, another rounding order)."""
-    if ordered:
-        cnt, swx = _kept_sum_ordered(a, n, centre, width)
-    else:
-        cnt, swx = _kept_sum(a, n, centre, width)
+    Same arithmetic as the statistics module's unit-weight moments (sums as SIMD lanes over the
+    gathered buffer, whose order fixes the rounding)."""
+    cnt, swx = _kept_sum(a, n, centre, width)
     s1 = np.float64(cnt)
     mean = swx / s1 if s1 != 0.0 else np.nan
     m2 = _kept_m2(a, n, centre, width, mean) if cnt > 0 else 0.0
@@ -684,9 +669,9 @@ def _clip_width(p, n, iqr, var, num_sigma, centre):
 
 
 @numba.njit(cache=True, nogil=True)
-def _one_cell(a, n, stat, num_sigma, num_iter, ordered, sample, hist, bins, slots, cand, q, out, i, j):
+def _one_cell(a, n, stat, num_sigma, num_iter, sample, hist, bins, slots, cand, q, out, i, j):
     """Cell row ``(value, error, npoint, stdev, varclip)`` of the ``n`` gathered samples ``a[:n]``."""
-    _cnt, mean, var, errvar = _moments(a, n, 0.0, np.inf, ordered)
+    _cnt, mean, var, errvar = _moments(a, n, 0.0, np.inf)
     value = np.nan
     error = np.nan
     varclip = np.nan
@@ -711,7 +696,7 @@ def _one_cell(a, n, stat, num_sigma, num_iter, ordered, sample, hist, bins, slot
                     if math.isnan(centre) or math.isnan(width):
                         ok = False
                         break
-                    _k, cmean, cvar, cerr = _moments(a, n, centre, width, ordered)
+                    _k, cmean, cvar, cerr = _moments(a, n, centre, width)
                 if ok:
                     value = cmean
                     error = _sqrt_or_nan(cerr)
@@ -753,7 +738,7 @@ def _gather(image, mask, r0, r1, c0, c1, andm, buf):
 
 
 @numba.njit(cache=True, nogil=True)
-def cell_table(image, mask, yedges, xedges, and_mask, stat, num_sigma, num_iter, ordered, out):
+def cell_table(image, mask, yedges, xedges, and_mask, stat, num_sigma, num_iter, out):
     """Fill ``out`` (float64, ``(5, len(yedges) - 1, len(xedges) - 1)``) with the cell table.
 
     Cell ``(i, j)`` holds ``image[yedges[i]:yedges[i+1], xedges[j]:xedges[j+1]]``; its samples
@@ -780,4 +765,4 @@ def cell_table(image, mask, yedges, xedges, and_mask, stat, num_sigma, num_iter,
     for i in range(ncy):
         for j in range(ncx):
             n = _gather(image, mask, yedges[i], yedges[i + 1], xedges[j], xedges[j + 1], andm, buf)
-            _one_cell(buf, n, stat, num_sigma, num_iter, ordered, sample, hist, bins, slots, cand, q, out, i, j)
+            _one_cell(buf, n, stat, num_sigma, num_iter, sample, hist, bins, slots, cand, q, out, i, j)

@@ -88,11 +88,6 @@ class BackgroundConfig(BaseModel):
     weighting: bool = Field(True, description="weight the Chebyshev fit by 1/(standard error of each cell)")
     num_sigma_clip: float = Field(3.0, gt=0.0, le=100.0, description="clip half-width in sigma for MEANCLIP")
     num_iter: int = Field(3, ge=1, le=100, description="clipping passes for MEANCLIP, the first included")
-    ordered_sums: bool = Field(
-        False,
-        description="sum each cell's samples in pixel order, as pipeline.stats does (slower); by default the "
-        "same terms are summed in SIMD lanes, which differs only by rounding",
-    )
 
     @model_validator(mode="after")
     def _check_orders(self):
@@ -157,8 +152,7 @@ def _fast_cells(stats_config: StatsConfig) -> bool:
     )
 
 
-def _cell_block(image, mask, *, yedges, xedges, and_mask, statistic, stats_config, ordered_sums=False,
-                block_info=None):
+def _cell_block(image, mask, *, yedges, xedges, and_mask, statistic, stats_config, block_info=None):
     loc = block_info[0]["array-location"]
     (py0, py1), (px0, px1) = loc
     jy = np.flatnonzero((yedges[:-1] >= py0) & (yedges[:-1] < py1))
@@ -172,7 +166,7 @@ def _cell_block(image, mask, *, yedges, xedges, and_mask, statistic, stats_confi
         K.cell_table(
             img, mask.astype(np.uint32, copy=False), ye.astype(np.int64), xe.astype(np.int64),
             resolve_and_mask(stats_config.and_mask), code,
-            float(stats_config.num_sigma_clip), int(stats_config.num_iter), bool(ordered_sums), out,
+            float(stats_config.num_sigma_clip), int(stats_config.num_iter), out,
         )
         return out
     stat = Statistic(statistic)
@@ -208,7 +202,6 @@ def cell_statistics(
     xedges: np.ndarray,
     statistic: str,
     stats_config: StatsConfig,
-    ordered_sums: bool = False,
 ) -> da.Array:
     """Lazy cell table ``(5, ny, nx)``: statistic, its standard error, NPOINT, STDEV, VARIANCECLIP.
 
@@ -220,13 +213,10 @@ def cell_statistics(
 
     With unit weights, non-finite samples excluded and the default error (every ``stats_config``
     built by :class:`BackgroundConfig`) the cells are reduced by :func:`K.cell_table`: the good
-    pixels of a cell are gathered once, the quartiles come from an exact histogram selection and
-    the moments and clip passes run over the gathered buffer. Its results equal
-    :func:`pipeline.stats.grid_statistics` exactly with ``ordered_sums`` (sums in pixel order);
-    without it the sums run in SIMD lanes and differ by rounding only (each sum of ``n`` terms by
-    at most ``n`` float64 ulps of the sum of absolute values; a sample within that distance of a
-    clip bound may then fall on the other side). Other statistics configurations go through
-    :func:`grid_statistics`.
+    pixels of a cell are gathered once (rows without an excluded pixel as blocks), the quartiles
+    come from an exact histogram selection and the moments and clip passes run over the gathered
+    buffer with the arithmetic of :func:`pipeline.stats.grid_statistics`, whose numbers they
+    equal. Other statistics configurations go through :func:`grid_statistics`.
     """
     and_mask = stats_config.and_mask
     if isinstance(image, np.ndarray) and isinstance(mask, np.ndarray):
@@ -234,7 +224,7 @@ def cell_statistics(
         whole = {"array-location": [(0, image.shape[0]), (0, image.shape[1])]}
         table = _cell_block(
             image, mask, yedges=np.asarray(yedges), xedges=np.asarray(xedges), and_mask=and_mask,
-            statistic=statistic, stats_config=stats_config, ordered_sums=ordered_sums, block_info={0: whole},
+            statistic=statistic, stats_config=stats_config, block_info={0: whole},
         )
         return da.from_array(table, chunks=table.shape)
     ty = image.chunksize[0] if isinstance(image, da.Array) else _DEFAULT_BLOCK
@@ -252,7 +242,6 @@ def cell_statistics(
         and_mask=and_mask,
         statistic=statistic,
         stats_config=stats_config,
-        ordered_sums=ordered_sums,
         new_axis=0,
         chunks=((_N_CELL_ROWS,), ycells, xcells),
         dtype=np.float64,
@@ -515,7 +504,7 @@ def fit_background(image_ds: xr.Dataset, *, config: BackgroundConfig = Backgroun
     msk = image_ds["mask"].data
     cells = cell_statistics(
         img, msk, yedges=yedges, xedges=xedges, statistic=config.statistic,
-        stats_config=config.stats_config(and_mask), ordered_sums=config.ordered_sums,
+        stats_config=config.stats_config(and_mask),
     )
     chunks = img.chunks if isinstance(img, da.Array) else None
     x0, y0 = int(image_ds.indexes["x"][0]), int(image_ds.indexes["y"][0])

@@ -386,3 +386,128 @@ def test_grid_evaluation_equals_line_by_line(rng, style, holes):
     out32 = np.empty(want.shape, np.float32)
     assert K.eval_grid_into(xc, yc, grid, style, True, qy, qx, out32) == 0
     np.testing.assert_array_equal(out32, want.astype(np.float32))
+
+
+# ------------------------------------------------------------------ per-cell statistics kernel
+
+
+def _reference_cells(image, mask, yedges, xedges, statistic, and_mask, num_sigma=3.0, num_iter=3):
+    """The cell table from pipeline.stats.grid_statistics (the statistics module's path)."""
+    from pipeline.stats import Statistic, StatsConfig, grid_statistics
+
+    cfg = StatsConfig(num_sigma_clip=num_sigma, num_iter=num_iter, and_mask=and_mask)
+    stat = Statistic(statistic)
+    wanted = (stat, Statistic.NPOINT, Statistic.STDEV, Statistic.VARIANCECLIP)
+    vals, errs = grid_statistics(image, mask=mask, yedges=yedges, xedges=xedges, statistics=wanted, config=cfg,
+                                 errors=True)
+    out = np.stack([vals[stat], errs[stat], vals[Statistic.NPOINT].astype(np.float64), vals[Statistic.STDEV],
+                    vals[Statistic.VARIANCECLIP] if stat is Statistic.MEANCLIP else np.full(vals[stat].shape, np.nan)])
+    empty = out[2] == 0
+    out[0, empty] = np.nan
+    out[1, empty] = np.nan
+    return out
+
+
+_CODES = {"MEAN": K.CELL_STAT_MEAN, "MEDIAN": K.CELL_STAT_MEDIAN, "MEANCLIP": K.CELL_STAT_MEANCLIP}
+
+
+def _awkward_image(rng, h, w, dtype):
+    """Sky with sources, masked and non-finite pixels, a constant cell, an empty cell, a tied cell."""
+    img = rng.normal(1000.0, 12.0, (h, w))
+    src = rng.uniform(size=img.shape) < 0.02
+    img[src] += rng.uniform(100.0, 5000.0, size=src.sum())
+    img[rng.uniform(size=img.shape) < 0.003] = np.nan
+    img[rng.uniform(size=img.shape) < 0.002] = np.inf
+    mask = np.where(rng.uniform(size=img.shape) < 0.03, np.uint32(MaskPlane.BAD), np.uint32(0))
+    mask |= np.where(rng.uniform(size=img.shape) < 0.03, np.uint32(MaskPlane.SAT), np.uint32(0))
+    img[:60, :70] = 7.25  # constant cell(s)
+    mask[60:120, :70] = np.uint32(MaskPlane.NO_DATA)  # empty cell(s)
+    img[:60, 70:140] = np.round(rng.normal(0.0, 2.0, (60, 70)))  # many ties
+    return img.astype(dtype), mask
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("statistic", ["MEAN", "MEDIAN", "MEANCLIP"])
+@pytest.mark.parametrize("num_iter", [1, 3])
+def test_cell_table_equals_grid_statistics(rng, dtype, statistic, num_iter):
+    """The background's cell kernel gives the statistics module's numbers bit for bit."""
+    img, mask = _awkward_image(rng, 300, 437, dtype)
+    img[120:] += rng.uniform(-1e-3, 1e-3, (180, 437)).astype(dtype)  # values whose float64 sums round
+    and_mask = int(MaskPlane.BAD | MaskPlane.NO_DATA)
+    for yedges, xedges in [(cell_layout(300, 5)[0], cell_layout(437, 6)[0]),  # 60 x 73: sorted quartiles
+                           (np.array([0, 60, 120, 300]), np.array([0, 70, 140, 437]))]:  # histogram if > 2048
+        want = _reference_cells(img, mask, yedges, xedges, statistic, and_mask, num_iter=num_iter)
+        got = np.empty_like(want)
+        K.cell_table(img, mask, yedges, xedges, and_mask, _CODES[statistic], 3.0, num_iter, got)
+        np.testing.assert_array_equal(got, want)
+    assert np.isnan(got[0, 1, 0]) and np.isnan(got[1, 1, 0]) and got[2, 1, 0] == 0  # the empty cell
+    assert got[2, 0, 0] > 2048 and got[0, 0, 0] == 7.25 and got[3, 0, 0] == 0.0  # the constant cell
+    if statistic == "MEANCLIP":
+        assert np.all(np.isfinite(got[4, 2]))
+
+
+@given(n=st.integers(1, 5000), ties=st.booleans(), seed=st.integers(0, 2**32 - 1))
+@settings(max_examples=60, deadline=None)
+def test_quartiles_match_numpy_percentile(n, ties, seed):
+    rng = np.random.default_rng(seed)
+    a = rng.normal(0.0, 1.0, n)
+    if ties:
+        a = np.round(a * 3.0)
+    a = a.astype(np.float32)
+    sample = np.empty(256)
+    hist = np.zeros(2050, np.int64)
+    slots = np.full(2050, -1, np.int64)
+    bins = np.empty(n, np.uint16)
+    cand = np.empty(n, np.float32)
+    res = np.empty(3)
+    before = a.copy()
+    K.quartiles(a, n, sample, hist, bins, slots, cand, res)
+    np.testing.assert_array_equal(a, before)
+    assert (slots == -1).all()
+    want = np.percentile(a.astype(np.float64), [25, 50, 75])
+    np.testing.assert_allclose(res, want, rtol=1e-15, atol=1e-15)
+
+
+def test_fit_background_cells_equal_statistics_module(rng):
+    """fit_background's cell table (numpy and 37 x 41 dask chunks) equals grid_statistics."""
+    img, mask = _awkward_image(rng, 256, 300, np.float32)
+    ds = _ds(img, mask)
+    and_mask = int(MaskPlane.BAD | MaskPlane.EDGE | MaskPlane.DETECTED | MaskPlane.DETECTED_NEGATIVE
+                   | MaskPlane.NO_DATA)
+    whole = fit_background(ds, config=BackgroundConfig(bin_size=64))
+    parts = fit_background(ds.chunk({"y": 37, "x": 41}), config=BackgroundConfig(bin_size=64))
+    want = _reference_cells(img, mask, whole.y_edges, whole.x_edges, "MEANCLIP", and_mask)
+    np.testing.assert_array_equal(whole.cells.compute(), want)
+    np.testing.assert_array_equal(parts.cells.compute(), want)
+
+
+# ------------------------------------------------------------------ Chebyshev evaluation kernel
+
+
+@pytest.mark.parametrize("order", [0, 1, 3, 6])
+def test_chebyshev_eval_into_matches_matrix_product(rng, order):
+    nterms = (order + 1) * (order + 2) // 2
+    coeffs = rng.normal(0.0, 1.0, nterms)
+    coeffs[0] = 1000.0
+    qx = np.arange(-20.0, 517.0, 1.0)
+    qy = np.arange(410.0, -15.0, -1.0)
+    want = K.chebyshev_eval(coeffs, order, qx, qy, 500, 400)
+    got64 = np.empty(want.shape)
+    K.chebyshev_eval_into(coeffs, order, qx, qy, 500, 400, got64)
+    np.testing.assert_allclose(got64, want, rtol=0.0, atol=1e-11)
+    got32 = np.empty(want.shape, np.float32)
+    K.chebyshev_eval_into(coeffs, order, qx, qy, 500, 400, got32)
+    # one float32 rounding of a float64 value equal to the reference up to 1e-11
+    np.testing.assert_allclose(got32, want, rtol=2.0**-24, atol=1e-11)
+
+
+def test_in_memory_model_is_one_block(rng):
+    img = rng.normal(10, 1, (200, 180)).astype(np.float32)
+    model = fit_background(_ds(img), config=BackgroundConfig(bin_size=32))
+    with raise_if_dask_computes():
+        bg = model.evaluate()
+        like = model.evaluate(like=_ds(img))
+    assert bg.data.numblocks == (1, 1) and like.data.numblocks == (1, 1)
+    chunked = fit_background(_ds(img).chunk({"y": 37, "x": 41}), config=BackgroundConfig(bin_size=32))
+    assert chunked.evaluate().data.chunks == _ds(img).chunk({"y": 37, "x": 41})["image"].data.chunks
+    np.testing.assert_allclose(bg.values, chunked.evaluate().values, rtol=1e-6, atol=1e-5)
