@@ -437,12 +437,13 @@ IQR_TO_SIGMA = 0.741301109252802
 #: a mean of identical values may differ from them by a few ulps, which must not clip them away
 CLIP_SLACK = 16.0 * 2.220446049250313e-16
 
-#: systematic sample, histogram bins and sample-rank margin of :func:`quartiles`
+#: largest systematic sample, most histogram bins and sample-rank margin (per 256 samples) of
+#: :func:`quartiles`
 _Q_SAMPLE = 256
 _Q_BINS = 2048
 _Q_MARGIN = 28
-#: sets smaller than this are sorted instead
-_Q_MIN_HIST = 2048
+#: sets smaller than this are reduced by selection instead
+_Q_MIN_HIST = 128
 
 
 @numba.njit(cache=True, nogil=True, fastmath={"reassoc"})
@@ -548,20 +549,45 @@ def _quartile_ranks(n, ranks, fr):
 
 
 @numba.njit(cache=True, nogil=True)
-def _quartiles_sorted(a, n, cand, res):
+def _min_of(a, lo, hi):
+    m = a[lo]
+    for i in range(lo + 1, hi):
+        if a[i] < m:
+            m = a[i]
+    return m
+
+
+@numba.njit(cache=True, nogil=True)
+def _quartile_value(v0, a, upper_lo, upper_hi, g):
+    """numpy "linear" interpolation between rank ``j`` (``v0``) and rank ``j + 1``, the smallest
+    value of ``a[upper_lo:upper_hi]`` (only read when ``g`` is not 0)."""
+    if g == 0.0:
+        return np.float64(v0) + 0.0
+    return _lerp(np.float64(v0), np.float64(_min_of(a, upper_lo, upper_hi)), g)
+
+
+@numba.njit(cache=True, nogil=True)
+def _quartiles_select(a, n, cand, res):
+    """:func:`quartiles` of a small set by selection in a copy: the median splits the copy, the
+    upper quartile is selected above it and the lower one below it."""
     for i in range(n):
         cand[i] = a[i]
-    seg = cand[:n]
-    seg.sort()
     ranks = np.empty(6, dtype=np.int64)
     fr = np.empty(3)
     _quartile_ranks(n, ranks, fr)
-    for q in range(3):
-        v0 = np.float64(seg[ranks[2 * q]])
-        if fr[q] == 0.0:
-            res[q] = v0 + 0.0
-        else:
-            res[q] = _lerp(v0, np.float64(seg[ranks[2 * q + 1]]), fr[q])
+    j25 = ranks[0]
+    jm = ranks[2]
+    j75 = ranks[4]
+    _select(cand, 0, n, jm)
+    res[1] = _quartile_value(cand[jm], cand, jm + 1, n, fr[1])
+    if j75 > jm:
+        _select(cand, jm + 1, n, j75)
+    res[2] = _quartile_value(cand[j75], cand, j75 + 1, n, fr[2])
+    if j25 < jm:
+        _select(cand, 0, jm, j25)
+        res[0] = _quartile_value(cand[j25], cand, j25 + 1, jm + 1, fr[0])
+    else:
+        res[0] = _quartile_value(cand[j25], cand, j25 + 1, n, fr[0])
 
 
 @numba.njit(cache=True, nogil=True)
@@ -569,10 +595,11 @@ def quartiles(a, n, sample, hist, bins, slots, cand, res):
     """``res[:] = (q25, median, q75)`` (numpy "linear" quantiles) of the finite values ``a[:n]``.
 
     Exact order statistics by histogram selection: two order statistics of a systematic sample
-    bracket the quartiles, one pass puts every value in one of ``len(hist) - 2`` equal bins over
+    bracket the quartiles, one pass puts every value in one of about ``n / 8`` equal bins over
     the bracket (plus one below, one above) and counts them, a second pass copies the values of
     the few bins holding the six wanted ranks into ``cand``, where they are sorted. The bin index
-    is monotone in the value, so the ranks are exact. Sets of fewer than 2048 values are sorted.
+    is monotone in the value, so the ranks are exact. Sets of fewer than 512 values are
+    reduced by selection in a copy.
     Scratch: ``sample`` (float64, 256), ``hist`` (int64), ``bins`` (uint16, >= n), ``slots``
     (int64, as ``hist``, all -1 on entry and left so), ``cand`` (>= n, ``a``'s dtype).
     """
@@ -582,21 +609,23 @@ def quartiles(a, n, sample, hist, bins, slots, cand, res):
         res[2] = np.nan
         return
     if n < _Q_MIN_HIST:
-        _quartiles_sorted(a, n, cand, res)
+        _quartiles_select(a, n, cand, res)
         return
-    s = sample.shape[0]
+    # a sample of about n / 16 values (64 .. len(sample)) and about n / 8 bins (64 .. len(hist) - 2)
+    s = min(max(n // 16, 64), sample.shape[0])
     for i in range(s):
         sample[i] = np.float64(a[(i * n) // s])
-    klo = s // 4 - _Q_MARGIN
-    khi = (3 * s) // 4 + _Q_MARGIN
+    margin = (s * _Q_MARGIN) // 256
+    klo = s // 4 - margin
+    khi = (3 * s) // 4 + margin
     _select(sample, 0, s, khi)
     hi = sample[khi]
     _select(sample, 0, khi, klo)
     lo = sample[klo]
-    nb = hist.shape[0] - 2
+    nb = min(max(n // 8, 64), hist.shape[0] - 2)
     scale = nb / (hi - lo) if hi > lo else np.inf
     if not math.isfinite(scale) or not math.isfinite(lo * scale):
-        _quartiles_sorted(a, n, cand, res)
+        _quartiles_select(a, n, cand, res)
         return
     top = np.float64(nb)
     for i in range(n):
@@ -615,8 +644,9 @@ def quartiles(a, n, sample, hist, bins, slots, cand, res):
     rbin = np.empty(6, dtype=np.int64)
     sbin = np.empty(6, dtype=np.int64)
     nslot = 0
+    cum = hist[: nb + 2]
     for r in range(6):
-        b = np.searchsorted(hist, ranks[r], side="right")
+        b = np.searchsorted(cum, ranks[r], side="right")
         rbin[r] = b
         if slots[b] < 0:
             slots[b] = nslot
