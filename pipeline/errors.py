@@ -19,6 +19,7 @@ __all__ = [
     "ProductIncompleteError",
     "SkyMapError",
     "DataQualityError",
+    "PsfMatchError",
     "SkystackWarning",
     "describe_ids",
 ]
@@ -71,6 +72,10 @@ class SkyMapError(SkystackError, ValueError):
 
 class DataQualityError(SkystackError):
     """A failure that depends on pixel values, raised while a graph runs."""
+
+
+class PsfMatchError(SkystackError, ValueError):
+    """The PSF-matching kernel cannot be built or solved (bad geometry, ill-conditioned, deconvolution)."""
 
 
 class SkystackWarning(UserWarning):

@@ -23,8 +23,8 @@ import xarray as xr
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from scipy import signal
 
-from ._kernels_convolve import correlate_direct, correlate_varying, or_dilate
-from .errors import SchemaError, SkystackError
+from ._kernels_convolve import correlate_direct, correlate_lowrank, correlate_varying, or_dilate
+from .errors import PsfMatchError, SchemaError
 from .model.geometry import Box
 from .model.masks import bitmask
 from .model.schema import PSF_DIMS, data_ids, mask_planes, validate, with_provenance
@@ -47,10 +47,6 @@ __all__ = [
 ]
 
 _FLOAT32_EPS = 1.19209290e-07
-
-
-class PsfMatchError(SkystackError, ValueError):
-    """The PSF-matching kernel cannot be built or solved (bad geometry, ill-conditioned, deconvolution)."""
 
 
 class ModelPsfMatchConfig(BaseModel):
@@ -114,6 +110,23 @@ class ModelPsfMatchConfig(BaseModel):
         "achieved",
         description="PSF declared on the output: 'achieved' = science PSF (x) fitted kernel on a grid of nodes; "
         "'target' = the reference model, as the reference does")
+    convolution: Literal["low-rank", "exact"] = Field(
+        "low-rank",
+        description="'exact': float64 transforms of every spatial term of K (and of K² for the variance); "
+        "'low-rank': float32 transforms of the few kernel images that span K (and K²) within "
+        "max_kernel_error (max_variance_kernel_error), spatial weights still exact at every pixel")
+    fft_precision: Literal["float64", "float32"] = Field(
+        "float64",
+        description="low-rank: precision of the transforms; float32 is about twice as fast, its rounding "
+        "(<= 1e-6 x L1(K) x the largest |pixel - tile mean| in the FFT tile) depends on the chunking")
+    max_kernel_error: float = Field(
+        1e-4, gt=0, le=0.1,
+        description="low-rank: largest L1 norm of (approximate - exact) kernel relative to the kernel sum, "
+        "at every pixel (image error <= this x the largest |pixel - tile mean| under the kernel)")
+    max_variance_kernel_error: float = Field(
+        1e-3, gt=0, le=0.1,
+        description="low-rank: largest L1 norm of the error of K² relative to sum(K²) at every pixel "
+        "(relative variance error <= this x max/min variance under the kernel)")
     max_width_ratio: float = Field(
         1.0, gt=0, le=10,
         description="raise when the science FWHM exceeds this x the target FWHM at a cell (deconvolution)")
@@ -750,32 +763,56 @@ def _finite_input(ext):
     return np.where(nan | inf, 0.0, ext).astype(ext.dtype), nan, inf
 
 
+def _lowrank_rows(loc, geom, kern, part):
+    """Row weights, column terms and normaliser rows of a low-rank part on the block at ``loc``."""
+    (ya, yb), (xa, xb) = loc
+    xs = np.arange(geom["x0"] + xa, geom["x0"] + xb, dtype=np.float64)
+    ys = np.arange(geom["y0"] + ya, geom["y0"] + yb, dtype=np.float64)
+    box, kind, top = kern["box"], kern["kind"], part["coef"].shape[1] - 1
+    tx = _axis_terms(_scaled(xs, box[0], box[2]), top, kind)
+    ty = _axis_terms(_scaled(ys, box[1], box[3]), top, kind)
+    rows = np.einsum("rab,bi->rai", part["coef"], ty)
+    return rows, tx, part["norm"] @ ty
+
+
 def _image_block(ext, *, geom, kern, block_info=None):
     loc, ext = _prepare(ext, geom, kern, block_info)
-    wy, wx = _weights(loc, geom, kern)
     ext, nan, inf = _finite_input(ext)
-    out = correlate_varying(ext, kern["comps"], wy, wx)
-    out /= (kern["sums"][:, None] * wy).T @ wx
+    if kern["mode"] == "exact":
+        wy, wx = _weights(loc, geom, kern)
+        out = correlate_varying(ext, kern["comps"], wy, wx)
+        out /= (kern["sums"][:, None] * wy).T @ wx
+        out = out.astype(np.float32)
+    else:
+        part = kern["image"]
+        out = correlate_lowrank(ext, part["basis"], *_lowrank_rows(loc, geom, kern, part), 1, tile=kern["tile"],
+                                dtype=kern["fft_dtype"])
     if nan is not None:
         out[or_dilate(nan | inf, kern["footprint"])] = np.nan
-    return _set_border(out.astype(np.float32), loc, geom["shape"], kern["h"], np.nan)
+    return _set_border(out, loc, geom["shape"], kern["h"], np.nan)
 
 
 def _variance_block(ext, *, geom, kern, block_info=None):
     loc, ext = _prepare(ext, geom, kern, block_info)
-    wy, wx = _weights(loc, geom, kern)
-    qy, qx = _weights(loc, geom, kern, kern["square_terms"])
     ext, nan, inf = _finite_input(ext)
-    out = correlate_varying(ext, kern["square_kernels"], qy, qx)
-    norm = (kern["sums"][:, None] * wy).T @ wx
-    norm *= norm
-    out /= norm
+    if kern["mode"] == "exact":
+        wy, wx = _weights(loc, geom, kern)
+        qy, qx = _weights(loc, geom, kern, kern["square_terms"])
+        out = correlate_varying(ext, kern["square_kernels"], qy, qx)
+        norm = (kern["sums"][:, None] * wy).T @ wx
+        norm *= norm
+        out /= norm
+        out = out.astype(np.float32)
+    else:
+        part = kern["variance"]
+        out = correlate_lowrank(ext, part["basis"], *_lowrank_rows(loc, geom, kern, part), 2, tile=kern["tile"],
+                                dtype=kern["fft_dtype"])
     if nan is not None:
         if inf.any():
             out[or_dilate(inf, kern["footprint"])] = np.inf
         if nan.any():
             out[or_dilate(nan, kern["footprint"])] = np.nan
-    return _set_border(out.astype(np.float32), loc, geom["shape"], kern["h"], np.inf)
+    return _set_border(out, loc, geom["shape"], kern["h"], np.inf)
 
 
 def _mask_block(ext, *, geom, kern, block_info=None):
@@ -784,17 +821,87 @@ def _mask_block(ext, *, geom, kern, block_info=None):
     return _set_border(out, loc, geom["shape"], kern["h"], np.uint32(geom["no_data"]))
 
 
-def _kernel_arrays(kernel_model: KernelModel) -> dict:
+_ERROR_SAMPLES = 33  # sample positions per axis where the low-rank kernel error is evaluated
+_LOWRANK_TILE = 256  # output pixels per FFT tile side of the low-rank path
+
+
+def _low_rank(kernels: np.ndarray, g: np.ndarray, scale: np.ndarray, tol: float):
+    """Fewest kernel images spanning ``sum_m g_m K_m`` within ``tol`` (L1, relative to ``scale``).
+
+    ``kernels`` ``(M, k, k)``; ``g`` ``(n_pos, M)`` the spatial functions at sample positions;
+    ``scale`` ``(n_pos,)`` positive. The images are the leading right singular vectors of the
+    kernel family sampled at the positions (each divided by its scale); the rank is the smallest
+    whose largest sampled L1 error is at most ``tol / 2`` (the half keeps the bound between
+    samples). Returns the images ``(R, k, k)``, the mixing matrix ``(M, R)`` (``K_m ~ sum_r
+    mix[m, r] V_r``) and the largest sampled relative error.
+    """
+    m, k = kernels.shape[0], kernels.shape[1]
+    flat = kernels.reshape(m, -1)
+    family = (g @ flat) / scale[:, None]
+    _, sv, vt = np.linalg.svd(family, full_matrices=False)
+    best = None
+    for rank in range(1, min(m, vt.shape[0]) + 1):
+        v = vt[:rank]
+        resid = flat - (flat @ v.T) @ v
+        err = float((np.abs(g @ resid).sum(axis=1) / scale).max())
+        best = (v, err)
+        if err <= tol / 2 or not sv[rank - 1] > 0:
+            break
+    v, err = best
+    return v.reshape(-1, k, k), flat @ v.T, err
+
+
+def _axis_coefficients(weights: np.ndarray, terms, n_axis: int) -> np.ndarray:
+    """``C[w, a, b]``: the per-term weights ``(M, W)`` placed on axis functions ``(a, b)`` of each term."""
+    out = np.zeros((weights.shape[1], n_axis, n_axis))
+    for i, (a, b) in enumerate(terms):
+        out[:, a, b] += weights[i]
+    return out
+
+
+def _low_rank_arrays(comps, sums, square_terms, square_kernels, kernel_model, box: Box, config) -> dict:
+    order, kind, cbox = kernel_model.order, kernel_model.spatial_model_type, kernel_model.box
+    xs = np.linspace(box.x0, box.x1 - 1, min(_ERROR_SAMPLES, box.width))
+    ys = np.linspace(box.y0, box.y1 - 1, min(_ERROR_SAMPLES, box.height))
+    tx = _axis_terms(_scaled(xs, cbox[0], cbox[2]), 2 * order, kind)
+    ty = _axis_terms(_scaled(ys, cbox[1], cbox[3]), 2 * order, kind)
+
+    def at_samples(terms):
+        return np.array([np.outer(ty[b], tx[a]).ravel() for a, b in terms]).T
+
+    pairs = _spatial_pairs(order)
+    f = at_samples(pairs)
+    basis, mix, err = _low_rank(comps, f, np.abs(f @ sums), config.max_kernel_error)
+    image = {"basis": basis, "error": err,
+             "coef": _axis_coefficients(np.column_stack([mix, sums]), pairs, order + 1),
+             "norm": _axis_coefficients(sums[:, None], pairs, order + 1)[0]}
+    q = at_samples(square_terms)
+    qsums = square_kernels.sum(axis=(1, 2))
+    vbasis, vmix, verr = _low_rank(square_kernels, q, np.abs(q @ qsums), config.max_variance_kernel_error)
+    variance = {"basis": vbasis, "error": verr,
+                "coef": _axis_coefficients(np.column_stack([vmix, qsums]), square_terms, 2 * order + 1),
+                "norm": _axis_coefficients(sums[:, None], pairs, 2 * order + 1)[0]}
+    return {"image": image, "variance": variance}
+
+
+def _kernel_arrays(kernel_model: KernelModel, box: Box | None = None, config: ModelPsfMatchConfig | None = None) -> dict:
     """What the convolution blocks need from a kernel model (small arrays, no report)."""
+    config = ModelPsfMatchConfig(convolution="exact") if config is None else config
     comps = kernel_model.component_kernels()
+    sums = comps.sum(axis=(1, 2))
     used = np.any(kernel_model.coefficients != 0, axis=1)
     square_terms, square_kernels = _squared_model(comps, kernel_model.order, kernel_model.spatial_model_type)
-    return {
-        "h": kernel_model.radius, "comps": comps, "sums": comps.sum(axis=(1, 2)),
-        "square_terms": square_terms, "square_kernels": square_kernels,
+    out = {
+        "h": kernel_model.radius, "mode": config.convolution, "tile": _LOWRANK_TILE,
+        "fft_dtype": np.dtype(config.fft_precision),
         "footprint": np.any(kernel_model.basis[used] != 0, axis=0),
         "box": kernel_model.box, "order": kernel_model.order, "kind": kernel_model.spatial_model_type,
     }
+    if config.convolution == "exact":
+        out.update(comps=comps, sums=sums, square_terms=square_terms, square_kernels=square_kernels)
+    else:
+        out.update(_low_rank_arrays(comps, sums, square_terms, square_kernels, kernel_model, box, config))
+    return out
 
 
 def _apply(arr, func, geom, kern, dtype, fill):
@@ -830,17 +937,25 @@ def _convolve(exposure: xr.Dataset, kern, depth: int, planes) -> xr.Dataset:
     return out
 
 
-def convolve_kernel_model(exposure: xr.Dataset, kernel_model: KernelModel) -> xr.Dataset:
+def convolve_kernel_model(
+    exposure: xr.Dataset,
+    kernel_model: KernelModel,
+    *,
+    config: ModelPsfMatchConfig = ModelPsfMatchConfig(),
+) -> xr.Dataset:
     """Correlate an exposure with a spatially varying kernel model (lazy when the input is dask).
 
     Image ``sum K I``, variance ``sum K² V``, mask OR under the non-zero taps, with the kernel
     divided by its sum at every pixel; non-finite inputs spread over the kernel footprint
     (NaN image, +inf or NaN variance); a border of the kernel radius becomes ``(NaN, NO_DATA, +inf)``.
-    The ``psf`` variable is dropped (the caller declares the new one).
+    The ``psf`` variable is dropped (the caller declares the new one). Only the ``convolution``,
+    ``max_kernel_error`` and ``max_variance_kernel_error`` fields of ``config`` are used (see
+    :func:`model_psf_match`).
     """
     validate(exposure, check_wcs=False)
     planes = _check_exposure(exposure, data_ids(exposure))
-    return _convolve(exposure, _kernel_arrays(kernel_model), kernel_model.radius, planes)
+    box = Box.of(exposure)
+    return _convolve(exposure, _kernel_arrays(kernel_model, box, config), kernel_model.radius, planes)
 
 
 def _declared_nodes(box: Box, config: ModelPsfMatchConfig) -> tuple[int, int]:
@@ -922,7 +1037,7 @@ def model_psf_match(
         return _model_psf_match_lazy(exposure, psf, reference_psf, box, planes, config, ids)
     science_psf = GridPsf.from_dataset(exposure, fill_missing=True)
     kernel_model, psf_size = solve_kernel_model(science_psf, reference_psf, box, config=config, ids=ids)
-    out = _convolve(exposure, _kernel_arrays(kernel_model), kernel_model.radius, planes)
+    out = _convolve(exposure, _kernel_arrays(kernel_model, box, config), kernel_model.radius, planes)
     if config.declared_psf == "target":
         out["psf"] = reference_psf.to_grid(box, 1, size=psf_size)
     else:
@@ -947,7 +1062,7 @@ def _model_psf_match_lazy(exposure, psf, reference_psf, box, planes, config, ids
     xs, ys = np.asarray(psf["psf_x"].values, float), np.asarray(psf["psf_y"].values, float)
     solve = dask.delayed(_solve_from_grid, pure=True)
     kernel_model = solve(psf.data, xs, ys, reference_psf, box, config, ids)
-    kern = dask.delayed(_kernel_arrays, pure=True)(kernel_model)
+    kern = dask.delayed(_kernel_arrays, pure=True)(kernel_model, box, config)
     out = _convolve(exposure, kern, ksize // 2, planes)
     if config.declared_psf == "target":
         out["psf"] = reference_psf.to_grid(box, 1, size=psf_size)
