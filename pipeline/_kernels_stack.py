@@ -5,7 +5,8 @@ definition: every sum runs over the planes in their given order with the same fl
 expressions), with less work per sample:
 
 * the planes come as a sequence of 2-D arrays (one per visit), so a chunk of a stack is never
-  copied into one 3-D block;
+  copied into one 3-D block; the work runs in bands of rows (about ``BAND_PIXELS`` pixels), so
+  each plane is looked up once per band and sweep;
 * one gathering sweep per row: the and-mask/finite/variance selection, counts and mask ORs, and
   the sort keys (excluded samples sort last as +inf); nothing else is stored per sample, the
   moment passes read the input rows again (the selection costs a few vector operations);
@@ -44,6 +45,9 @@ __all__ = ["stack_planes"]
 
 _OPTS = dict(cache=True, nogil=True, error_model="numpy")
 
+#: pixels per band of rows (the per-band scratch stays within a core's L2 cache)
+BAND_PIXELS = 8192
+
 
 @njit(**_OPTS)
 def _row_quantile_full(Y, n, f, out):
@@ -79,20 +83,52 @@ def _row_quantile_full(Y, n, f, out):
             out[j] = a + (b - a) * g
 
 
-@njit(**_OPTS)
-def _pass_rows(
-    images, variances, masks, weights, i, nx, andm, weight_mode, error_mode, centre, width, shifted, acc, cnt
-):
-    """Sums over the planes of row ``i`` of the selected samples with ``|x - centre| <= width``.
+@njit(inline="always", error_model="numpy")
+def _select(xv, vv, mv, andm, iv):
+    """(x, v, m, unmasked, good) of one sample: and-mask, finite value, positive variance if ``iv``."""
+    x = np.float64(xv)
+    v = np.float64(vv)
+    m = np.uint32(mv)
+    unmasked = (m & andm) == 0
+    good = unmasked & ((v > 0.0) | (not iv)) & math.isfinite(x)
+    return x, v, m, unmasked, good
 
-    ``acc`` rows: S1, S2, sum w x, sum w (x - centre)^2 (when ``shifted``), and the error sum:
-    sum w^2 v (input-variance error) or sum w v (other modes).
+
+@njit(inline="always", error_model="numpy")
+def _terms(xv, vv, mv, c, wd, andm, iv, wconst, ev, shifted):
+    """Terms of one sample in the pass sums (zero unless selected and ``|x - c| <= wd``)."""
+    x, v, m, unmasked, good = _select(xv, vv, mv, andm, iv)
+    d = x - c
+    keep = good & (abs(d) <= wd)
+    w = (1.0 / v) if iv else wconst
+    t1 = w if keep else 0.0
+    t2 = w * w if keep else 0.0
+    t3 = w * x if keep else 0.0
+    t4 = (w * d * d if keep else 0.0) if shifted else 0.0
+    if ev:
+        t5 = w * w * v if keep else 0.0
+    else:
+        t5 = w * v if keep else 0.0
+    return t1, t2, t3, t4, t5, np.int64(keep)
+
+
+@njit(**_OPTS)
+def _pass_band(
+    images, variances, masks, weights, i0, nr, nx, andm, weight_mode, error_mode, centre, width, shifted, acc, cnt
+):
+    """Sums over the planes of rows ``i0:i0+nr`` of the selected samples with ``|x - centre| <= width``.
+
+    Pixel ``(i0 + r, j)`` is entry ``r * nx + j`` of ``centre``, ``width``, ``cnt`` and of the
+    ``acc`` rows: S1, S2, sum w x, sum w (x - centre)^2 (when ``shifted``), and the error sum
+    sum w^2 v (input-variance error) or sum w v (other modes). Planes are taken four at a time
+    with the sums held in registers, added in plane order.
     """
+    npx = nr * nx
     for r in range(5):
-        for j in range(nx):
-            acc[r, j] = 0.0
-    for j in range(nx):
-        cnt[j] = 0
+        for p in range(npx):
+            acc[r, p] = 0.0
+    for p in range(npx):
+        cnt[p] = 0
     s1 = acc[0]
     s2 = acc[1]
     a1 = acc[2]
@@ -100,56 +136,158 @@ def _pass_rows(
     e = acc[4]
     iv = weight_mode == WEIGHT_INVERSE_VARIANCE
     ev = error_mode == ERROR_INPUT_VARIANCE
-    for k in range(len(images)):
-        img = images[k]
-        var = variances[k]
-        msk = masks[k]
-        wconst = np.float64(weights[k]) if weight_mode == WEIGHT_MULTIPLICATIVE else 1.0
-        for j in range(nx):
-            x = np.float64(img[i, j])
-            v = np.float64(var[i, j])
-            m = np.uint32(msk[i, j])
-            good = ((m & andm) == 0) & ((v > 0.0) | (not iv)) & math.isfinite(x)
-            d = x - centre[j]
-            keep = good & (abs(d) <= width[j])
-            w = (1.0 / v) if iv else wconst
-            s1[j] += w if keep else 0.0
-            s2[j] += w * w if keep else 0.0
-            a1[j] += w * x if keep else 0.0
-            if shifted:
-                q1[j] += w * d * d if keep else 0.0
-            if ev:
-                e[j] += w * w * v if keep else 0.0
-            else:
-                e[j] += w * v if keep else 0.0
-            cnt[j] += np.int64(keep)
+    mult = weight_mode == WEIGHT_MULTIPLICATIVE
+    nk = len(images)
+    k = 0
+    while k + 4 <= nk:
+        im0, im1, im2, im3 = images[k], images[k + 1], images[k + 2], images[k + 3]
+        va0, va1, va2, va3 = variances[k], variances[k + 1], variances[k + 2], variances[k + 3]
+        ma0, ma1, ma2, ma3 = masks[k], masks[k + 1], masks[k + 2], masks[k + 3]
+        w0 = np.float64(weights[k]) if mult else 1.0
+        w1 = np.float64(weights[k + 1]) if mult else 1.0
+        w2 = np.float64(weights[k + 2]) if mult else 1.0
+        w3 = np.float64(weights[k + 3]) if mult else 1.0
+        for r in range(nr):
+            i = i0 + r
+            base = r * nx
+            for j in range(nx):
+                p = base + j
+                c = centre[p]
+                wd = width[p]
+                A = s1[p]
+                B = s2[p]
+                C = a1[p]
+                D = q1[p]
+                E = e[p]
+                N = cnt[p]
+                t = _terms(im0[i, j], va0[i, j], ma0[i, j], c, wd, andm, iv, w0, ev, shifted)
+                A += t[0]
+                B += t[1]
+                C += t[2]
+                D += t[3]
+                E += t[4]
+                N += t[5]
+                t = _terms(im1[i, j], va1[i, j], ma1[i, j], c, wd, andm, iv, w1, ev, shifted)
+                A += t[0]
+                B += t[1]
+                C += t[2]
+                D += t[3]
+                E += t[4]
+                N += t[5]
+                t = _terms(im2[i, j], va2[i, j], ma2[i, j], c, wd, andm, iv, w2, ev, shifted)
+                A += t[0]
+                B += t[1]
+                C += t[2]
+                D += t[3]
+                E += t[4]
+                N += t[5]
+                t = _terms(im3[i, j], va3[i, j], ma3[i, j], c, wd, andm, iv, w3, ev, shifted)
+                A += t[0]
+                B += t[1]
+                C += t[2]
+                D += t[3]
+                E += t[4]
+                N += t[5]
+                s1[p] = A
+                s2[p] = B
+                a1[p] = C
+                q1[p] = D
+                e[p] = E
+                cnt[p] = N
+        k += 4
+    while k < nk:
+        im0 = images[k]
+        va0 = variances[k]
+        ma0 = masks[k]
+        w0 = np.float64(weights[k]) if mult else 1.0
+        for r in range(nr):
+            i = i0 + r
+            base = r * nx
+            for j in range(nx):
+                p = base + j
+                t = _terms(im0[i, j], va0[i, j], ma0[i, j], centre[p], width[p], andm, iv, w0, ev, shifted)
+                s1[p] += t[0]
+                s2[p] += t[1]
+                a1[p] += t[2]
+                q1[p] += t[3]
+                e[p] += t[4]
+                cnt[p] += t[5]
+        k += 1
 
 
 @njit(**_OPTS)
-def _plain_m2(images, variances, masks, i, nx, andm, weight_mode, weights, centre, width, mean, out):
-    """Second pass of the two-pass moments: ``sum w (x - mean)^2`` over the kept samples."""
-    for j in range(nx):
-        out[j] = 0.0
+def _gather_band(images, variances, masks, i0, nr, nx, andm, iv, Y, any_mask, orm, counts):
+    """The gathering sweep of rows ``i0:i0+nr``: mask OR of every input, mask OR of the selected
+    ones, counts (selected << 32 | without an and-mask bit) and the sort keys ``Y[r, k]`` (the
+    value, +inf where not selected)."""
+    npx = nr * nx
+    for p in range(npx):
+        counts[p] = 0
+        orm[p] = 0
+        any_mask[p] = 0
+    nk = len(images)
+    inf = np.inf
+    shift = np.int64(32)
+    zero = np.uint32(0)
+    k = 0
+    while k < nk:
+        im0 = images[k]
+        va0 = variances[k]
+        ma0 = masks[k]
+        for r in range(nr):
+            i = i0 + r
+            base = r * nx
+            y0 = Y[r, k]
+            for j in range(nx):
+                p = base + j
+                x0, _, m0, u0, g0 = _select(im0[i, j], va0[i, j], ma0[i, j], andm, iv)
+                any_mask[p] |= m0
+                orm[p] |= m0 if g0 else zero
+                counts[p] += np.int64(u0) + (np.int64(g0) << shift)
+                y0[j] = x0 if g0 else inf
+        k += 1
+
+
+@njit(**_OPTS)
+def _plain_m2(images, variances, masks, weights, i0, nr, nx, andm, weight_mode, centre, width, mean, out):
+    """Second sweep of the two-pass moments: ``sum w (x - mean)^2`` over the kept samples."""
+    npx = nr * nx
+    for p in range(npx):
+        out[p] = 0.0
     iv = weight_mode == WEIGHT_INVERSE_VARIANCE
     for k in range(len(images)):
         img = images[k]
         var = variances[k]
         msk = masks[k]
         wconst = np.float64(weights[k]) if weight_mode == WEIGHT_MULTIPLICATIVE else 1.0
-        for j in range(nx):
-            x = np.float64(img[i, j])
-            v = np.float64(var[i, j])
-            m = np.uint32(msk[i, j])
-            good = ((m & andm) == 0) & ((v > 0.0) | (not iv)) & math.isfinite(x)
-            keep = good & (abs(x - centre[j]) <= width[j])
-            w = (1.0 / v) if iv else wconst
-            d = x - mean[j]
-            out[j] += w * d * d if keep else 0.0
+        for r in range(nr):
+            i = i0 + r
+            base = r * nx
+            for j in range(nx):
+                p = base + j
+                x = np.float64(img[i, j])
+                v = np.float64(var[i, j])
+                m = np.uint32(msk[i, j])
+                good = ((m & andm) == 0) & ((v > 0.0) | (not iv)) & math.isfinite(x)
+                keep = good & (abs(x - centre[p]) <= width[p])
+                w = (1.0 / v) if iv else wconst
+                d = x - mean[p]
+                out[p] += w * d * d if keep else 0.0
+
+
+@njit(**_OPTS)
+def _rows_of(idx, npix, nx, rows):
+    """Band row of each listed pixel (``idx`` ascending), without integer division."""
+    r = 0
+    for t in range(npix):
+        while idx[t] >= (r + 1) * nx:
+            r += 1
+        rows[t] = r
 
 
 @njit(**_OPTS)
 def _shifted_result(s1, s2, a1, q1, e, c, centre, error_mode):
-    """(mean, var, errvar) of ``_row_moments_shifted`` from its sums (``e`` as in :func:`_pass_rows`)."""
+    """(mean, var, errvar) of ``_row_moments_shifted`` from its sums (``e`` as in :func:`_pass_band`)."""
     if c == 0 or s1 == 0.0:
         return np.nan, np.nan, np.nan
     mean = a1 / s1
@@ -168,50 +306,59 @@ def _shifted_result(s1, s2, a1, q1, e, c, centre, error_mode):
 
 @njit(**_OPTS)
 def _pixels_pass(
-    images, variances, masks, weights, i, idx, npix, andm, weight_mode, error_mode, centre, width, acc, cnt
+    images, variances, masks, weights, i0, nx, idx, rows, npix, andm, weight_mode, error_mode, centre, width, acc, cnt,
+    xc, vc, mc, cc, wc,
 ):
-    """Shifted clip-pass sums of the pixels ``idx[:npix]`` of row ``i`` into ``acc[:, t]``,
-    ``cnt[t]`` (as :func:`_pass_rows`, planes in order; centre and width indexed by pixel)."""
+    """Shifted clip-pass sums of the band pixels ``idx[:npix]`` (entries ``r * nx + j``) into
+    ``acc[:, t]``, ``cnt[t]`` (as :func:`_pass_band`, planes in order). The samples of the listed
+    pixels are first copied into the compact ``(K, npix)`` buffers ``xc``, ``vc``, ``mc`` (their
+    centres and widths into ``cc``, ``wc``), so the sums run as one dense vector sweep."""
     ev = error_mode == ERROR_INPUT_VARIANCE
+    iv = weight_mode == WEIGHT_INVERSE_VARIANCE
+    nk = len(images)
+    for t in range(npix):
+        p = idx[t]
+        cc[t] = centre[p]
+        wc[t] = width[p]
+    for k in range(nk):
+        img = images[k]
+        var = variances[k]
+        msk = masks[k]
+        xk = xc[k]
+        vk = vc[k]
+        mk = mc[k]
+        for t in range(npix):
+            i = i0 + rows[t]
+            j = idx[t] - rows[t] * nx
+            xk[t] = img[i, j]
+            vk[t] = var[i, j]
+            mk[t] = msk[i, j]
     for r in range(5):
         for t in range(npix):
             acc[r, t] = 0.0
     for t in range(npix):
         cnt[t] = 0
-    iv = weight_mode == WEIGHT_INVERSE_VARIANCE
-    for k in range(len(images)):
-        img = images[k]
-        var = variances[k]
-        msk = masks[k]
-        if iv:
-            wconst = 1.0
-        elif weight_mode == WEIGHT_MULTIPLICATIVE:
-            wconst = np.float64(weights[k])
-        else:
-            wconst = 1.0
+    for k in range(nk):
+        wconst = np.float64(weights[k]) if weight_mode == WEIGHT_MULTIPLICATIVE else 1.0
+        xk = xc[k]
+        vk = vc[k]
+        mk = mc[k]
         for t in range(npix):
-            j = idx[t]
-            x = np.float64(img[i, j])
-            v = np.float64(var[i, j])
-            m = np.uint32(msk[i, j])
-            if (m & andm) != 0 or (iv and not (v > 0.0)) or not math.isfinite(x):
-                continue
-            d = x - centre[j]
-            if not (abs(d) <= width[j]):
-                continue
-            w = 1.0 / v if iv else wconst
-            acc[0, t] += w
-            acc[1, t] += w * w
-            acc[2, t] += w * x
-            acc[3, t] += w * d * d
-            acc[4, t] += w * w * v if ev else w * v
-            cnt[t] += 1
+            tt = _terms(xk[t], vk[t], mk[t], cc[t], wc[t], andm, iv, wconst, ev, True)
+            acc[0, t] += tt[0]
+            acc[1, t] += tt[1]
+            acc[2, t] += tt[2]
+            acc[3, t] += tt[3]
+            acc[4, t] += tt[4]
+            cnt[t] += tt[5]
 
 
 @njit(**_OPTS)
-def _propagated_bits(images, variances, masks, weights, i, idx, npix, andm, weight_mode, prop_bits, prop_thr, orm, tot):
-    """OR into ``orm[j]`` (``j`` in ``idx[:npix]``) the bits whose excluded-input weight fraction
-    exceeds the threshold; ``tot`` is scratch (two rows of at least ``npix``)."""
+def _propagated_bits(
+    images, variances, masks, weights, i0, nx, idx, rows, npix, andm, weight_mode, prop_bits, prop_thr, orm, tot
+):
+    """OR into ``orm[p]`` (``p`` in ``idx[:npix]``, entries ``r * nx + j`` of the band) the bits
+    whose excluded-input weight fraction exceeds the threshold; ``tot`` is scratch (2 rows)."""
     iv = weight_mode == WEIGHT_INVERSE_VARIANCE
     for b in range(prop_bits.shape[0]):
         bit = prop_bits[b]
@@ -223,7 +370,9 @@ def _propagated_bits(images, variances, masks, weights, i, idx, npix, andm, weig
             var = variances[k]
             msk = masks[k]
             for t in range(npix):
-                j = idx[t]
+                p = idx[t]
+                i = i0 + rows[t]
+                j = p - rows[t] * nx
                 x = np.float64(img[i, j])
                 v = np.float64(var[i, j])
                 m = np.uint32(msk[i, j])
@@ -263,26 +412,34 @@ def stack_planes(
     size = 1
     while size < nk:
         size *= 2
-    Y = np.empty((size, nx), dtype=images[0].dtype)
-    counts = np.empty(nx, dtype=np.int64)
-    n = np.empty(nx, dtype=np.int64)
-    orm = np.empty(nx, dtype=np.uint32)
-    any_mask = np.empty(nx, dtype=np.uint32)
-    centre = np.empty(nx, dtype=np.float64)
-    width = np.empty(nx, dtype=np.float64)
-    prev_centre = np.empty(nx, dtype=np.float64)
-    prev_width = np.empty(nx, dtype=np.float64)
-    iqr = np.empty(nx, dtype=np.float64)
+    band = max(1, min(ny, BAND_PIXELS // max(nx, 1)))
+    nb = band * nx
+    Y = np.empty((band, size, nx), dtype=images[0].dtype)
+    counts = np.empty(nb, dtype=np.int64)
+    n = np.empty(nb, dtype=np.int64)
+    orm = np.empty(nb, dtype=np.uint32)
+    any_mask = np.empty(nb, dtype=np.uint32)
+    centre = np.empty(nb, dtype=np.float64)
+    width = np.empty(nb, dtype=np.float64)
+    prev_centre = np.empty(nb, dtype=np.float64)
+    prev_width = np.empty(nb, dtype=np.float64)
+    iqr = np.empty(nb, dtype=np.float64)
     q25 = np.empty(nx, dtype=np.float64)
-    mean = np.empty(nx, dtype=np.float64)
-    var = np.empty(nx, dtype=np.float64)
-    errvar = np.empty(nx, dtype=np.float64)
-    m2 = np.empty(nx, dtype=np.float64)
-    acc = np.empty((5, nx), dtype=np.float64)
-    cnt = np.empty(nx, dtype=np.int64)
-    pcnt = np.empty(nx, dtype=np.int64)
-    idx = np.empty(nx, dtype=np.int64)
-    moved = np.empty(nx, dtype=np.bool_)
+    mean = np.empty(nb, dtype=np.float64)
+    var = np.empty(nb, dtype=np.float64)
+    errvar = np.empty(nb, dtype=np.float64)
+    m2 = np.empty(nb, dtype=np.float64)
+    acc = np.empty((5, nb), dtype=np.float64)
+    cnt = np.empty(nb, dtype=np.int64)
+    pcnt = np.empty(nb, dtype=np.int64)
+    idx = np.empty(nb, dtype=np.int64)
+    rows = np.empty(nb, dtype=np.int64)
+    moved = np.empty(nb, dtype=np.bool_)
+    xc = np.empty((nk, nb), dtype=images[0].dtype)
+    vc = np.empty((nk, nb), dtype=variances[0].dtype)
+    mc = np.empty((nk, nb), dtype=masks[0].dtype)
+    cc = np.empty(nb, dtype=np.float64)
+    wc = np.empty(nb, dtype=np.float64)
     andm = np.uint32(and_mask)
     iv = weight_mode == WEIGHT_INVERSE_VARIANCE
     nprop = prop_bits.shape[0]
@@ -291,170 +448,172 @@ def stack_planes(
         prop_any |= prop_bits[b]
     nmap = map_from.shape[0]
     need_sort = statistic != STACK_MEAN
-    inf = images[0].dtype.type(np.inf)
+    inf = np.inf
     shift = np.int64(32)
     low = np.int64(0xFFFFFFFF)
-    for i in range(ny):
-        for j in range(nx):
-            counts[j] = 0
-            orm[j] = 0
-            any_mask[j] = 0
-        # gathering sweep: selection, counts (good << 32 | unmasked), mask ORs, sort keys
-        for k in range(nk):
-            img = images[k]
-            vr = variances[k]
-            msk = masks[k]
-            yk = Y[k]
-            for j in range(nx):
-                m = np.uint32(msk[i, j])
-                xv = img[i, j]
-                x = np.float64(xv)
-                v = np.float64(vr[i, j])
-                unmasked = (m & andm) == 0
-                good = unmasked & ((v > 0.0) | (not iv)) & math.isfinite(x)
-                any_mask[j] |= m
-                orm[j] |= m if good else np.uint32(0)
-                counts[j] += np.int64(unmasked) + (np.int64(good) << shift)
-                yk[j] = xv if good else inf
-        for j in range(nx):
-            n[j] = counts[j] >> shift
-        full = True
-        for j in range(nx):
-            full &= n[j] == nk
+    for i0 in range(0, ny, band):
+        nr = min(band, ny - i0)
+        npx = nr * nx
+        _gather_band(images, variances, masks, i0, nr, nx, andm, iv, Y, any_mask, orm, counts)
+        for p in range(npx):
+            n[p] = counts[p] >> shift
         if need_sort:
-            for k in range(nk, size):
-                for j in range(nx):
-                    Y[k, j] = inf
-            for c in range(pairs.shape[0]):
-                yp = Y[pairs[c, 0]]
-                yq = Y[pairs[c, 1]]
-                for j in range(nx):
-                    lo = yp[j]
-                    hi = yq[j]
-                    yp[j] = min(lo, hi)
-                    yq[j] = max(lo, hi)
+            for r in range(nr):
+                Yr = Y[r]
+                for k in range(nk, size):
+                    for j in range(nx):
+                        Yr[k, j] = inf
+                for c in range(pairs.shape[0]):
+                    yp = Yr[pairs[c, 0]]
+                    yq = Yr[pairs[c, 1]]
+                    for j in range(nx):
+                        lo = yp[j]
+                        hi = yq[j]
+                        yp[j] = min(lo, hi)
+                        yq[j] = max(lo, hi)
         if nprop > 0:
             npix = 0
-            for j in range(nx):
-                if (any_mask[j] & prop_any) != 0:
-                    idx[npix] = j
+            for p in range(npx):
+                if (any_mask[p] & prop_any) != 0:
+                    idx[npix] = p
                     npix += 1
+            _rows_of(idx, npix, nx, rows)
             if npix > 0:
                 _propagated_bits(
-                    images, variances, masks, weights, i, idx, npix, andm, weight_mode, prop_bits, prop_thr, orm, acc
+                    images, variances, masks, weights, i0, nx, idx, rows, npix, andm, weight_mode, prop_bits, prop_thr,
+                    orm, acc,
                 )
         if statistic == STACK_MEANCLIP:
             # pass 0 about the median with the IQR width
-            _row_quantile_full(Y, nk, 0.5, centre)
-            _row_quantile_full(Y, nk, 0.75, iqr)
-            _row_quantile_full(Y, nk, 0.25, q25)
-            for j in range(nx):
-                iqr[j] -= q25[j]
-            if not full:
+            for r in range(nr):
+                Yr = Y[r]
+                base = r * nx
+                cr = centre[base:base + nx]
+                ir = iqr[base:base + nx]
+                _row_quantile_full(Yr, nk, 0.5, cr)
+                _row_quantile_full(Yr, nk, 0.75, ir)
+                _row_quantile_full(Yr, nk, 0.25, q25)
                 for j in range(nx):
-                    nj = n[j]
+                    ir[j] -= q25[j]
+                for j in range(nx):
+                    nj = n[base + j]
                     if nj != nk:
-                        centre[j] = _column_quantile(Y, j, nj, 0.5)
-                        iqr[j] = _column_quantile(Y, j, nj, 0.75) - _column_quantile(Y, j, nj, 0.25)
-            for j in range(nx):
-                var[j] = np.nan
+                        cr[j] = _column_quantile(Yr, j, nj, 0.5)
+                        ir[j] = _column_quantile(Yr, j, nj, 0.75) - _column_quantile(Yr, j, nj, 0.25)
+            for p in range(npx):
+                var[p] = np.nan
             for it in range(num_iter):
                 last = it == num_iter - 1
                 if it > 0:
-                    for j in range(nx):
-                        prev_centre[j] = centre[j]
-                        prev_width[j] = width[j]
-                        centre[j] = mean[j]
-                for j in range(nx):
-                    width[j] = clip_width(it, n[j], iqr[j], var[j], num_sigma, centre[j])
+                    for p in range(npx):
+                        prev_centre[p] = centre[p]
+                        prev_width[p] = width[p]
+                        centre[p] = mean[p]
+                for p in range(npx):
+                    width[p] = clip_width(it, n[p], iqr[p], var[p], num_sigma, centre[p])
                 if last and it > 0 and error_mode != ERROR_DEFAULT:
                     # only the pixels whose kept set changed need this pass
-                    for j in range(nx):
-                        moved[j] = False
-                    for k in range(nk):
-                        yk = Y[k]
-                        for j in range(nx):
-                            y = np.float64(yk[j])
-                            kp = abs(y - prev_centre[j]) <= prev_width[j]
-                            kc = abs(y - centre[j]) <= width[j]
-                            moved[j] |= kp != kc
+                    for p in range(npx):
+                        moved[p] = False
+                    for r in range(nr):
+                        base = r * nx
+                        for k in range(nk):
+                            yk = Y[r, k]
+                            for j in range(nx):
+                                p = base + j
+                                y = np.float64(yk[j])
+                                kp = abs(y - prev_centre[p]) <= prev_width[p]
+                                kc = abs(y - centre[p]) <= width[p]
+                                moved[p] |= kp != kc
                     npix = 0
-                    for j in range(nx):
-                        if moved[j]:
-                            idx[npix] = j
+                    for p in range(npx):
+                        if moved[p]:
+                            idx[npix] = p
                             npix += 1
+                    _rows_of(idx, npix, nx, rows)
                     if npix > 0:
                         _pixels_pass(
-                            images, variances, masks, weights, i, idx, npix, andm, weight_mode, error_mode, centre,
-                            width, acc, pcnt,
+                            images, variances, masks, weights, i0, nx, idx, rows, npix, andm, weight_mode, error_mode,
+                            centre, width, acc, pcnt, xc, vc, mc, cc, wc,
                         )
                         for t in range(npix):
-                            j = idx[t]
-                            mean[j], var[j], errvar[j] = _shifted_result(
-                                acc[0, t], acc[1, t], acc[2, t], acc[3, t], acc[4, t], pcnt[t], centre[j],
-                                error_mode,
+                            p = idx[t]
+                            mean[p], var[p], errvar[p] = _shifted_result(
+                                acc[0, t], acc[1, t], acc[2, t], acc[3, t], acc[4, t], pcnt[t], centre[p], error_mode
                             )
-                            cnt[j] = pcnt[t]
+                            cnt[p] = pcnt[t]
                     continue
-                _pass_rows(
-                    images, variances, masks, weights, i, nx, andm, weight_mode, error_mode, centre, width, True, acc, cnt
+                _pass_band(
+                    images, variances, masks, weights, i0, nr, nx, andm, weight_mode, error_mode, centre, width, True,
+                    acc, cnt,
                 )
-                for j in range(nx):
-                    mean[j], var[j], errvar[j] = _shifted_result(
-                        acc[0, j], acc[1, j], acc[2, j], acc[3, j], acc[4, j], cnt[j], centre[j],
-                        error_mode,
+                for p in range(npx):
+                    mean[p], var[p], errvar[p] = _shifted_result(
+                        acc[0, p], acc[1, p], acc[2, p], acc[3, p], acc[4, p], cnt[p], centre[p], error_mode
                     )
-            for j in range(nx):
-                out_image[i, j] = mean[j]
-                out_variance[i, j] = errvar[j]
-                if n[j] - cnt[j] > 0:
-                    orm[j] |= np.uint32(clipped)
+            for r in range(nr):
+                i = i0 + r
+                base = r * nx
+                for j in range(nx):
+                    p = base + j
+                    out_image[i, j] = mean[p]
+                    out_variance[i, j] = errvar[p]
+                    if n[p] - cnt[p] > 0:
+                        orm[p] |= np.uint32(clipped)
         else:
             # plain two-pass moments over all selected samples
-            for j in range(nx):
-                centre[j] = 0.0
-                width[j] = np.inf
-            _pass_rows(
-                images, variances, masks, weights, i, nx, andm, weight_mode, error_mode, centre, width, False, acc, cnt
+            for p in range(npx):
+                centre[p] = 0.0
+                width[p] = np.inf
+            _pass_band(
+                images, variances, masks, weights, i0, nr, nx, andm, weight_mode, error_mode, centre, width, False,
+                acc, cnt,
             )
-            for j in range(nx):
-                mean[j] = acc[2, j] / acc[0, j] if (cnt[j] > 0 and acc[0, j] != 0.0) else np.nan
+            for p in range(npx):
+                mean[p] = acc[2, p] / acc[0, p] if (cnt[p] > 0 and acc[0, p] != 0.0) else np.nan
             need_var = statistic == STACK_MEDIAN or error_mode == ERROR_DEFAULT
             if need_var:
-                _plain_m2(images, variances, masks, i, nx, andm, weight_mode, weights, centre, width, mean, m2)
-            for j in range(nx):
-                s1 = acc[0, j]
-                if cnt[j] == 0 or s1 == 0.0:
-                    var[j] = np.nan
-                    errvar[j] = np.nan
+                _plain_m2(images, variances, masks, weights, i0, nr, nx, andm, weight_mode, centre, width, mean, m2)
+            for p in range(npx):
+                s1 = acc[0, p]
+                if cnt[p] == 0 or s1 == 0.0:
+                    var[p] = np.nan
+                    errvar[p] = np.nan
                     continue
-                denom = s1 * s1 - acc[1, j]
-                var[j] = m2[j] * s1 / denom if (need_var and denom != 0.0) else np.nan
+                denom = s1 * s1 - acc[1, p]
+                var[p] = m2[p] * s1 / denom if (need_var and denom != 0.0) else np.nan
                 if error_mode == ERROR_INPUT_VARIANCE:
-                    errvar[j] = acc[4, j] / (s1 * s1)
+                    errvar[p] = acc[4, p] / (s1 * s1)
                 elif error_mode == ERROR_MOSAIC:
-                    errvar[j] = acc[4, j] / s1
+                    errvar[p] = acc[4, p] / s1
                 else:
-                    errvar[j] = var[j] * acc[1, j] / (s1 * s1)
-            if statistic == STACK_MEDIAN:
+                    errvar[p] = var[p] * acc[1, p] / (s1 * s1)
+            for r in range(nr):
+                i = i0 + r
+                base = r * nx
                 for j in range(nx):
-                    nj = n[j]
-                    out_image[i, j] = _column_quantile(Y, j, nj, 0.5)
-                    out_variance[i, j] = 0.5 * math.pi * var[j] / nj if nj > 0 else np.nan
-            else:
-                for j in range(nx):
-                    out_image[i, j] = mean[j]
-                    out_variance[i, j] = errvar[j]
-        for j in range(nx):
-            nj = n[j]
-            m_out = orm[j]
-            if nj == 0:
-                m_out = np.uint32(no_data)
-                out_image[i, j] = np.nan
-                out_variance[i, j] = np.nan
-            if nk - nj > 0:
-                for p in range(nmap):
-                    if (any_mask[j] & map_from[p]) != 0:
-                        m_out |= map_to[p]
-            out_mask[i, j] = m_out
-            out_n[i, j] = counts[j] & low
+                    p = base + j
+                    if statistic == STACK_MEDIAN:
+                        nj = n[p]
+                        out_image[i, j] = _column_quantile(Y[r], j, nj, 0.5)
+                        out_variance[i, j] = 0.5 * math.pi * var[p] / nj if nj > 0 else np.nan
+                    else:
+                        out_image[i, j] = mean[p]
+                        out_variance[i, j] = errvar[p]
+        for r in range(nr):
+            i = i0 + r
+            base = r * nx
+            for j in range(nx):
+                p = base + j
+                nj = n[p]
+                m_out = orm[p]
+                if nj == 0:
+                    m_out = np.uint32(no_data)
+                    out_image[i, j] = np.nan
+                    out_variance[i, j] = np.nan
+                if nk - nj > 0:
+                    for q in range(nmap):
+                        if (any_mask[p] & map_from[q]) != 0:
+                            m_out |= map_to[q]
+                out_mask[i, j] = m_out
+                out_n[i, j] = counts[p] & low
