@@ -534,3 +534,22 @@ def test_quartiles_exact_when_the_sample_misleads(rng, n, kind):
     K.quartiles(a, n, np.empty(256), np.zeros(2050, np.int64), np.empty(n, np.uint16),
                 np.full(2050, -1, np.int64), np.empty(n, np.float32), res)
     np.testing.assert_allclose(res, np.percentile(a.astype(np.float64), [25, 50, 75]), rtol=1e-15, atol=0.0)
+
+
+def test_cell_table_thread_safe(rng):
+    """The kernel releases the GIL and keeps its scratch per call: concurrent calls agree."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    img, mask = _awkward_image(rng, 240, 260, np.float32)
+    yedges, xedges = cell_layout(240, 4)[0], cell_layout(260, 3)[0]
+
+    def one(_):
+        out = np.empty((5, 4, 3))
+        K.cell_table(img, mask, yedges, xedges, int(MaskPlane.BAD), K.CELL_STAT_MEANCLIP, 3.0, 3, out)
+        return out
+
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(one, range(8)))
+    want = _reference_cells(img, mask, yedges, xedges, "MEANCLIP", int(MaskPlane.BAD))
+    for got in results:
+        np.testing.assert_array_equal(got, want)
