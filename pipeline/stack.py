@@ -412,8 +412,12 @@ def _run(plan, ds, planes, wdata, config, task):
                 dtype=np.uint32,
                 meta=np.empty((0, 0, 0), dtype=np.uint32),
             )
+            # the packed axis is one chunk: contracted without concatenation (no copy of the block)
             outs = tuple(
-                packed.map_blocks(_unpack_bits, index=i, out_dtype=dt, drop_axis=0, dtype=dt, meta=np.empty((0, 0), dt))
+                da.blockwise(
+                    _unpack_bits, "yx", packed, "pyx", concatenate=False, index=i, out_dtype=dt, dtype=dt,
+                    meta=np.empty((0, 0), dt),
+                )
                 for i, dt in enumerate((np.float32, np.float32, np.uint32, np.uint16))
             )
         else:
@@ -470,11 +474,13 @@ def _unpack(block, *, index, out_dtype):
     return block[index].astype(out_dtype)
 
 
-def _unpack_bits(block, *, index, out_dtype):
-    """Plane ``index`` of a block of :meth:`_StackPlan.packed_blocks` as ``out_dtype``."""
+def _unpack_bits(blocks, *, index, out_dtype):
+    """Plane ``index`` of the (single) block of :meth:`_StackPlan.packed_blocks` as ``out_dtype``
+    (a view when the item sizes agree)."""
+    (block,) = blocks
     plane = block[index]
     if np.dtype(out_dtype).itemsize == plane.dtype.itemsize:
-        return plane.view(out_dtype).copy()
+        return plane.view(out_dtype)
     return plane.astype(out_dtype)
 
 
