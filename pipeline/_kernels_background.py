@@ -503,13 +503,8 @@ def _select(a, lo, hi, k):
         x = a[lo]
         y = a[mid]
         z = a[hi - 1]
-        if x > y:
-            x, y = y, x
-        if y > z:
-            y = z
-        if x > y:
-            y = x
-        p = y
+        # median of three as the pivot
+        p = max(min(x, y), min(max(x, y), z))
         i = lo
         j = hi - 1
         while i <= j:
@@ -552,8 +547,7 @@ def _quartile_ranks(n, ranks, fr):
 def _min_of(a, lo, hi):
     m = a[lo]
     for i in range(lo + 1, hi):
-        if a[i] < m:
-            m = a[i]
+        m = min(m, a[i])
     return m
 
 
