@@ -391,32 +391,246 @@ def _window_flags(img, var, msk, nodata, grow_full, span):
     rows ``r .. r+span-1`` holds a bad pixel (columns likewise); ``row_grow[r]`` is the OR of the
     ``grow_full`` bits in rows ``r .. r+span-1`` (columns likewise). A kernel footprint whose first row
     ``r`` and first column ``c`` have ``row_bad[r] == 0`` or ``col_bad[c] == 0`` holds no bad pixel; one
-    with ``row_grow[r] & col_grow[c] == 0`` holds no ``grow_full`` bit.
+    with ``row_grow[r] & col_grow[c] == 0`` holds no ``grow_full`` bit. A window without bad pixels
+    gets a 1x1 ``bad`` (never read): rows are scanned with branch-free reductions first, and only the
+    rows holding a bad pixel are scanned again to mark them.
     """
     ny, nx = img.shape
-    bad = np.zeros((ny, nx), np.uint8)
     rb = np.zeros(ny, np.uint8)
     cb = np.zeros(nx, np.uint8)
     rg = np.zeros(ny, np.uint32)
     cg = np.zeros(nx, np.uint32)
     has_bad = False
     has_grow = False
+    inf = np.inf
     for r in range(ny):
         row_g = np.uint32(0)
+        row_b = np.uint32(0)
         for c in range(nx):
             m = msk[r, c]
             g = m & grow_full
             row_g |= g
             cg[c] |= g
-            if (m & nodata) != 0 or not math.isfinite(img[r, c]) or not math.isfinite(var[r, c]):
-                bad[r, c] = 1
-                rb[r] = 1
-                cb[c] = 1
-                has_bad = True
+            # NaN and infinities both fail abs(v) < inf
+            row_b |= (m & nodata) | np.uint32(not (abs(img[r, c]) < inf)) | np.uint32(not (abs(var[r, c]) < inf))
         rg[r] = row_g
         if row_g != 0:
             has_grow = True
+        if row_b != 0:
+            rb[r] = 1
+            has_bad = True
+    if has_bad:
+        bad = np.zeros((ny, nx), np.uint8)
+        for r in range(ny):
+            if rb[r] == 0:
+                continue
+            for c in range(nx):
+                if (msk[r, c] & nodata) != 0 or not math.isfinite(img[r, c]) or not math.isfinite(var[r, c]):
+                    bad[r, c] = 1
+                    cb[c] = 1
+    else:
+        bad = np.zeros((1, 1), np.uint8)
     return bad, has_bad, _span_or(rb, span), _span_or(cb, span), has_grow, _span_or(rg, span), _span_or(cg, span)
+
+
+@numba.njit(**_NOGIL)
+def _row_span(gx0, gy0, step, nodes_x, nodes_y, X0, Y, out_x, out_y, lo, hi):
+    """:func:`_row` restricted to ``out[lo:hi]`` (pixels ``X0 + lo .. X0 + hi - 1``), lattice cell by cell.
+
+    Same arithmetic as :func:`_interp` (interpolation along x first, then along y; the exact node value
+    where the remainder is zero) and no fused multiply-add, so the positions are bit-identical to
+    :func:`_row` and :func:`count_blocks`; the cell bookkeeping is done once per cell, not per pixel.
+    """
+    nky, nkx = nodes_x.shape
+    dy = Y - gy0
+    ok_row = dy >= 0
+    ly = 0
+    ry = 0
+    if ok_row:
+        ly = dy // step
+        ry = dy - ly * step
+        if ly > nky - 1 or (ly == nky - 1 and ry > 0):
+            ok_row = False
+    if not ok_row:
+        for c in range(lo, hi):
+            out_x[c] = np.nan
+            out_y[c] = np.nan
+        return
+    ly1 = ly + 1 if ry > 0 else ly
+    fy = ry / step
+    gy = 1.0 - fy
+    c = lo
+    while c < hi:
+        dx = X0 + c - gx0
+        if dx < 0:
+            out_x[c] = np.nan
+            out_y[c] = np.nan
+            c += 1
+            continue
+        lx = dx // step
+        rx = dx - lx * step
+        if lx > nkx - 1 or (lx == nkx - 1 and rx > 0):
+            out_x[c] = np.nan
+            out_y[c] = np.nan
+            c += 1
+            continue
+        if rx == 0:
+            # on a lattice column: the node values (interpolated along y only)
+            out_x[c] = _snap(_lerp(nodes_x[ly, lx], nodes_x[ly1, lx], ry, fy))
+            out_y[c] = _snap(_lerp(nodes_y[ly, lx], nodes_y[ly1, lx], ry, fy))
+            c += 1
+            continue
+        # the rest of the cell: rx .. step-1 share the four nodes
+        e = min(hi, c + step - rx)
+        ax0 = nodes_x[ly, lx]
+        bx0 = nodes_x[ly, lx + 1]
+        ax1 = nodes_x[ly1, lx]
+        bx1 = nodes_x[ly1, lx + 1]
+        ay0 = nodes_y[ly, lx]
+        by0 = nodes_y[ly, lx + 1]
+        ay1 = nodes_y[ly1, lx]
+        by1 = nodes_y[ly1, lx + 1]
+        for k in range(e - c):
+            fx = (rx + k) / step
+            gxx = 1.0 - fx
+            tx = gxx * ax0 + fx * bx0
+            ty = gxx * ay0 + fx * by0
+            if ry > 0:
+                tx = gy * tx + fy * (gxx * ax1 + fx * bx1)
+                ty = gy * ty + fy * (gxx * ay1 + fx * by1)
+            rtx = math.floor(tx + 0.5)
+            rty = math.floor(ty + 0.5)
+            out_x[c + k] = rtx if abs(tx - rtx) < SNAP else tx
+            out_y[c + k] = rty if abs(ty - rty) < SNAP else ty
+        c = e
+
+
+#: pixels per strip of a row whose weights are computed together (their weights fit in L1)
+_STRIP = 128
+
+#: margin (source pixels) added to the node bounds of a lattice cell: covers the rounding of the
+#: bilinear interpolation and the snapping of positions to integers
+_CELL_MARGIN = 1e-6
+
+
+@numba.njit(**_NOGIL)
+def _row_candidates(gx0, gy0, step, nodes_x, nodes_y, X0, Y, nx, valid):
+    """Columns ``[lo, hi)`` of destination row ``Y`` (pixels ``X0 .. X0 + nx - 1``) that may hold good pixels.
+
+    Every interpolated position of a lattice cell lies within the bounds of the cell's (finite) nodes,
+    up to rounding; a cell whose bounds, widened by :data:`_CELL_MARGIN`, put ``floor`` outside the
+    valid range on either axis holds no good pixel and is left out. Cells with a non-finite node are
+    kept (their pixels are decided one by one). Returns ``(0, 0)`` when no cell qualifies.
+    """
+    nky, nkx = nodes_x.shape
+    ix_lo, iy_lo, ix_hi, iy_hi = valid
+    dy = Y - gy0
+    if dy < 0:
+        return 0, 0
+    ly = dy // step
+    ry = dy - ly * step
+    if ly > nky - 1 or (ly == nky - 1 and ry > 0):
+        return 0, 0
+    ly1 = ly + 1 if ry > 0 else ly
+    # lattice columns spanned by the row's pixels
+    l_first = max(0, (X0 - gx0) // step)
+    l_last = min(nkx - 1, (X0 + nx - 1 - gx0) // step)
+    lo = nx
+    hi = 0
+    for l in range(l_first, l_last + 1):
+        l1 = min(l + 1, nkx - 1)
+        xa = min(min(nodes_x[ly, l], nodes_x[ly, l1]), min(nodes_x[ly1, l], nodes_x[ly1, l1]))
+        xb = max(max(nodes_x[ly, l], nodes_x[ly, l1]), max(nodes_x[ly1, l], nodes_x[ly1, l1]))
+        ya = min(min(nodes_y[ly, l], nodes_y[ly, l1]), min(nodes_y[ly1, l], nodes_y[ly1, l1]))
+        yb = max(max(nodes_y[ly, l], nodes_y[ly, l1]), max(nodes_y[ly1, l], nodes_y[ly1, l1]))
+        finite = (
+            math.isfinite(nodes_x[ly, l]) and math.isfinite(nodes_x[ly, l1]) and math.isfinite(nodes_x[ly1, l])
+            and math.isfinite(nodes_x[ly1, l1]) and math.isfinite(nodes_y[ly, l]) and math.isfinite(nodes_y[ly, l1])
+            and math.isfinite(nodes_y[ly1, l]) and math.isfinite(nodes_y[ly1, l1])
+        )
+        if finite and (
+            math.floor(xb + _CELL_MARGIN) < ix_lo or math.floor(xa - _CELL_MARGIN) > ix_hi
+            or math.floor(yb + _CELL_MARGIN) < iy_lo or math.floor(ya - _CELL_MARGIN) > iy_hi
+        ):
+            continue
+        # destination pixels of cell l: gx0 + l*step .. gx0 + (l+1)*step - 1
+        a = max(0, gx0 + l * step - X0)
+        b = min(nx, gx0 + (l + 1) * step - X0)
+        if l == nkx - 1:
+            b = min(nx, gx0 + l * step + 1 - X0)
+        if a < b:
+            lo = min(lo, a)
+            hi = max(hi, b)
+    if hi <= lo:
+        return 0, 0
+    return lo, hi
+
+
+@numba.njit(inline="always", **_SUMS)
+def _strip_weights(fs, lo, hi, n, bilinear, linear, cb, sb, table, tmp, w, w2, sums):
+    """:func:`_row_weights` for ``fs[lo:hi]`` (same arithmetic, pixel by pixel), plus ``w2 = w * w``."""
+    m = 2 * n
+    for c in range(lo, hi):
+        f = fs[c]
+        if bilinear:
+            w[c, 0] = 1.0 - f
+            w[c, 1] = f
+            sums[c] = 1.0
+        elif table.shape[0] > 1:
+            sums[c] = table_weights(f, table, tmp)
+            for k in range(m):
+                w[c, k] = tmp[k]
+        elif f == 0.0:
+            for k in range(m):
+                w[c, k] = 0.0
+            w[c, n - 1] = 1.0
+            sums[c] = 1.0
+        else:
+            sa, ca = _sincos(-math.pi * f / n)
+            total = 0.0
+            for k in range(m):
+                t = k - (n - 1) - f
+                v = (sa * cb[k] + ca * sb[k]) / (t * t)
+                w[c, k] = v
+                total += v
+            if linear:
+                m1 = 0.0
+                for k in range(m):
+                    m1 += w[c, k] * (k - (n - 1) - f)
+                w[c, n - 1] += m1
+                w[c, n] -= m1
+            sums[c] = total
+        for k in range(m):
+            w2[c, k] = w[c, k] * w[c, k]
+
+
+@numba.njit(inline="always", **_SUMS)
+def _grow_map(msk, grow_full, span):
+    """``out[r, c] = 1`` where ``msk[r : r+span, c : c+span]`` holds a ``grow_full`` bit (clipped at the end).
+
+    Running ORs over contiguous rows (along columns, then along rows), so that a kernel footprint
+    whose first tap is ``(r, c)`` is known to hold no ``grow_full`` bit from one lookup.
+    """
+    ny, nx = msk.shape
+    flags = np.zeros((ny, nx), np.uint8)
+    for r in range(ny):
+        for c in range(nx):
+            flags[r, c] = np.uint8((msk[r, c] & grow_full) != 0)
+    out = np.zeros((ny, nx), np.uint8)
+    v = np.zeros(nx, np.uint8)
+    for r in range(ny):
+        for c in range(nx):
+            v[c] = flags[r, c]
+        for t in range(1, span):
+            if r + t < ny:
+                for c in range(nx):
+                    v[c] |= flags[r + t, c]
+        for c in range(nx):
+            acc = v[c]
+            for t in range(1, span):
+                acc |= v[min(c + t, nx - 1)]
+            out[r, c] = acc
+    return out
 
 
 @numba.njit(inline="always", **_SUMS)
@@ -424,7 +638,14 @@ def _warp_block(
     src_img, src_var, src_msk, win_x0, win_y0, valid, nodes_x, nodes_y, gx0, gy0, step, dst_x0, dst_y0,
     out_img, out_var, out_msk, n, bilinear, linear, mask_order, grow_full, nodata, scale, table,
 ):
-    """Body of :func:`warp_block`, inlined into one compiled function per kernel (``n`` a constant)."""
+    """Body of :func:`warp_block`, inlined into one compiled function per kernel (``n`` a constant).
+
+    Row by row: the columns that may hold good pixels (:func:`_row_candidates`, from the lattice
+    nodes) are the only ones whose positions and weights are computed, the rest are filled with
+    no-data at once; weights are computed for the whole row in vectorised loops (column-major, with
+    their squares for the variance); a footprint without bad pixels is summed separably straight
+    from the (float32 or float64) source rows, with float64 accumulators.
+    """
     ny, nx = out_img.shape
     m = 2 * n
     cb, sb = trig_tables(n)
@@ -432,40 +653,59 @@ def _warp_block(
     iy_lo = valid[1]
     ix_hi = valid[2]
     iy_hi = valid[3]
-    nan = np.nan
-    inf = np.inf
+    nan = np.float32(np.nan)
+    inf = np.float32(np.inf)
     bad, has_bad, row_bad, col_bad, has_grow, row_grow, col_grow = _window_flags(
         src_img, src_var, src_msk, nodata, grow_full, m
     )
-    # flat views and unsigned offsets: tap reads without negative-index handling
+    gmap = _grow_map(src_msk, grow_full, m) if has_grow else np.zeros((1, 1), np.uint8)
     flat_i = src_img.ravel()
     flat_v = src_var.ravel()
-    width = np.uint64(src_img.shape[1])
-    # rows of source positions: current row Y and previous row Y-1, for X in [dst_x0-1, dst_x0+nx)
+    flat_m = src_msk.ravel()
+    width = src_img.shape[1]
+    uwidth = np.uint64(width)
+    # positions of the current row Y and of row Y-1, for X in [dst_x0-1, dst_x0+nx): index c+1 is column c
     cur_x = np.empty(nx + 1)
     cur_y = np.empty(nx + 1)
     prv_x = np.empty(nx + 1)
     prv_y = np.empty(nx + 1)
-    # per pixel of the row: good flag, floor position, fractional offsets, relative area, weights
+    prv_lo = 0
+    prv_hi = 0
+    prv_row = dst_y0 - 2
     good = np.zeros(nx, np.bool_)
     ii = np.zeros(nx, np.int64)
     jj = np.zeros(nx, np.int64)
     fxs = np.zeros(nx)
     fys = np.zeros(nx)
     areas = np.zeros(nx)
-    wxs = np.empty((nx, m))
-    wys = np.empty((nx, m))
+    wx = np.empty((nx, m))
+    wy = np.empty((nx, m))
+    wx2 = np.empty((nx, m))
+    wy2 = np.empty((nx, m))
     sxs = np.empty(nx)
     sys_ = np.empty(nx)
-    _row(gx0, gy0, step, nodes_x, nodes_y, dst_x0 - 1, dst_y0 - 1, prv_x, prv_y)
+    tmp = np.empty(m)
     for r in range(ny):
         Y = dst_y0 + r
-        _row(gx0, gy0, step, nodes_x, nodes_y, dst_x0 - 1, Y, cur_x, cur_y)
+        lo, hi = _row_candidates(gx0, gy0, step, nodes_x, nodes_y, dst_x0, Y, nx, valid)
+        for c in range(0, lo):
+            out_img[r, c] = nan
+            out_var[r, c] = inf
+            out_msk[r, c] = nodata
+        for c in range(hi, nx):
+            out_img[r, c] = nan
+            out_var[r, c] = inf
+            out_msk[r, c] = nodata
+        if hi <= lo:
+            continue
+        # positions of columns lo-1 .. hi-1 in this row and in the row below (reused when already known)
+        _row_span(gx0, gy0, step, nodes_x, nodes_y, dst_x0 - 1, Y, cur_x, cur_y, lo, hi + 1)
+        if not (prv_row == Y - 1 and prv_lo <= lo and prv_hi >= hi + 1):
+            _row_span(gx0, gy0, step, nodes_x, nodes_y, dst_x0 - 1, Y - 1, prv_x, prv_y, lo, hi + 1)
         n_good = 0
-        for c in range(nx):
+        for c in range(lo, hi):
             x = cur_x[c + 1]
             y = cur_y[c + 1]
-            # relative area from the left neighbour and the one below (NaN if either is off the lattice)
             area = abs((x - cur_x[c]) * (y - prv_y[c + 1]) - (y - cur_y[c]) * (x - prv_x[c + 1]))
             ok = math.isfinite(x) and math.isfinite(y) and math.isfinite(area)
             if ok:
@@ -485,99 +725,112 @@ def _warp_block(
             else:
                 fxs[c] = 0.0
                 fys[c] = 0.0
-        for c in range(nx + 1):
-            prv_x[c] = cur_x[c]
-            prv_y[c] = cur_y[c]
+        # this row becomes the row below of the next one
+        cur_x, prv_x = prv_x, cur_x
+        cur_y, prv_y = prv_y, cur_y
+        prv_lo = lo
+        prv_hi = hi + 1
+        prv_row = Y
         if n_good == 0:
-            for c in range(nx):
+            for c in range(lo, hi):
                 out_img[r, c] = nan
                 out_var[r, c] = inf
                 out_msk[r, c] = nodata
             continue
-        _row_weights(fxs, n, bilinear, linear, cb, sb, table, wxs, sxs)
-        _row_weights(fys, n, bilinear, linear, cb, sb, table, wys, sys_)
-        for c in range(nx):
-            if not good[c]:
-                out_img[r, c] = nan
-                out_var[r, c] = inf
-                out_msk[r, c] = nodata
-                continue
-            i = ii[c]
-            j = jj[c]
-            fx = fxs[c]
-            fy = fys[c]
-            base_x = i - (n - 1) - win_x0
-            base_y = j - (n - 1) - win_y0
-            # does the footprint hold a bad pixel? (the lookup tables rule most footprints out at once)
-            any_bad = False
-            if has_bad and row_bad[base_y] != 0 and col_bad[base_x] != 0:
-                for b in range(m):
-                    for a in range(m):
-                        if bad[base_y + b, base_x + a] != 0:
-                            any_bad = True
-            core_bad = False
-            acc_i = 0.0
-            acc_v = 0.0
-            if not any_bad:
-                # separable sums: each footprint row with the x weights, then the rows with the y weights
-                o = np.uint64(base_y) * width + np.uint64(base_x)
-                for b in range(m):
-                    ri = 0.0
-                    rv = 0.0
-                    for a in range(m):
-                        w = wxs[c, a]
-                        ri += w * flat_i[o + np.uint64(a)]
-                        rv += w * w * flat_v[o + np.uint64(a)]
-                    w = wys[c, b]
-                    acc_i += w * ri
-                    acc_v += w * w * rv
-                    o += width
-                s_good = sxs[c] * sys_[c]
-            else:
-                s_good = 0.0
-                for b in range(m):
-                    wyb = wys[c, b]
-                    yy = base_y + b
-                    oy = b - (n - 1)
-                    in_core_y = (oy == 0) or (oy == 1 and fy != 0.0)
-                    for a in range(m):
-                        xx = base_x + a
-                        if bad[yy, xx] != 0:
-                            ox = a - (n - 1)
-                            if in_core_y and ((ox == 0) or (ox == 1 and fx != 0.0)):
-                                core_bad = True
-                            continue
-                        w = wxs[c, a] * wyb
-                        acc_i += w * src_img[yy, xx]
-                        acc_v += w * w * src_var[yy, xx]
-                        s_good += w
-            m_img = np.uint32(0)
-            if has_grow and (row_grow[base_y] & col_grow[base_x]) != 0:
-                for b in range(m):
-                    if wys[c, b] == 0.0:
-                        continue
-                    for a in range(m):
-                        if wxs[c, a] != 0.0:
-                            m_img |= src_msk[base_y + b, base_x + a]
-            # mask footprint of the mask kernel (order mask_order, taps with non-zero weight)
-            m_msk = np.uint32(0)
-            for oy in range(-(mask_order - 1), mask_order + 1):
-                if oy != 0 and fy == 0.0:
+        # strips of the row: the weights of a strip stay in L1 while its pixels are summed
+        for s0 in range(lo, hi, _STRIP):
+            s1 = min(hi, s0 + _STRIP)
+            _strip_weights(fxs, s0, s1, n, bilinear, linear, cb, sb, table, tmp, wx, wx2, sxs)
+            _strip_weights(fys, s0, s1, n, bilinear, linear, cb, sb, table, tmp, wy, wy2, sys_)
+            for c in range(s0, s1):
+                if not good[c]:
+                    out_img[r, c] = nan
+                    out_var[r, c] = inf
+                    out_msk[r, c] = nodata
                     continue
-                for ox in range(-(mask_order - 1), mask_order + 1):
-                    if ox != 0 and fx == 0.0:
-                        continue
-                    m_msk |= src_msk[j + oy - win_y0, i + ox - win_x0]
-            mout = (m_img & grow_full) | m_msk
-            if core_bad or not (s_good > 0.0):
-                out_img[r, c] = nan
-                out_var[r, c] = inf
-                out_msk[r, c] = mout | nodata
-                continue
-            k = areas[c] / s_good
-            out_img[r, c] = k * acc_i * scale
-            out_var[r, c] = k * k * acc_v * scale * scale
-            out_msk[r, c] = mout
+                i = ii[c]
+                j = jj[c]
+                fx = fxs[c]
+                fy = fys[c]
+                base_x = i - (n - 1) - win_x0
+                base_y = j - (n - 1) - win_y0
+                any_bad = False
+                if has_bad and row_bad[base_y] != 0 and col_bad[base_x] != 0:
+                    for b in range(m):
+                        for a in range(m):
+                            if bad[base_y + b, base_x + a] != 0:
+                                any_bad = True
+                core_bad = False
+                acc_i = 0.0
+                acc_v = 0.0
+                if not any_bad:
+                    # separable sums: each footprint row with the x weights, then the rows with the y weights
+                    o = np.uint64(base_y) * uwidth + np.uint64(base_x)
+                    for b in range(m):
+                        ri = 0.0
+                        rv = 0.0
+                        for a in range(m):
+                            ri += wx[c, a] * np.float64(flat_i[o + np.uint64(a)])
+                            rv += wx2[c, a] * np.float64(flat_v[o + np.uint64(a)])
+                        acc_i += wy[c, b] * ri
+                        acc_v += wy2[c, b] * rv
+                        o += uwidth
+                    s_good = sxs[c] * sys_[c]
+                else:
+                    s_good = 0.0
+                    for b in range(m):
+                        wyb = wy[c, b]
+                        yy = base_y + b
+                        oy = b - (n - 1)
+                        in_core_y = (oy == 0) or (oy == 1 and fy != 0.0)
+                        for a in range(m):
+                            xx = base_x + a
+                            if bad[yy, xx] != 0:
+                                ox = a - (n - 1)
+                                if in_core_y and ((ox == 0) or (ox == 1 and fx != 0.0)):
+                                    core_bad = True
+                                continue
+                            w = wx[c, a] * wyb
+                            acc_i += w * np.float64(src_img[yy, xx])
+                            acc_v += w * w * np.float64(src_var[yy, xx])
+                            s_good += w
+                m_img = np.uint32(0)
+                if has_grow and gmap[base_y, base_x] != 0:
+                    for b in range(m):
+                        if wy[c, b] == 0.0:
+                            continue
+                        for a in range(m):
+                            if wx[c, a] != 0.0:
+                                m_img |= src_msk[base_y + b, base_x + a]
+                # mask footprint of the mask kernel (order mask_order, taps with non-zero weight)
+                mo = (j - win_y0) * width + (i - win_x0)
+                if mask_order == 1:
+                    m_msk = flat_m[mo]
+                    if fx != 0.0:
+                        m_msk |= flat_m[mo + 1]
+                    if fy != 0.0:
+                        m_msk |= flat_m[mo + width]
+                        if fx != 0.0:
+                            m_msk |= flat_m[mo + width + 1]
+                else:
+                    m_msk = np.uint32(0)
+                    for oy in range(-(mask_order - 1), mask_order + 1):
+                        if oy != 0 and fy == 0.0:
+                            continue
+                        for ox in range(-(mask_order - 1), mask_order + 1):
+                            if ox != 0 and fx == 0.0:
+                                continue
+                            m_msk |= flat_m[mo + oy * width + ox]
+                mout = (m_img & grow_full) | m_msk
+                if core_bad or not (s_good > 0.0):
+                    out_img[r, c] = nan
+                    out_var[r, c] = inf
+                    out_msk[r, c] = mout | nodata
+                    continue
+                k = areas[c] / s_good
+                out_img[r, c] = k * acc_i * scale
+                out_var[r, c] = k * k * acc_v * scale * scale
+                out_msk[r, c] = mout
 
 
 _BLOCK = dict(cache=True, **_SUMS)

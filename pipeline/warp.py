@@ -464,10 +464,18 @@ def _window(blocks, crop, dtype) -> np.ndarray:
     return out
 
 
+def _load_dtype(blocks) -> type:
+    """float32 windows stay float32 (the kernel converts each tap exactly), anything else becomes float64."""
+    first = blocks
+    while isinstance(first, list):
+        first = first[0]
+    return np.float32 if first.dtype == np.float32 else np.float64
+
+
 def _run_block(img, var, msk, *, plan_args, dst: Box, win_origin, crop):
     """Warp one destination block from a grid of source blocks (numpy in, numpy out)."""
-    img = _window(img, crop, np.float64)
-    var = _window(var, crop, np.float64)
+    img = _window(img, crop, _load_dtype(img))
+    var = _window(var, crop, _load_dtype(var))
     msk = _window(msk, crop, np.uint32)
     out_img = np.empty(dst.shape, np.float32)
     out_var = np.empty(dst.shape, np.float32)
