@@ -256,28 +256,41 @@ def count_blocks(
             for Y in range(Y0, Y1):
                 if w <= 0:
                     break
-                _row(gx0, gy0, step, nodes_x, nodes_y, X0, Y, bufx[:w], bufy[:w])
-                for c in range(w):
-                    x = bufx[c]
-                    y = bufy[c]
-                    if not (math.isfinite(x) and math.isfinite(y)):
-                        continue
-                    i = math.floor(x)
-                    j = math.floor(y)
-                    if i < ix_lo or i > ix_hi or j < iy_lo or j > iy_hi:
-                        continue
-                    X = X0 + c
-                    cnt += 1
-                    i = int(i)
-                    j = int(j)
-                    imin = min(imin, i)
-                    imax = max(imax, i)
-                    jmin = min(jmin, j)
-                    jmax = max(jmax, j)
-                    out_dst[0] = min(out_dst[0], X)
-                    out_dst[1] = min(out_dst[1], Y)
-                    out_dst[2] = max(out_dst[2], X)
-                    out_dst[3] = max(out_dst[3], Y)
+                # only the columns whose lattice cells can hold a good pixel
+                lo, hi = _row_candidates(gx0, gy0, step, nodes_x, nodes_y, X0, Y, w, valid)
+                if hi <= lo:
+                    continue
+                _row_span(gx0, gy0, step, nodes_x, nodes_y, X0, Y, bufx, bufy, lo, hi)
+                # branch-free reductions over the row (a NaN position fails every comparison)
+                row_cnt = 0
+                fimin = np.inf
+                fimax = -np.inf
+                fjmin = np.inf
+                fjmax = -np.inf
+                cmin = w
+                cmax = -1
+                for c in range(lo, hi):
+                    fi = math.floor(bufx[c])
+                    fj = math.floor(bufy[c])
+                    ok = (fi >= ix_lo) & (fi <= ix_hi) & (fj >= iy_lo) & (fj <= iy_hi)
+                    row_cnt += ok
+                    fimin = min(fimin, fi if ok else np.inf)
+                    fimax = max(fimax, fi if ok else -np.inf)
+                    fjmin = min(fjmin, fj if ok else np.inf)
+                    fjmax = max(fjmax, fj if ok else -np.inf)
+                    cmin = min(cmin, c if ok else w)
+                    cmax = max(cmax, c if ok else -1)
+                if row_cnt == 0:
+                    continue
+                cnt += row_cnt
+                imin = min(imin, int(fimin))
+                imax = max(imax, int(fimax))
+                jmin = min(jmin, int(fjmin))
+                jmax = max(jmax, int(fjmax))
+                out_dst[0] = min(out_dst[0], X0 + cmin)
+                out_dst[1] = min(out_dst[1], Y)
+                out_dst[2] = max(out_dst[2], X0 + cmax)
+                out_dst[3] = max(out_dst[3], Y)
             out_count[by, bx] = cnt
             out_range[by, bx, 0] = imin
             out_range[by, bx, 1] = jmin

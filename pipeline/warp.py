@@ -502,7 +502,12 @@ def _table(order: int, linear: bool, size: int) -> np.ndarray:
 
 
 def _fill(shape, value, dtype):
-    return np.full(shape, value, dtype=dtype)
+    """A read-only no-data block: one element broadcast to ``shape`` (no memory per pixel).
+
+    Concatenation and store writes copy it like any block; whoever wants to write into a block
+    must copy it first (dask blocks are never to be modified in place).
+    """
+    return np.broadcast_to(np.array(value, dtype=dtype), shape)
 
 
 def _block_args(plan: WarpPlan, dst: Box, grow: int, nodata: int, scale: float):
