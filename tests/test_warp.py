@@ -851,3 +851,194 @@ def test_bad_pixels_do_not_change_far_pixels_and_results_do_not_depend_on_chunki
     np.testing.assert_array_equal(ref.variance.values[far], clean.variance.values[far])
     # near a bad tap the pixel is either no-data (bilinear core) or renormalised without it
     assert np.isnan(ref.image.values[near]).sum() >= 3 and np.isfinite(ref.image.values[near]).sum() > 0
+
+
+# ------------------------------------------------------------------------------------------
+# the fast paths of the block kernel agree with the plain definitions
+
+
+def random_lattice(rng, nky, nkx, step, nan_fraction=0.0):
+    """Lattice nodes of a rotated, scaled, slightly curved mapping, with some nodes off the sky (NaN)."""
+    k, l = np.meshgrid(np.arange(nky), np.arange(nkx), indexing="ij")
+    theta = rng.uniform(0, 2 * np.pi)
+    s = rng.uniform(0.7, 1.4)
+    X, Y = l * step, k * step
+    nx_ = 30.0 + s * (np.cos(theta) * X - np.sin(theta) * Y) + 1e-4 * X * Y / step
+    ny_ = 40.0 + s * (np.sin(theta) * X + np.cos(theta) * Y)
+    if nan_fraction:
+        off = rng.random(nx_.shape) < nan_fraction
+        nx_[off] = np.nan
+        ny_[off] = np.nan
+    return np.ascontiguousarray(nx_), np.ascontiguousarray(ny_)
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), step=st.integers(1, 13), nan=st.sampled_from([0.0, 0.1]))
+def test_row_span_positions_equal_row_positions_bit_for_bit(seed, step, nan):
+    from pipeline._kernels_warp import _row, _row_span
+
+    rng = np.random.default_rng(seed)
+    nodes_x, nodes_y = random_lattice(rng, 6, 7, step, nan)
+    gx0, gy0 = int(rng.integers(-20, 20)), int(rng.integers(-20, 20))
+    n = 7 * step + 10
+    X0 = gx0 - 5 + int(rng.integers(0, 3))
+    for Y in range(gy0 - 2, gy0 + 5 * step + 3):
+        ref_x, ref_y = np.empty(n), np.empty(n)
+        _row(gx0, gy0, step, nodes_x, nodes_y, X0, Y, ref_x, ref_y)
+        lo = int(rng.integers(0, n // 2))
+        hi = int(rng.integers(lo, n + 1))
+        out_x, out_y = np.full(n, -7.0), np.full(n, -7.0)
+        _row_span(gx0, gy0, step, nodes_x, nodes_y, X0, Y, out_x, out_y, lo, hi)
+        np.testing.assert_array_equal(out_x[lo:hi], ref_x[lo:hi])
+        np.testing.assert_array_equal(out_y[lo:hi], ref_y[lo:hi])
+        assert np.all(out_x[:lo] == -7.0) and np.all(out_x[hi:] == -7.0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), step=st.integers(1, 12), nan=st.sampled_from([0.0, 0.15]))
+def test_row_candidates_hold_every_good_pixel(seed, step, nan):
+    """Columns outside [lo, hi) of a row never hold a position whose floor is in the valid range."""
+    from pipeline._kernels_warp import _row, _row_candidates
+
+    rng = np.random.default_rng(seed)
+    nodes_x, nodes_y = random_lattice(rng, 8, 9, step, nan)
+    valid = np.array([int(rng.integers(20, 40)), int(rng.integers(25, 45)), int(rng.integers(45, 70)),
+                      int(rng.integers(50, 75))], dtype=np.int64)
+    gx0, gy0 = 3, -4
+    X0 = gx0 - 3
+    n = 9 * step + 6
+    kept = 0
+    for Y in range(gy0 - 1, gy0 + 7 * step + 2):
+        px, py = np.empty(n), np.empty(n)
+        _row(gx0, gy0, step, nodes_x, nodes_y, X0, Y, px, py)
+        with np.errstate(invalid="ignore"):
+            good = ((np.floor(px) >= valid[0]) & (np.floor(px) <= valid[2]) & (np.floor(py) >= valid[1])
+                    & (np.floor(py) <= valid[3]))
+        lo, hi = _row_candidates(gx0, gy0, step, nodes_x, nodes_y, X0, Y, n, valid)
+        assert 0 <= lo <= hi <= n
+        assert not good[:lo].any() and not good[hi:].any()
+        kept += hi - lo
+        if good.any():
+            assert hi > lo
+    assert kept < (7 * step + 3) * n  # some columns are ruled out
+
+
+@pytest.mark.parametrize("order", [1, 3, 4, 5])
+@pytest.mark.parametrize("linear", [False, True])
+def test_strip_weights_equal_row_weights_bit_for_bit(rng, order, linear):
+    import numba
+
+    from pipeline._kernels_warp import _SUMS, _row_weights, _strip_weights, trig_tables
+
+    @numba.njit(**_SUMS)
+    def strip(fs, lo, hi, n, bilinear, linear, cb, sb, table, w, w2, s):
+        _strip_weights(fs, lo, hi, n, bilinear, linear, cb, sb, table, np.empty(2 * n), w, w2, s)
+
+    bilinear = order == 1
+    fs = np.concatenate([rng.random(300), [0.0, 1e-8, 0.5, 1 - 1e-8, 0.25, 0.0]])
+    cb, sb = trig_tables(order)
+    for table in (np.zeros((1, 1)), np.ascontiguousarray(np.linspace(0, 1, 7 * 2 * order).reshape(7, 2 * order))):
+        ref_w = np.empty((fs.size, 2 * order))
+        ref_s = np.empty(fs.size)
+        _row_weights(fs, order, bilinear, linear, cb, sb, table, ref_w, ref_s)
+        w, w2, s = np.full_like(ref_w, -1.0), np.full_like(ref_w, -1.0), np.full_like(ref_s, -1.0)
+        strip(fs, 5, 290, order, bilinear, linear, cb, sb, table, w, w2, s)
+        np.testing.assert_array_equal(w[5:290], ref_w[5:290])
+        np.testing.assert_array_equal(s[5:290], ref_s[5:290])
+        np.testing.assert_array_equal(w2[5:290], ref_w[5:290] * ref_w[5:290])
+        assert np.all(w[:5] == -1.0) and np.all(s[290:] == -1.0)
+
+
+@pytest.mark.parametrize("span", [2, 6, 10])
+def test_grow_map_is_the_or_over_each_footprint(rng, span):
+    import numba
+
+    from pipeline._kernels_warp import _SUMS, _grow_map
+
+    grow_map = numba.njit(**_SUMS)(lambda m, g, s: _grow_map(m, g, s))
+    msk = np.zeros((47, 53), np.uint32)
+    msk[rng.random(msk.shape) < 0.01] = EDGE
+    msk[rng.random(msk.shape) < 0.05] |= BAD
+    msk[0, :] |= EDGE  # a frame, as EDGE usually is
+    msk[:, -1] |= EDGE
+    out = grow_map(msk, np.uint32(EDGE), span)
+    ref = np.zeros(msk.shape, np.uint8)
+    for r in range(msk.shape[0]):
+        for c in range(msk.shape[1]):
+            ref[r, c] = ((msk[r : r + span, c : c + span] & EDGE) != 0).any()
+    np.testing.assert_array_equal(out, ref)
+
+
+def test_float32_windows_give_the_float64_result_bit_for_bit(rng):
+    from pipeline import warp as W
+
+    src_wcs = make_tan_wcs(crpix=(40.0, 40.0))
+    dst_wcs = make_tan_wcs(crpix=(43.37, 38.61), rotation_deg=4.0, scale_arcsec=0.21)
+    img = rng.normal(100.0, 10.0, (80, 84)).astype(np.float32)
+    var = rng.uniform(50.0, 150.0, img.shape).astype(np.float32)
+    msk = np.zeros(img.shape, np.uint32)
+    msk[:, :2] = EDGE
+    msk[30, 30] = NO_DATA
+    img[50, 50] = np.nan
+    ds = exposure(img, variance=var, mask=msk, wcs=src_wcs)
+    box = Box(0, 0, 84, 80)
+    plan = plan_warp(ds, wcs=dst_wcs, box=box, chunks=(23, 1000))
+    args = dict(plan_args=None, dst=None, win_origin=None, crop=None)
+    checked = 0
+    for (by, bx), win in plan.windows.items():
+        dst = plan.block_box(by, bx)
+        sl = win.slices(plan.src_box)
+        args = dict(plan_args=W._block_args(plan, dst, EDGE, NO_DATA, 1.7), dst=dst, win_origin=(win.x0, win.y0),
+                    crop=((0, win.height), (0, win.width)))
+        a = W._run_block(img[sl], var[sl], msk[sl], **args)
+        b = W._run_block(img[sl].astype(np.float64), var[sl].astype(np.float64), msk[sl], **args)
+        for u, v in zip(a, b):
+            np.testing.assert_array_equal(u, v)
+        checked += int(np.isfinite(a[0]).sum())
+    assert checked > 3000
+
+
+def test_uncovered_chunks_are_read_only_no_data_fills(rng):
+    from dask.local import get_sync
+
+    src_wcs = make_tan_wcs(crpix=(40.0, 40.0))
+    ds = exposure(rng.normal(100.0, 10.0, (80, 80)).astype(np.float32), wcs=src_wcs).chunk({"y": 37, "x": 41})
+    out = warp_exposure(ds, wcs=src_wcs, box=Box(-200, -100, 120, 100), chunks=(50, 60))
+    covered = plan_warp(ds, wcs=src_wcs, box=Box(-200, -100, 120, 100), chunks=(50, 60)).windows
+    nby, nbx = out.image.data.numblocks
+    assert 0 < len(covered) < nby * nbx
+    fills = {"image": np.nan, "variance": np.inf, "mask": NO_DATA}
+    for by in range(nby):
+        for bx in range(nbx):
+            if (by, bx) in covered:
+                continue
+            for v, value in fills.items():
+                arr = out[v].data
+                blk = get_sync(dict(arr.__dask_graph__()), (arr.name, by, bx))
+                assert not blk.flags.writeable and blk.strides == (0, 0)
+                np.testing.assert_array_equal(blk, np.full(blk.shape, value, blk.dtype))
+    whole = out.image.values  # concatenation copies the fills into a writeable array
+    assert whole.flags.writeable and np.isnan(whole[:, :100]).all()
+    np.testing.assert_array_equal(whole[100:180, 200:280][3:-3, 3:-3], ds.image.values[3:-3, 3:-3] * njy_per_unit(31.4))
+
+
+def test_block_counts_match_the_interpolated_positions(rng):
+    src_wcs = make_tan_wcs(crpix=(40.0, 40.0))
+    dst_wcs = make_tan_wcs(crpix=(53.37, 31.61), rotation_deg=33.0, scale_arcsec=0.17)
+    ds = exposure(rng.normal(100.0, 10.0, (80, 90)).astype(np.float32), wcs=src_wcs)
+    box = Box(-20, -15, 130, 120)
+    plan = plan_warp(ds, wcs=dst_wcs, box=box, chunks=(29, 31))
+    X, Y = np.meshgrid(np.arange(box.x0, box.x1), np.arange(box.y0, box.y1))
+    px, py = plan.source_positions(X, Y)
+    ix_lo, iy_lo, ix_hi, iy_hi = plan.valid
+    with np.errstate(invalid="ignore"):
+        good = ((np.floor(px) >= ix_lo) & (np.floor(px) <= ix_hi) & (np.floor(py) >= iy_lo)
+                & (np.floor(py) <= iy_hi) & (X > plan.lattice_x0) & (Y > plan.lattice_y0))
+    assert plan.n_good_pixels == int(good.sum()) > 3000
+    for (by, bx), count in plan.block_counts.items():
+        sl = plan.block_box(by, bx).slices(box)
+        assert count == int(good[sl].sum())
+    assert sum(plan.block_counts.values()) == plan.n_good_pixels
+    gy, gx = np.nonzero(good)
+    assert plan.good_box == Box(int(gx.min()) + box.x0, int(gy.min()) + box.y0, int(gx.max()) + box.x0 + 1,
+                                int(gy.max()) + box.y0 + 1)
