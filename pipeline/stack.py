@@ -6,8 +6,12 @@ inverse variances), variance of the result from the input variances, the stacked
 surviving inputs, threshold-propagated bits, CLIPPED, the REJECTED/SENSOR_EDGE/CLIPPED mask map,
 NO_DATA where nothing survives) and the count of unmasked inputs ``n_image``.
 
-The work is a single ``blockwise`` over the (y, x) chunks with the visit axis whole, so memory is
-bounded by one chunk column per image, and the task count grows with the number of chunks only.
+The work is a single ``blockwise`` over the (y, x) chunks that contracts the visit axis without
+concatenating it: each task hands the visit blocks of its chunk, as they are, to the kernel
+(``_kernels_stack.stack_planes``, a sequence of 2-D planes), so memory is bounded by one chunk
+column per image, no 3-D copy is made, and the task count grows with the number of chunks only.
+Planes that are not C-contiguous are copied once (chunks of in-memory images are contiguous when
+they span full rows: chunk them in row bands).
 """
 
 from __future__ import annotations
