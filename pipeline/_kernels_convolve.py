@@ -299,19 +299,25 @@ def correlate_direct(ext: np.ndarray, kernel: np.ndarray) -> np.ndarray:
 
 @numba.njit(cache=True, nogil=True)
 def _or_box(ext, h):
+    """Separable OR over a full ``(2h+1)²`` box: along x per row, then along y (both contiguous in x)."""
     ny, nx = ext.shape[0] - 2 * h, ext.shape[1] - 2 * h
-    rows = np.zeros((ext.shape[0], nx), dtype=ext.dtype)
+    rows = np.empty((ext.shape[0], nx), dtype=ext.dtype)
     for i in range(ext.shape[0]):
-        for j in range(nx):
-            acc = ext.dtype.type(0)
-            for u in range(2 * h + 1):
-                acc |= ext[i, j + u]
-            rows[i, j] = acc
-    out = np.zeros((ny, nx), dtype=ext.dtype)
-    for i in range(ny):
-        for v in range(2 * h + 1):
+        acc = rows[i]
+        src = ext[i]
+        acc[:] = src[:nx]
+        for u in range(1, 2 * h + 1):
+            part = src[u:u + nx]
             for j in range(nx):
-                out[i, j] |= rows[i + v, j]
+                acc[j] |= part[j]
+    out = np.empty((ny, nx), dtype=ext.dtype)
+    for i in range(ny):
+        acc = out[i]
+        acc[:] = rows[i]
+        for v in range(1, 2 * h + 1):
+            part = rows[i + v]
+            for j in range(nx):
+                acc[j] |= part[j]
     return out
 
 

@@ -720,3 +720,159 @@ def test_cell_layout():
     outer, xs, ys = _cells(Box(0, 0, 256, 256), 128, 128, grow=True, min_cells=3)  # reference layout
     assert outer == Box(-128, -128, 384, 384)
     np.testing.assert_array_equal(np.unique(xs), [-64, 64, 192, 320])
+
+
+# ---------------------------------------------------------------------------------------------- low-rank convolution
+
+
+def _lowrank_kernels_at(km, kern, part, xs, ys, square=False):
+    """The kernels the low-rank path applies at parent pixels (xs, ys): sum_r W_r V_r / N**power."""
+    from pipeline.psf_match import _axis_terms, _scaled
+
+    box, kind, top = kern["box"], kern["kind"], part["coef"].shape[1] - 1
+    tx = _axis_terms(_scaled(xs, box[0], box[2]), top, kind)
+    ty = _axis_terms(_scaled(ys, box[1], box[3]), top, kind)
+    w = np.einsum("rab,ap,bp->rp", part["coef"], tx, ty)
+    n = np.einsum("ab,ap,bp->p", part["norm"], tx, ty)
+    return np.tensordot(w[:-1].T, part["basis"], axes=1) / (n * n if square else n)[:, None, None]
+
+
+@pytest.mark.parametrize("tol", [1e-2, 1e-4])
+def test_low_rank_kernel_error_within_tolerance_at_every_pixel(tan_wcs, tol):
+    """The truncated kernel (and K²) differ from the exact ones by at most the tolerance, at every pixel."""
+    from pipeline.psf_match import _kernel_arrays
+
+    sci = GaussianPsf(1.9, gradient=(0.004, -0.003), center=(70, 60))  # sigma 1.4 .. 2.4 over the exposure
+    ds = _exposure(tan_wcs, sci, shape=(120, 140))
+    box = Box.of(ds)
+    km, _ = solve_kernel_model(GridPsf.from_dataset(ds), GaussianPsf(3.0), box)
+    cfg = ModelPsfMatchConfig(max_kernel_error=tol, max_variance_kernel_error=tol)
+    kern = _kernel_arrays(km, box, cfg)
+    assert kern["image"]["error"] <= tol / 2 and kern["variance"]["error"] <= tol / 2
+    ys, xs = np.mgrid[box.y0:box.y1, box.x0:box.x1]
+    xs, ys = xs.ravel().astype(float), ys.ravel().astype(float)
+    exact = np.array([km.kernel_image(x, y) for x, y in zip(xs, ys)])
+    got = _lowrank_kernels_at(km, kern, kern["image"], xs, ys)
+    err = np.abs(got - exact).sum(axis=(1, 2))
+    assert err.max() <= tol, err.max()
+    got2 = _lowrank_kernels_at(km, kern, kern["variance"], xs, ys, square=True)
+    err2 = np.abs(got2 - exact**2).sum(axis=(1, 2)) / (exact**2).sum(axis=(1, 2))
+    assert err2.max() <= tol, err2.max()
+    n_sq = 2 * km.component_kernels().shape[0] + 3  # 15 regrouped terms of K² for order 2
+    if tol == 1e-2:  # the loose tolerance really truncates K², and the error is not vacuous
+        assert kern["variance"]["basis"].shape[0] < n_sq and err2.max() > tol / 100
+    # the truncated kernels keep the exact sums, so the tile mean taken out does not matter
+    np.testing.assert_allclose(got.sum(axis=(1, 2)), 1.0, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(got2.sum(axis=(1, 2)), (exact**2).sum(axis=(1, 2)), rtol=1e-12)
+
+
+@pytest.mark.parametrize("precision", ["float64", "float32"])
+def test_low_rank_image_within_bound_of_exact(tan_wcs, precision):
+    """|low-rank - exact| <= (tol + F32 L1(K)) x max|I - tile mean|, everywhere including tile and chunk edges."""
+    sci = GaussianPsf(1.9, gradient=(0.004, -0.003), center=(150, 140))
+    rng = np.random.default_rng(11)
+    shape = (300, 280)
+    img = rng.normal(size=shape) * 5.0 + 200.0 + _stars(shape, sci, [(60, 50), (190, 150), (250, 260)], 3e4, 7, -5)
+    var = rng.uniform(0.5, 2.0, size=shape) + img / 100.0
+    ds = _exposure(tan_wcs, sci, shape=shape, image=img, variance=var)
+    km, _ = solve_kernel_model(GridPsf.from_dataset(ds), GaussianPsf(3.0), Box.of(ds))
+    cfg = ModelPsfMatchConfig(convolution="low-rank", max_kernel_error=1e-3, max_variance_kernel_error=1e-2,
+                              fft_precision=precision)
+    exact = convolve_kernel_model(ds, km, config=EXACT)
+    h = km.radius
+    for src in (ds, _chunk(ds, (37, 41))):
+        fast = convolve_kernel_model(src, km, config=cfg).compute()
+        for name in ("image", "variance"):
+            a = fast[name].values[h:-h, h:-h].astype(float)
+            b = exact[name].values[h:-h, h:-h].astype(float)
+            bound = _lowrank_atol(km, ds, name, cfg) + 2e-7 * np.abs(b)  # + output float32 rounding
+            assert np.all(np.abs(a - b) <= bound), (name, np.abs(a - b).max(), bound.min())
+        np.testing.assert_array_equal(fast["mask"].values, exact["mask"].values)
+        assert np.isnan(fast["image"].values[:h]).all() and np.isinf(fast["variance"].values[:, -h:]).all()
+
+
+def test_low_rank_constant_kernel_equals_exact(tan_wcs):
+    """A spatially constant kernel has rank one: the low-rank path equals the exact one to float32 rounding."""
+    sci = GaussianPsf(1.6)
+    rng = np.random.default_rng(5)
+    shape = (130, 150)
+    img = rng.normal(size=shape) + 1e3
+    ds = _exposure(tan_wcs, sci, shape=shape, image=img)
+    km, _ = solve_kernel_model(GridPsf.from_dataset(ds), GaussianPsf(2.5), Box.of(ds),
+                               config=ModelPsfMatchConfig(spatial_kernel_order=0))
+    from pipeline.psf_match import _kernel_arrays
+
+    cfg = ModelPsfMatchConfig(fft_precision="float32")
+    kern = _kernel_arrays(km, Box.of(ds), cfg)
+    assert kern["image"]["basis"].shape[0] == 1 and kern["image"]["error"] < 1e-12
+    exact = convolve_kernel_model(ds, km, config=EXACT)
+    fast = convolve_kernel_model(_chunk(ds, (37, 41)), km, config=cfg).compute()
+    h = km.radius
+    for name in ("image", "variance"):
+        a, b = fast[name].values[h:-h, h:-h].astype(float), exact[name].values[h:-h, h:-h].astype(float)
+        # float32 rounding of the departures from the tile mean (the sky level 1e3 passes exactly)
+        atol = F32 * _kernel_l1(km, ds, name == "variance") * np.ptp(ds[name].values) + 1.2e-7 * np.abs(b)
+        assert np.all(np.abs(a - b) <= atol), name
+
+
+def test_float32_transforms_against_float64(tan_wcs):
+    """Float32 transforms after subtracting the tile mean: error bounded by the departures, not the sky level."""
+    sci = GaussianPsf(1.8, gradient=(0.003, 0.002), center=(80, 70))
+    rng = np.random.default_rng(9)
+    shape = (150, 170)
+    img = rng.normal(size=shape) * 30.0 + 1e5  # a bright sky: its level alone would cost 1e5 x 1e-7
+    ds = _exposure(tan_wcs, sci, shape=shape, image=img, variance=img.copy())
+    km, _ = solve_kernel_model(GridPsf.from_dataset(ds), GaussianPsf(3.2), Box.of(ds))
+    f64 = convolve_kernel_model(ds, km, config=ModelPsfMatchConfig(fft_precision="float64"))
+    f32 = convolve_kernel_model(ds, km, config=ModelPsfMatchConfig(fft_precision="float32"))
+    h = km.radius
+    for name in ("image", "variance"):
+        a, b = f32[name].values[h:-h, h:-h].astype(float), f64[name].values[h:-h, h:-h].astype(float)
+        diff = np.abs(a - b) - 1.2e-7 * np.abs(b)  # minus the rounding of the float32 outputs themselves
+        bound = F32 * _kernel_l1(km, ds, name == "variance") * np.ptp(ds[name].values)
+        assert diff.max() <= bound, (name, diff.max(), bound)
+        assert bound < 1e-4 * np.abs(b).min()  # far below what the sky level would give
+
+
+@settings(max_examples=15, deadline=None)
+@given(h=st.integers(1, 12), ny=st.integers(1, 40), nx=st.integers(1, 40), seed=st.integers(0, 2**16))
+def test_property_box_or_equals_brute_force(h, ny, nx, seed):
+    rng = np.random.default_rng(seed)
+    ext = (rng.integers(0, 2**32, size=(ny + 2 * h, nx + 2 * h), dtype=np.uint64)
+           * (rng.uniform(size=(ny + 2 * h, nx + 2 * h)) < 0.05)).astype(np.uint32)
+    want = np.zeros((ny, nx), np.uint32)
+    for v in range(2 * h + 1):
+        for u in range(2 * h + 1):
+            want |= ext[v:v + ny, u:u + nx]
+    np.testing.assert_array_equal(or_dilate(ext, np.ones((2 * h + 1, 2 * h + 1), bool)), want)
+    np.testing.assert_array_equal(or_dilate(ext != 0, np.ones((2 * h + 1, 2 * h + 1), bool)), want != 0)
+
+
+def test_low_rank_selection_and_lazy_graph(tan_wcs):
+    from pipeline.psf_match import _low_rank
+
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(size=(2, 7, 7))
+    kernels = np.array([a, b, a + b, 2 * a - b])  # a rank-2 family
+    g = rng.uniform(0.5, 1.5, size=(50, 4))
+    basis, mix, err = _low_rank(kernels, g, np.abs(g @ kernels.sum(axis=(1, 2))) + 1.0, 1e-6)
+    assert basis.shape == (2, 7, 7) and err < 1e-12
+    np.testing.assert_allclose(np.tensordot(mix, basis, axes=1), kernels, atol=1e-12)
+    # the low-rank path is lazy and its graph grows with chunks only, as the exact one
+    ds = _exposure(tan_wcs, GaussianPsf(1.8), shape=(200, 220))
+    for cfg in (EXACT, ModelPsfMatchConfig(fft_precision="float32")):
+        with raise_if_dask_computes():
+            out, _ = model_psf_match(_chunk(ds, (50, 55)), GaussianPsf(3.0), config=cfg)
+        assert sum(graph_size(out[v].data) for v in ("image", "variance", "mask")) <= 3 * (25 * 16 + 60)
+
+
+@pytest.mark.parametrize("update, message", [
+    ({"convolution": "interpolated"}, "'low-rank' or 'exact'"),
+    ({"fft_precision": "float16"}, "'float64' or 'float32'"),
+    ({"max_kernel_error": 0.0}, "greater than 0"),
+    ({"max_kernel_error": 0.5}, "less than or equal to 0.1"),
+    ({"max_variance_kernel_error": -1e-3}, "greater than 0"),
+])
+def test_low_rank_config_validation(update, message):
+    with pytest.raises(ValidationError, match=message):
+        ModelPsfMatchConfig(**update)
