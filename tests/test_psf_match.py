@@ -876,3 +876,27 @@ def test_low_rank_selection_and_lazy_graph(tan_wcs):
 def test_low_rank_config_validation(update, message):
     with pytest.raises(ValidationError, match=message):
         ModelPsfMatchConfig(**update)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("power", [1, 2])
+def test_correlate_lowrank_against_direct(rng, dtype, power):
+    """Weighted sum of direct correlations, on tiles of 16 (edges included), with a large offset."""
+    from pipeline._kernels_convolve import correlate_lowrank
+
+    ext = rng.normal(size=(61, 57)) + 1e4
+    basis = rng.normal(size=(3, 7, 7))
+    ny, nx = 55, 51
+    col = np.array([np.ones(nx), np.linspace(-1, 1, nx)])
+    rows = rng.normal(size=(4, 2, ny))
+    rows[3] = np.tensordot(basis.sum(axis=(1, 2)), rows[:3], axes=1)  # the constant goes through the exact sum
+    norm = np.array([np.full(ny, 2.0), np.zeros(ny)])
+    got = correlate_lowrank(ext, basis, rows, col, norm, power, tile=16, dtype=dtype)
+    want = sum(np.einsum("ay,ax->yx", rows[r], col) * correlate_direct(ext, basis[r]) for r in range(3)) / 2.0**power
+    assert got.dtype == np.float32 and got.shape == (ny, nx)
+    weight_l1 = sum(np.abs(np.einsum("ay,ax->yx", rows[r], col)) * np.abs(basis[r]).sum() for r in range(3)) / 2.0**power
+    f32 = F32 if dtype == np.float32 else 1e-12
+    # output rounding + transform rounding of the departures from the tile mean (spread < 12)
+    assert np.all(np.abs(got - want) <= 1.2e-7 * np.abs(want) + f32 * weight_l1 * np.ptp(ext) + 1e-9)
+    with pytest.raises(ValueError, match="square and odd"):
+        correlate_lowrank(ext, np.ones((1, 4, 4)), rows[:2], col, norm, 1)
