@@ -580,41 +580,79 @@ def _row_candidates(gx0, gy0, step, nodes_x, nodes_y, X0, Y, nx, valid):
 
 
 @numba.njit(inline="always", **_SUMS)
-def _strip_weights(fs, lo, hi, n, bilinear, linear, cb, sb, table, tmp, w, w2, sums):
-    """:func:`_row_weights` for ``fs[lo:hi]`` (same arithmetic, pixel by pixel), plus ``w2 = w * w``."""
+def _strip_weights(fs, lo, hi, n, bilinear, linear, cb, sb, table, tmp, wt, sa, ca, tot, w, w2, sums):
+    """:func:`_row_weights` for ``fs[lo:hi]`` (same arithmetic, pixel by pixel), plus ``w2 = w * w``.
+
+    Exact Lanczos weights are computed in loops over the pixels that each touch a few contiguous
+    views starting at index 0 (so that no index can be negative and the loops are vectorised),
+    into the scratch rows ``wt`` (column-major, at least ``hi - lo`` columns) with the sine, cosine
+    and sum in ``sa``, ``ca``, ``tot``, then stored pixel-major in ``w``. ``tmp`` (``2n``) serves the table.
+    """
     m = 2 * n
-    for c in range(lo, hi):
-        f = fs[c]
-        if bilinear:
-            w[c, 0] = 1.0 - f
-            w[c, 1] = f
-            sums[c] = 1.0
-        elif table.shape[0] > 1:
-            sums[c] = table_weights(f, table, tmp)
-            for k in range(m):
-                w[c, k] = tmp[k]
-        elif f == 0.0:
-            for k in range(m):
-                w[c, k] = 0.0
-            w[c, n - 1] = 1.0
-            sums[c] = 1.0
-        else:
-            sa, ca = _sincos(-math.pi * f / n)
-            total = 0.0
-            for k in range(m):
-                t = k - (n - 1) - f
-                v = (sa * cb[k] + ca * sb[k]) / (t * t)
-                w[c, k] = v
-                total += v
-            if linear:
-                m1 = 0.0
+    if bilinear or table.shape[0] > 1:
+        for c in range(lo, hi):
+            f = fs[c]
+            if bilinear:
+                w[c, 0] = 1.0 - f
+                w[c, 1] = f
+                sums[c] = 1.0
+            else:
+                sums[c] = table_weights(f, table, tmp)
                 for k in range(m):
-                    m1 += w[c, k] * (k - (n - 1) - f)
-                w[c, n - 1] += m1
-                w[c, n] -= m1
-            sums[c] = total
+                    w[c, k] = tmp[k]
+            for k in range(m):
+                w2[c, k] = w[c, k] * w[c, k]
+        return
+    L = hi - lo
+    f = fs[lo:hi]
+    sa = sa[:L]
+    ca = ca[:L]
+    tot = tot[:L]
+    for c in range(L):
+        s_, c_ = _sincos(-math.pi * f[c] / n)
+        sa[c] = s_
+        ca[c] = c_
+    for k in range(m):
+        wk = wt[k, :L]
+        cbk = cb[k]
+        sbk = sb[k]
+        for c in range(L):
+            t = k - (n - 1) - f[c]
+            wk[c] = (sa[c] * cbk + ca[c] * sbk) / (t * t)
+    for c in range(L):
+        tot[c] = 0.0
+    for k in range(m):
+        wk = wt[k, :L]
+        for c in range(L):
+            tot[c] += wk[c]
+    if linear:
+        m1 = sa  # the sine is no longer needed
+        for c in range(L):
+            m1[c] = 0.0
         for k in range(m):
-            w2[c, k] = w[c, k] * w[c, k]
+            wk = wt[k, :L]
+            for c in range(L):
+                m1[c] += wk[c] * (k - (n - 1) - f[c])
+        w0 = wt[n - 1, :L]
+        w1 = wt[n, :L]
+        for c in range(L):
+            w0[c] += m1[c]
+            w1[c] -= m1[c]
+    for k in range(m):
+        wk = wt[k, :L]
+        d = 1.0 if k == n - 1 else 0.0
+        for c in range(L):
+            wk[c] = d if f[c] == 0.0 else wk[c]
+    s_out = sums[lo:hi]
+    for c in range(L):
+        s_out[c] = 1.0 if f[c] == 0.0 else tot[c]
+    wo = w[lo:hi]
+    wo2 = w2[lo:hi]
+    for c in range(L):
+        for k in range(m):
+            v = wt[k, c]
+            wo[c, k] = v
+            wo2[c, k] = v * v
 
 
 @numba.njit(inline="always", **_SUMS)
@@ -698,6 +736,10 @@ def _warp_block(
     sxs = np.empty(nx)
     sys_ = np.empty(nx)
     tmp = np.empty(m)
+    wt = np.empty((m, _STRIP))
+    sa = np.empty(_STRIP)
+    ca = np.empty(_STRIP)
+    tot = np.empty(_STRIP)
     for r in range(ny):
         Y = dst_y0 + r
         lo, hi = _row_candidates(gx0, gy0, step, nodes_x, nodes_y, dst_x0, Y, nx, valid)
@@ -753,8 +795,8 @@ def _warp_block(
         # strips of the row: the weights of a strip stay in L1 while its pixels are summed
         for s0 in range(lo, hi, _STRIP):
             s1 = min(hi, s0 + _STRIP)
-            _strip_weights(fxs, s0, s1, n, bilinear, linear, cb, sb, table, tmp, wx, wx2, sxs)
-            _strip_weights(fys, s0, s1, n, bilinear, linear, cb, sb, table, tmp, wy, wy2, sys_)
+            _strip_weights(fxs, s0, s1, n, bilinear, linear, cb, sb, table, tmp, wt, sa, ca, tot, wx, wx2, sxs)
+            _strip_weights(fys, s0, s1, n, bilinear, linear, cb, sb, table, tmp, wt, sa, ca, tot, wy, wy2, sys_)
             for c in range(s0, s1):
                 if not good[c]:
                     out_img[r, c] = nan

@@ -932,7 +932,8 @@ def test_strip_weights_equal_row_weights_bit_for_bit(rng, order, linear):
 
     @numba.njit(**_SUMS)
     def strip(fs, lo, hi, n, bilinear, linear, cb, sb, table, w, w2, s):
-        _strip_weights(fs, lo, hi, n, bilinear, linear, cb, sb, table, np.empty(2 * n), w, w2, s)
+        _strip_weights(fs, lo, hi, n, bilinear, linear, cb, sb, table, np.empty(2 * n), np.empty((2 * n, 512)),
+                       np.empty(512), np.empty(512), np.empty(512), w, w2, s)
 
     bilinear = order == 1
     fs = np.concatenate([rng.random(300), [0.0, 1e-8, 0.5, 1 - 1e-8, 0.25, 0.0]])
