@@ -5,8 +5,9 @@ definition: every sum runs over the planes in their given order with the same fl
 expressions), with less work per sample:
 
 * the planes come as a sequence of 2-D arrays (one per visit), so a chunk of a stack is never
-  copied into one 3-D block; the work runs in bands of rows (about ``BAND_PIXELS`` pixels), so
-  each plane is looked up once per band and sweep;
+  copied into one 3-D block; the work runs in bands of rows (about ``BAND_PIXELS`` pixels, at
+  most ``TILE_WIDTH`` columns wide), so each plane is looked up once per band and sweep and the
+  scratch of a band stays in cache whatever the chunk width;
 * one gathering sweep per row: the and-mask/finite/variance selection, counts and mask ORs, and
   the sort keys (excluded samples sort last as +inf); nothing else is stored per sample, the
   moment passes read the input rows again (the selection costs a few vector operations);
@@ -45,8 +46,10 @@ __all__ = ["stack_planes"]
 
 _OPTS = dict(cache=True, nogil=True, error_model="numpy")
 
-#: pixels per band of rows (the per-band scratch stays within a core's L2 cache)
-BAND_PIXELS = 8192
+#: pixels per band of rows, and the widest column tile (the per-band scratch stays within a
+#: core's L2 cache whatever the chunk width)
+BAND_PIXELS = 4096
+TILE_WIDTH = 1024
 
 
 @njit(**_OPTS)
@@ -114,11 +117,11 @@ def _terms(xv, vv, mv, c, wd, andm, iv, wconst, ev, shifted):
 
 @njit(**_OPTS)
 def _pass_band(
-    images, variances, masks, weights, i0, nr, nx, andm, weight_mode, error_mode, centre, width, shifted, acc, cnt
+    images, variances, masks, weights, i0, j0, nr, nx, andm, weight_mode, error_mode, centre, width, shifted, acc, cnt
 ):
     """Sums over the planes of rows ``i0:i0+nr`` of the selected samples with ``|x - centre| <= width``.
 
-    Pixel ``(i0 + r, j)`` is entry ``r * nx + j`` of ``centre``, ``width``, ``cnt`` and of the
+    Pixel ``(i0 + r, j0 + j)`` is entry ``r * nx + j`` of ``centre``, ``width``, ``cnt`` and of the
     ``acc`` rows: S1, S2, sum w x, sum w (x - centre)^2 (when ``shifted``), and the error sum
     sum w^2 v (input-variance error) or sum w v (other modes). Planes are taken four at a time
     with the sums held in registers, added in plane order.
@@ -160,28 +163,28 @@ def _pass_band(
                 D = q1[p]
                 E = e[p]
                 N = cnt[p]
-                t = _terms(im0[i, j], va0[i, j], ma0[i, j], c, wd, andm, iv, w0, ev, shifted)
+                t = _terms(im0[i, j0 + j], va0[i, j0 + j], ma0[i, j0 + j], c, wd, andm, iv, w0, ev, shifted)
                 A += t[0]
                 B += t[1]
                 C += t[2]
                 D += t[3]
                 E += t[4]
                 N += t[5]
-                t = _terms(im1[i, j], va1[i, j], ma1[i, j], c, wd, andm, iv, w1, ev, shifted)
+                t = _terms(im1[i, j0 + j], va1[i, j0 + j], ma1[i, j0 + j], c, wd, andm, iv, w1, ev, shifted)
                 A += t[0]
                 B += t[1]
                 C += t[2]
                 D += t[3]
                 E += t[4]
                 N += t[5]
-                t = _terms(im2[i, j], va2[i, j], ma2[i, j], c, wd, andm, iv, w2, ev, shifted)
+                t = _terms(im2[i, j0 + j], va2[i, j0 + j], ma2[i, j0 + j], c, wd, andm, iv, w2, ev, shifted)
                 A += t[0]
                 B += t[1]
                 C += t[2]
                 D += t[3]
                 E += t[4]
                 N += t[5]
-                t = _terms(im3[i, j], va3[i, j], ma3[i, j], c, wd, andm, iv, w3, ev, shifted)
+                t = _terms(im3[i, j0 + j], va3[i, j0 + j], ma3[i, j0 + j], c, wd, andm, iv, w3, ev, shifted)
                 A += t[0]
                 B += t[1]
                 C += t[2]
@@ -205,7 +208,7 @@ def _pass_band(
             base = r * nx
             for j in range(nx):
                 p = base + j
-                t = _terms(im0[i, j], va0[i, j], ma0[i, j], centre[p], width[p], andm, iv, w0, ev, shifted)
+                t = _terms(im0[i, j0 + j], va0[i, j0 + j], ma0[i, j0 + j], centre[p], width[p], andm, iv, w0, ev, shifted)
                 s1[p] += t[0]
                 s2[p] += t[1]
                 a1[p] += t[2]
@@ -216,8 +219,8 @@ def _pass_band(
 
 
 @njit(**_OPTS)
-def _gather_band(images, variances, masks, i0, nr, nx, andm, iv, Y, any_mask, orm, counts):
-    """The gathering sweep of rows ``i0:i0+nr``: mask OR of every input, mask OR of the selected
+def _gather_band(images, variances, masks, i0, j0, nr, nx, andm, iv, Y, any_mask, orm, counts):
+    """The gathering sweep of rows ``i0:i0+nr``, columns ``j0:j0+nx``: mask OR of every input, mask OR of the selected
     ones, counts (selected << 32 | without an and-mask bit) and the sort keys ``Y[r, k]`` (the
     value, +inf where not selected)."""
     npx = nr * nx
@@ -240,7 +243,7 @@ def _gather_band(images, variances, masks, i0, nr, nx, andm, iv, Y, any_mask, or
             y0 = Y[r, k]
             for j in range(nx):
                 p = base + j
-                x0, _, m0, u0, g0 = _select(im0[i, j], va0[i, j], ma0[i, j], andm, iv)
+                x0, _, m0, u0, g0 = _select(im0[i, j0 + j], va0[i, j0 + j], ma0[i, j0 + j], andm, iv)
                 any_mask[p] |= m0
                 orm[p] |= m0 if g0 else zero
                 counts[p] += np.int64(u0) + (np.int64(g0) << shift)
@@ -249,7 +252,7 @@ def _gather_band(images, variances, masks, i0, nr, nx, andm, iv, Y, any_mask, or
 
 
 @njit(**_OPTS)
-def _plain_m2(images, variances, masks, weights, i0, nr, nx, andm, weight_mode, centre, width, mean, out):
+def _plain_m2(images, variances, masks, weights, i0, j0, nr, nx, andm, weight_mode, centre, width, mean, out):
     """Second sweep of the two-pass moments: ``sum w (x - mean)^2`` over the kept samples."""
     npx = nr * nx
     for p in range(npx):
@@ -265,9 +268,9 @@ def _plain_m2(images, variances, masks, weights, i0, nr, nx, andm, weight_mode, 
             base = r * nx
             for j in range(nx):
                 p = base + j
-                x = np.float64(img[i, j])
-                v = np.float64(var[i, j])
-                m = np.uint32(msk[i, j])
+                x = np.float64(img[i, j0 + j])
+                v = np.float64(var[i, j0 + j])
+                m = np.uint32(msk[i, j0 + j])
                 good = ((m & andm) == 0) & ((v > 0.0) | (not iv)) & math.isfinite(x)
                 keep = good & (abs(x - centre[p]) <= width[p])
                 w = (1.0 / v) if iv else wconst
@@ -306,7 +309,7 @@ def _shifted_result(s1, s2, a1, q1, e, c, centre, error_mode):
 
 @njit(**_OPTS)
 def _pixels_pass(
-    images, variances, masks, weights, i0, nx, idx, rows, npix, andm, weight_mode, error_mode, centre, width, acc, cnt,
+    images, variances, masks, weights, i0, j0, nx, idx, rows, npix, andm, weight_mode, error_mode, centre, width, acc, cnt,
     xc, vc, mc, cc, wc,
 ):
     """Shifted clip-pass sums of the band pixels ``idx[:npix]`` (entries ``r * nx + j``) into
@@ -330,9 +333,9 @@ def _pixels_pass(
         for t in range(npix):
             i = i0 + rows[t]
             j = idx[t] - rows[t] * nx
-            xk[t] = img[i, j]
-            vk[t] = var[i, j]
-            mk[t] = msk[i, j]
+            xk[t] = img[i, j0 + j]
+            vk[t] = var[i, j0 + j]
+            mk[t] = msk[i, j0 + j]
     for r in range(5):
         for t in range(npix):
             acc[r, t] = 0.0
@@ -355,7 +358,7 @@ def _pixels_pass(
 
 @njit(**_OPTS)
 def _propagated_bits(
-    images, variances, masks, weights, i0, nx, idx, rows, npix, andm, weight_mode, prop_bits, prop_thr, orm, tot
+    images, variances, masks, weights, i0, j0, nx, idx, rows, npix, andm, weight_mode, prop_bits, prop_thr, orm, tot
 ):
     """OR into ``orm[p]`` (``p`` in ``idx[:npix]``, entries ``r * nx + j`` of the band) the bits
     whose excluded-input weight fraction exceeds the threshold; ``tot`` is scratch (2 rows)."""
@@ -373,9 +376,9 @@ def _propagated_bits(
                 p = idx[t]
                 i = i0 + rows[t]
                 j = p - rows[t] * nx
-                x = np.float64(img[i, j])
-                v = np.float64(var[i, j])
-                m = np.uint32(msk[i, j])
+                x = np.float64(img[i, j0 + j])
+                v = np.float64(var[i, j0 + j])
+                m = np.uint32(msk[i, j0 + j])
                 if iv:
                     wvalid = v > 0.0
                     wk = 1.0 / v if wvalid else 0.0
@@ -408,13 +411,14 @@ def stack_planes(
     (typed lists or 3-D arrays) of K ``(ny, nx)`` planes.
     """
     nk = len(images)
-    ny, nx = out_image.shape
+    ny, width_all = out_image.shape
+    tile = min(width_all, TILE_WIDTH)
     size = 1
     while size < nk:
         size *= 2
-    band = max(1, min(ny, BAND_PIXELS // max(nx, 1)))
-    nb = band * nx
-    Y = np.empty((band, size, nx), dtype=images[0].dtype)
+    band = max(1, min(ny, BAND_PIXELS // max(tile, 1)))
+    nb = band * tile
+    Y = np.empty((band, size, tile), dtype=images[0].dtype)
     counts = np.empty(nb, dtype=np.int64)
     n = np.empty(nb, dtype=np.int64)
     orm = np.empty(nb, dtype=np.uint32)
@@ -424,7 +428,7 @@ def stack_planes(
     prev_centre = np.empty(nb, dtype=np.float64)
     prev_width = np.empty(nb, dtype=np.float64)
     iqr = np.empty(nb, dtype=np.float64)
-    q25 = np.empty(nx, dtype=np.float64)
+    q25 = np.empty(tile, dtype=np.float64)
     mean = np.empty(nb, dtype=np.float64)
     var = np.empty(nb, dtype=np.float64)
     errvar = np.empty(nb, dtype=np.float64)
@@ -451,169 +455,173 @@ def stack_planes(
     inf = np.inf
     shift = np.int64(32)
     low = np.int64(0xFFFFFFFF)
-    for i0 in range(0, ny, band):
-        nr = min(band, ny - i0)
-        npx = nr * nx
-        _gather_band(images, variances, masks, i0, nr, nx, andm, iv, Y, any_mask, orm, counts)
-        for p in range(npx):
-            n[p] = counts[p] >> shift
-        if need_sort:
-            for r in range(nr):
-                Yr = Y[r]
-                for k in range(nk, size):
-                    for j in range(nx):
-                        Yr[k, j] = inf
-                for c in range(pairs.shape[0]):
-                    yp = Yr[pairs[c, 0]]
-                    yq = Yr[pairs[c, 1]]
-                    for j in range(nx):
-                        lo = yp[j]
-                        hi = yq[j]
-                        yp[j] = min(lo, hi)
-                        yq[j] = max(lo, hi)
-        if nprop > 0:
-            npix = 0
+    for j0 in range(0, width_all, tile):
+        nx = min(tile, width_all - j0)
+        if nx != Y.shape[2]:
+            Y = np.empty((band, size, nx), dtype=images[0].dtype)
+        for i0 in range(0, ny, band):
+            nr = min(band, ny - i0)
+            npx = nr * nx
+            _gather_band(images, variances, masks, i0, j0, nr, nx, andm, iv, Y, any_mask, orm, counts)
             for p in range(npx):
-                if (any_mask[p] & prop_any) != 0:
-                    idx[npix] = p
-                    npix += 1
-            _rows_of(idx, npix, nx, rows)
-            if npix > 0:
-                _propagated_bits(
-                    images, variances, masks, weights, i0, nx, idx, rows, npix, andm, weight_mode, prop_bits, prop_thr,
-                    orm, acc,
-                )
-        if statistic == STACK_MEANCLIP:
-            # pass 0 about the median with the IQR width
-            for r in range(nr):
-                Yr = Y[r]
-                base = r * nx
-                cr = centre[base:base + nx]
-                ir = iqr[base:base + nx]
-                _row_quantile_full(Yr, nk, 0.5, cr)
-                _row_quantile_full(Yr, nk, 0.75, ir)
-                _row_quantile_full(Yr, nk, 0.25, q25)
-                for j in range(nx):
-                    ir[j] -= q25[j]
-                for j in range(nx):
-                    nj = n[base + j]
-                    if nj != nk:
-                        cr[j] = _column_quantile(Yr, j, nj, 0.5)
-                        ir[j] = _column_quantile(Yr, j, nj, 0.75) - _column_quantile(Yr, j, nj, 0.25)
-            for p in range(npx):
-                var[p] = np.nan
-            for it in range(num_iter):
-                last = it == num_iter - 1
-                if it > 0:
-                    for p in range(npx):
-                        prev_centre[p] = centre[p]
-                        prev_width[p] = width[p]
-                        centre[p] = mean[p]
+                n[p] = counts[p] >> shift
+            if need_sort:
+                for r in range(nr):
+                    Yr = Y[r]
+                    for k in range(nk, size):
+                        for j in range(nx):
+                            Yr[k, j] = inf
+                    for c in range(pairs.shape[0]):
+                        yp = Yr[pairs[c, 0]]
+                        yq = Yr[pairs[c, 1]]
+                        for j in range(nx):
+                            lo = yp[j]
+                            hi = yq[j]
+                            yp[j] = min(lo, hi)
+                            yq[j] = max(lo, hi)
+            if nprop > 0:
+                npix = 0
                 for p in range(npx):
-                    width[p] = clip_width(it, n[p], iqr[p], var[p], num_sigma, centre[p])
-                if last and it > 0 and error_mode != ERROR_DEFAULT:
-                    # only the pixels whose kept set changed need this pass
+                    if (any_mask[p] & prop_any) != 0:
+                        idx[npix] = p
+                        npix += 1
+                _rows_of(idx, npix, nx, rows)
+                if npix > 0:
+                    _propagated_bits(
+                        images, variances, masks, weights, i0, j0, nx, idx, rows, npix, andm, weight_mode, prop_bits, prop_thr,
+                        orm, acc,
+                    )
+            if statistic == STACK_MEANCLIP:
+                # pass 0 about the median with the IQR width
+                for r in range(nr):
+                    Yr = Y[r]
+                    base = r * nx
+                    cr = centre[base:base + nx]
+                    ir = iqr[base:base + nx]
+                    _row_quantile_full(Yr, nk, 0.5, cr)
+                    _row_quantile_full(Yr, nk, 0.75, ir)
+                    _row_quantile_full(Yr, nk, 0.25, q25)
+                    for j in range(nx):
+                        ir[j] -= q25[j]
+                    for j in range(nx):
+                        nj = n[base + j]
+                        if nj != nk:
+                            cr[j] = _column_quantile(Yr, j, nj, 0.5)
+                            ir[j] = _column_quantile(Yr, j, nj, 0.75) - _column_quantile(Yr, j, nj, 0.25)
+                for p in range(npx):
+                    var[p] = np.nan
+                for it in range(num_iter):
+                    last = it == num_iter - 1
+                    if it > 0:
+                        for p in range(npx):
+                            prev_centre[p] = centre[p]
+                            prev_width[p] = width[p]
+                            centre[p] = mean[p]
                     for p in range(npx):
-                        moved[p] = False
-                    for r in range(nr):
-                        base = r * nx
-                        for k in range(nk):
-                            yk = Y[r, k]
-                            for j in range(nx):
-                                p = base + j
-                                y = np.float64(yk[j])
-                                kp = abs(y - prev_centre[p]) <= prev_width[p]
-                                kc = abs(y - centre[p]) <= width[p]
-                                moved[p] |= kp != kc
-                    npix = 0
-                    for p in range(npx):
-                        if moved[p]:
-                            idx[npix] = p
-                            npix += 1
-                    _rows_of(idx, npix, nx, rows)
-                    if npix > 0:
-                        _pixels_pass(
-                            images, variances, masks, weights, i0, nx, idx, rows, npix, andm, weight_mode, error_mode,
-                            centre, width, acc, pcnt, xc, vc, mc, cc, wc,
-                        )
-                        for t in range(npix):
-                            p = idx[t]
-                            mean[p], var[p], errvar[p] = _shifted_result(
-                                acc[0, t], acc[1, t], acc[2, t], acc[3, t], acc[4, t], pcnt[t], centre[p], error_mode
+                        width[p] = clip_width(it, n[p], iqr[p], var[p], num_sigma, centre[p])
+                    if last and it > 0 and error_mode != ERROR_DEFAULT:
+                        # only the pixels whose kept set changed need this pass
+                        for p in range(npx):
+                            moved[p] = False
+                        for r in range(nr):
+                            base = r * nx
+                            for k in range(nk):
+                                yk = Y[r, k]
+                                for j in range(nx):
+                                    p = base + j
+                                    y = np.float64(yk[j])
+                                    kp = abs(y - prev_centre[p]) <= prev_width[p]
+                                    kc = abs(y - centre[p]) <= width[p]
+                                    moved[p] |= kp != kc
+                        npix = 0
+                        for p in range(npx):
+                            if moved[p]:
+                                idx[npix] = p
+                                npix += 1
+                        _rows_of(idx, npix, nx, rows)
+                        if npix > 0:
+                            _pixels_pass(
+                                images, variances, masks, weights, i0, j0, nx, idx, rows, npix, andm, weight_mode, error_mode,
+                                centre, width, acc, pcnt, xc, vc, mc, cc, wc,
                             )
-                            cnt[p] = pcnt[t]
-                    continue
+                            for t in range(npix):
+                                p = idx[t]
+                                mean[p], var[p], errvar[p] = _shifted_result(
+                                    acc[0, t], acc[1, t], acc[2, t], acc[3, t], acc[4, t], pcnt[t], centre[p], error_mode
+                                )
+                                cnt[p] = pcnt[t]
+                        continue
+                    _pass_band(
+                        images, variances, masks, weights, i0, j0, nr, nx, andm, weight_mode, error_mode, centre, width, True,
+                        acc, cnt,
+                    )
+                    for p in range(npx):
+                        mean[p], var[p], errvar[p] = _shifted_result(
+                            acc[0, p], acc[1, p], acc[2, p], acc[3, p], acc[4, p], cnt[p], centre[p], error_mode
+                        )
+                for r in range(nr):
+                    i = i0 + r
+                    base = r * nx
+                    for j in range(nx):
+                        p = base + j
+                        out_image[i, j0 + j] = mean[p]
+                        out_variance[i, j0 + j] = errvar[p]
+                        if n[p] - cnt[p] > 0:
+                            orm[p] |= np.uint32(clipped)
+            else:
+                # plain two-pass moments over all selected samples
+                for p in range(npx):
+                    centre[p] = 0.0
+                    width[p] = np.inf
                 _pass_band(
-                    images, variances, masks, weights, i0, nr, nx, andm, weight_mode, error_mode, centre, width, True,
+                    images, variances, masks, weights, i0, j0, nr, nx, andm, weight_mode, error_mode, centre, width, False,
                     acc, cnt,
                 )
                 for p in range(npx):
-                    mean[p], var[p], errvar[p] = _shifted_result(
-                        acc[0, p], acc[1, p], acc[2, p], acc[3, p], acc[4, p], cnt[p], centre[p], error_mode
-                    )
-            for r in range(nr):
-                i = i0 + r
-                base = r * nx
-                for j in range(nx):
-                    p = base + j
-                    out_image[i, j] = mean[p]
-                    out_variance[i, j] = errvar[p]
-                    if n[p] - cnt[p] > 0:
-                        orm[p] |= np.uint32(clipped)
-        else:
-            # plain two-pass moments over all selected samples
-            for p in range(npx):
-                centre[p] = 0.0
-                width[p] = np.inf
-            _pass_band(
-                images, variances, masks, weights, i0, nr, nx, andm, weight_mode, error_mode, centre, width, False,
-                acc, cnt,
-            )
-            for p in range(npx):
-                mean[p] = acc[2, p] / acc[0, p] if (cnt[p] > 0 and acc[0, p] != 0.0) else np.nan
-            need_var = statistic == STACK_MEDIAN or error_mode == ERROR_DEFAULT
-            if need_var:
-                _plain_m2(images, variances, masks, weights, i0, nr, nx, andm, weight_mode, centre, width, mean, m2)
-            for p in range(npx):
-                s1 = acc[0, p]
-                if cnt[p] == 0 or s1 == 0.0:
-                    var[p] = np.nan
-                    errvar[p] = np.nan
-                    continue
-                denom = s1 * s1 - acc[1, p]
-                var[p] = m2[p] * s1 / denom if (need_var and denom != 0.0) else np.nan
-                if error_mode == ERROR_INPUT_VARIANCE:
-                    errvar[p] = acc[4, p] / (s1 * s1)
-                elif error_mode == ERROR_MOSAIC:
-                    errvar[p] = acc[4, p] / s1
-                else:
-                    errvar[p] = var[p] * acc[1, p] / (s1 * s1)
-            for r in range(nr):
-                i = i0 + r
-                base = r * nx
-                for j in range(nx):
-                    p = base + j
-                    if statistic == STACK_MEDIAN:
-                        nj = n[p]
-                        out_image[i, j] = _column_quantile(Y[r], j, nj, 0.5)
-                        out_variance[i, j] = 0.5 * math.pi * var[p] / nj if nj > 0 else np.nan
+                    mean[p] = acc[2, p] / acc[0, p] if (cnt[p] > 0 and acc[0, p] != 0.0) else np.nan
+                need_var = statistic == STACK_MEDIAN or error_mode == ERROR_DEFAULT
+                if need_var:
+                    _plain_m2(images, variances, masks, weights, i0, j0, nr, nx, andm, weight_mode, centre, width, mean, m2)
+                for p in range(npx):
+                    s1 = acc[0, p]
+                    if cnt[p] == 0 or s1 == 0.0:
+                        var[p] = np.nan
+                        errvar[p] = np.nan
+                        continue
+                    denom = s1 * s1 - acc[1, p]
+                    var[p] = m2[p] * s1 / denom if (need_var and denom != 0.0) else np.nan
+                    if error_mode == ERROR_INPUT_VARIANCE:
+                        errvar[p] = acc[4, p] / (s1 * s1)
+                    elif error_mode == ERROR_MOSAIC:
+                        errvar[p] = acc[4, p] / s1
                     else:
-                        out_image[i, j] = mean[p]
-                        out_variance[i, j] = errvar[p]
-        for r in range(nr):
-            i = i0 + r
-            base = r * nx
-            for j in range(nx):
-                p = base + j
-                nj = n[p]
-                m_out = orm[p]
-                if nj == 0:
-                    m_out = np.uint32(no_data)
-                    out_image[i, j] = np.nan
-                    out_variance[i, j] = np.nan
-                if nk - nj > 0:
-                    for q in range(nmap):
-                        if (any_mask[p] & map_from[q]) != 0:
-                            m_out |= map_to[q]
-                out_mask[i, j] = m_out
-                out_n[i, j] = counts[p] & low
+                        errvar[p] = var[p] * acc[1, p] / (s1 * s1)
+                for r in range(nr):
+                    i = i0 + r
+                    base = r * nx
+                    for j in range(nx):
+                        p = base + j
+                        if statistic == STACK_MEDIAN:
+                            nj = n[p]
+                            out_image[i, j0 + j] = _column_quantile(Y[r], j, nj, 0.5)
+                            out_variance[i, j0 + j] = 0.5 * math.pi * var[p] / nj if nj > 0 else np.nan
+                        else:
+                            out_image[i, j0 + j] = mean[p]
+                            out_variance[i, j0 + j] = errvar[p]
+            for r in range(nr):
+                i = i0 + r
+                base = r * nx
+                for j in range(nx):
+                    p = base + j
+                    nj = n[p]
+                    m_out = orm[p]
+                    if nj == 0:
+                        m_out = np.uint32(no_data)
+                        out_image[i, j0 + j] = np.nan
+                        out_variance[i, j0 + j] = np.nan
+                    if nk - nj > 0:
+                        for q in range(nmap):
+                            if (any_mask[p] & map_from[q]) != 0:
+                                m_out |= map_to[q]
+                    out_mask[i, j0 + j] = m_out
+                    out_n[i, j0 + j] = counts[p] & low

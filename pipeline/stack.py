@@ -129,11 +129,14 @@ class _StackPlan:
 
     def run_planes(self, images, variances, masks, weights):
         """Stack K ``(ny, nx)`` planes given as lists; returns (image, variance, mask, n_image)."""
+        packed = self.run_packed(images, variances, masks, weights)
+        return packed[0].view(np.float32), packed[1].view(np.float32), packed[2], packed[3].astype(np.uint16)
+
+    def run_packed(self, images, variances, masks, weights):
+        """The four outputs written straight into the planes of one ``(4, ny, nx)`` uint32 array
+        (image and variance as float32 bits, mask, n_image)."""
         ny, nx = images[0].shape
-        out_image = np.empty((ny, nx), dtype=np.float32)
-        out_variance = np.empty((ny, nx), dtype=np.float32)
-        out_mask = np.empty((ny, nx), dtype=np.uint32)
-        out_n = np.empty((ny, nx), dtype=np.uint16)
+        packed = np.empty((4, ny, nx), dtype=np.uint32)
         KS.stack_planes(
             _typed_planes(images),
             _typed_planes(variances),
@@ -152,12 +155,12 @@ class _StackPlan:
             self.map_from,
             self.map_to,
             _pairs(len(images)),
-            out_image,
-            out_variance,
-            out_mask,
-            out_n,
+            packed[0].view(np.float32),
+            packed[1].view(np.float32),
+            packed[2],
+            packed[3],
         )
-        return out_image, out_variance, out_mask, out_n
+        return packed
 
     def packed(self, image, variance, mask, weights):
         """Block function for dask: the four outputs packed (exactly) into one float64 array."""
@@ -170,15 +173,9 @@ class _StackPlan:
     def packed_blocks(self, images, variances, masks, weights):
         """Block function for dask: lists of ``(k, ny, nx)`` blocks along ``visit`` in, the four
         outputs bit-packed into one ``(4, ny, nx)`` uint32 array out (see :func:`_unpack_bits`)."""
-        outs = self.run_planes(
+        return self.run_packed(
             _planes_of(images), _planes_of(variances), _planes_of(masks), np.concatenate(list(weights))
         )
-        packed = np.empty((4,) + outs[0].shape, dtype=np.uint32)
-        packed[0] = outs[0].view(np.uint32)
-        packed[1] = outs[1].view(np.uint32)
-        packed[2] = outs[2]
-        packed[3] = outs[3]
-        return packed
 
 
 def _planes_of(blocks):

@@ -502,6 +502,7 @@ def _reference_and_fast(rng, nk, shape, statistic, weight_mode, error_mode, num_
                 np.empty(shape, np.uint16)]
 
     ref, fast = outs(), outs()
+    fast[3] = np.empty(shape, np.uint32)  # the count plane of the packed output
     K.stack_pixels(img, var, mask, *args, *ref)
     KS.stack_planes(_typed_planes(list(img)), _typed_planes(list(var)), _typed_planes(list(mask)), *args, *fast)
     return ref, fast
@@ -557,3 +558,15 @@ def test_dask_visit_chunks_and_sequence_of_lazy_warps_equal_numpy(rng):
         got = got.compute()
         for name in ("image", "variance", "mask", "n_image"):
             np.testing.assert_array_equal(got[name].values, eager[name].values, err_msg=name)
+
+
+@pytest.mark.parametrize("statistic", [0, 1, 2])
+def test_fast_kernel_on_rows_wider_than_a_column_tile(statistic):
+    # rows of 2100 pixels: two whole column tiles and a narrower last one, several row bands
+    from pipeline import _kernels_stack as KS
+
+    assert KS.TILE_WIDTH < 2100 < 3 * KS.TILE_WIDTH
+    ref, fast = _reference_and_fast(np.random.default_rng(11), 16, (6, 2100), statistic, 2, 1, 2, 1)
+    for a, b in zip(ref, fast):
+        np.testing.assert_array_equal(a.view(np.uint32) if a.dtype == np.float32 else a,
+                                      b.view(np.uint32) if b.dtype == np.float32 else b)
