@@ -153,6 +153,18 @@ def _pass_band(
         for r in range(nr):
             i = i0 + r
             base = r * nx
+            im0r = im0[i, j0:j0 + nx]
+            im1r = im1[i, j0:j0 + nx]
+            im2r = im2[i, j0:j0 + nx]
+            im3r = im3[i, j0:j0 + nx]
+            va0r = va0[i, j0:j0 + nx]
+            va1r = va1[i, j0:j0 + nx]
+            va2r = va2[i, j0:j0 + nx]
+            va3r = va3[i, j0:j0 + nx]
+            ma0r = ma0[i, j0:j0 + nx]
+            ma1r = ma1[i, j0:j0 + nx]
+            ma2r = ma2[i, j0:j0 + nx]
+            ma3r = ma3[i, j0:j0 + nx]
             for j in range(nx):
                 p = base + j
                 c = centre[p]
@@ -163,28 +175,28 @@ def _pass_band(
                 D = q1[p]
                 E = e[p]
                 N = cnt[p]
-                t = _terms(im0[i, j0 + j], va0[i, j0 + j], ma0[i, j0 + j], c, wd, andm, iv, w0, ev, shifted)
+                t = _terms(im0r[j], va0r[j], ma0r[j], c, wd, andm, iv, w0, ev, shifted)
                 A += t[0]
                 B += t[1]
                 C += t[2]
                 D += t[3]
                 E += t[4]
                 N += t[5]
-                t = _terms(im1[i, j0 + j], va1[i, j0 + j], ma1[i, j0 + j], c, wd, andm, iv, w1, ev, shifted)
+                t = _terms(im1r[j], va1r[j], ma1r[j], c, wd, andm, iv, w1, ev, shifted)
                 A += t[0]
                 B += t[1]
                 C += t[2]
                 D += t[3]
                 E += t[4]
                 N += t[5]
-                t = _terms(im2[i, j0 + j], va2[i, j0 + j], ma2[i, j0 + j], c, wd, andm, iv, w2, ev, shifted)
+                t = _terms(im2r[j], va2r[j], ma2r[j], c, wd, andm, iv, w2, ev, shifted)
                 A += t[0]
                 B += t[1]
                 C += t[2]
                 D += t[3]
                 E += t[4]
                 N += t[5]
-                t = _terms(im3[i, j0 + j], va3[i, j0 + j], ma3[i, j0 + j], c, wd, andm, iv, w3, ev, shifted)
+                t = _terms(im3r[j], va3r[j], ma3r[j], c, wd, andm, iv, w3, ev, shifted)
                 A += t[0]
                 B += t[1]
                 C += t[2]
@@ -206,9 +218,12 @@ def _pass_band(
         for r in range(nr):
             i = i0 + r
             base = r * nx
+            im0r = im0[i, j0:j0 + nx]
+            va0r = va0[i, j0:j0 + nx]
+            ma0r = ma0[i, j0:j0 + nx]
             for j in range(nx):
                 p = base + j
-                t = _terms(im0[i, j0 + j], va0[i, j0 + j], ma0[i, j0 + j], centre[p], width[p], andm, iv, w0, ev, shifted)
+                t = _terms(im0r[j], va0r[j], ma0r[j], centre[p], width[p], andm, iv, w0, ev, shifted)
                 s1[p] += t[0]
                 s2[p] += t[1]
                 a1[p] += t[2]
@@ -241,9 +256,12 @@ def _gather_band(images, variances, masks, i0, j0, nr, nx, andm, iv, Y, any_mask
             i = i0 + r
             base = r * nx
             y0 = Y[r, k]
+            im0r = im0[i, j0:j0 + nx]
+            va0r = va0[i, j0:j0 + nx]
+            ma0r = ma0[i, j0:j0 + nx]
             for j in range(nx):
                 p = base + j
-                x0, _, m0, u0, g0 = _select(im0[i, j0 + j], va0[i, j0 + j], ma0[i, j0 + j], andm, iv)
+                x0, _, m0, u0, g0 = _select(im0r[j], va0r[j], ma0r[j], andm, iv)
                 any_mask[p] |= m0
                 orm[p] |= m0 if g0 else zero
                 counts[p] += np.int64(u0) + (np.int64(g0) << shift)
@@ -266,11 +284,14 @@ def _plain_m2(images, variances, masks, weights, i0, j0, nr, nx, andm, weight_mo
         for r in range(nr):
             i = i0 + r
             base = r * nx
+            imgr = img[i, j0:j0 + nx]
+            varr = var[i, j0:j0 + nx]
+            mskr = msk[i, j0:j0 + nx]
             for j in range(nx):
                 p = base + j
-                x = np.float64(img[i, j0 + j])
-                v = np.float64(var[i, j0 + j])
-                m = np.uint32(msk[i, j0 + j])
+                x = np.float64(imgr[j])
+                v = np.float64(varr[j])
+                m = np.uint32(mskr[j])
                 good = ((m & andm) == 0) & ((v > 0.0) | (not iv)) & math.isfinite(x)
                 keep = good & (abs(x - centre[p]) <= width[p])
                 w = (1.0 / v) if iv else wconst
