@@ -122,7 +122,7 @@ class ModelPsfMatchConfig(BaseModel):
         description="low-rank: precision of the transforms; float32 is about twice as fast, its rounding "
         "(<= 1e-6 x L1(K) x the largest |pixel - tile mean| in the FFT tile) depends on the chunking")
     max_kernel_error: float = Field(
-        1e-4, gt=0, le=0.1,
+        1e-3, gt=0, le=0.1,
         description="low-rank: largest L1 norm of (approximate - exact) kernel relative to the kernel sum, "
         "at every pixel (image error <= this x the largest |pixel - tile mean| under the kernel)")
     max_variance_kernel_error: float = Field(
