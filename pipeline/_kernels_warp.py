@@ -757,29 +757,35 @@ def _warp_block(
         _row_span(gx0, gy0, step, nodes_x, nodes_y, dst_x0 - 1, Y, cur_x, cur_y, lo, hi + 1)
         if not (prv_row == Y - 1 and prv_lo <= lo and prv_hi >= hi + 1):
             _row_span(gx0, gy0, step, nodes_x, nodes_y, dst_x0 - 1, Y - 1, prv_x, prv_y, lo, hi + 1)
+        # branch-free over zero-based views (a NaN or infinite position fails every comparison)
+        L = hi - lo
+        cx = cur_x[lo : hi + 1]
+        cy = cur_y[lo : hi + 1]
+        px = prv_x[lo : hi + 1]
+        py = prv_y[lo : hi + 1]
+        gv = good[lo:hi]
+        iv = ii[lo:hi]
+        jv = jj[lo:hi]
+        fxv = fxs[lo:hi]
+        fyv = fys[lo:hi]
+        av = areas[lo:hi]
         n_good = 0
-        for c in range(lo, hi):
-            x = cur_x[c + 1]
-            y = cur_y[c + 1]
-            area = abs((x - cur_x[c]) * (y - prv_y[c + 1]) - (y - cur_y[c]) * (x - prv_x[c + 1]))
-            ok = math.isfinite(x) and math.isfinite(y) and math.isfinite(area)
-            if ok:
-                fi = math.floor(x)
-                fj = math.floor(y)
-                ok = fi >= ix_lo and fi <= ix_hi and fj >= iy_lo and fj <= iy_hi
-            good[c] = ok
-            if ok:
-                n_good += 1
-                i = int(fi)
-                j = int(fj)
-                ii[c] = i
-                jj[c] = j
-                fxs[c] = x - i
-                fys[c] = y - j
-                areas[c] = area
-            else:
-                fxs[c] = 0.0
-                fys[c] = 0.0
+        for q in range(L):
+            x = cx[q + 1]
+            y = cy[q + 1]
+            area = abs((x - cx[q]) * (y - py[q + 1]) - (y - cy[q]) * (x - px[q + 1]))
+            fi = math.floor(x)
+            fj = math.floor(y)
+            ok = (area < np.inf) & (fi >= ix_lo) & (fi <= ix_hi) & (fj >= iy_lo) & (fj <= iy_hi)
+            i = int(fi if ok else 0.0)
+            j = int(fj if ok else 0.0)
+            gv[q] = ok
+            n_good += ok
+            iv[q] = i
+            jv[q] = j
+            fxv[q] = x - i if ok else 0.0
+            fyv[q] = y - j if ok else 0.0
+            av[q] = area
         # this row becomes the row below of the next one
         cur_x, prv_x = prv_x, cur_x
         cur_y, prv_y = prv_y, cur_y
@@ -797,16 +803,32 @@ def _warp_block(
             s1 = min(hi, s0 + _STRIP)
             _strip_weights(fxs, s0, s1, n, bilinear, linear, cb, sb, table, tmp, wt, sa, ca, tot, wx, wx2, sxs)
             _strip_weights(fys, s0, s1, n, bilinear, linear, cb, sb, table, tmp, wt, sa, ca, tot, wy, wy2, sys_)
-            for c in range(s0, s1):
-                if not good[c]:
-                    out_img[r, c] = nan
-                    out_var[r, c] = inf
-                    out_msk[r, c] = nodata
+            # zero-based views of the strip: no index can be negative, so none is checked
+            gq = good[s0:s1]
+            iq = ii[s0:s1]
+            jq = jj[s0:s1]
+            fxq = fxs[s0:s1]
+            fyq = fys[s0:s1]
+            aq = areas[s0:s1]
+            sxq = sxs[s0:s1]
+            syq = sys_[s0:s1]
+            wxq = wx[s0:s1]
+            wyq = wy[s0:s1]
+            wx2q = wx2[s0:s1]
+            wy2q = wy2[s0:s1]
+            oiq = out_img[r, s0:s1]
+            ovq = out_var[r, s0:s1]
+            omq = out_msk[r, s0:s1]
+            for q in range(s1 - s0):
+                if not gq[q]:
+                    oiq[q] = nan
+                    ovq[q] = inf
+                    omq[q] = nodata
                     continue
-                i = ii[c]
-                j = jj[c]
-                fx = fxs[c]
-                fy = fys[c]
+                i = iq[q]
+                j = jq[q]
+                fx = fxq[q]
+                fy = fyq[q]
                 base_x = i - (n - 1) - win_x0
                 base_y = j - (n - 1) - win_y0
                 any_bad = False
@@ -825,16 +847,16 @@ def _warp_block(
                         ri = 0.0
                         rv = 0.0
                         for a in range(m):
-                            ri += wx[c, a] * np.float64(flat_i[o + np.uint64(a)])
-                            rv += wx2[c, a] * np.float64(flat_v[o + np.uint64(a)])
-                        acc_i += wy[c, b] * ri
-                        acc_v += wy2[c, b] * rv
+                            ri += wxq[q, a] * np.float64(flat_i[o + np.uint64(a)])
+                            rv += wx2q[q, a] * np.float64(flat_v[o + np.uint64(a)])
+                        acc_i += wyq[q, b] * ri
+                        acc_v += wy2q[q, b] * rv
                         o += uwidth
-                    s_good = sxs[c] * sys_[c]
+                    s_good = sxq[q] * syq[q]
                 else:
                     s_good = 0.0
                     for b in range(m):
-                        wyb = wy[c, b]
+                        wyb = wyq[q, b]
                         yy = base_y + b
                         oy = b - (n - 1)
                         in_core_y = (oy == 0) or (oy == 1 and fy != 0.0)
@@ -845,17 +867,17 @@ def _warp_block(
                                 if in_core_y and ((ox == 0) or (ox == 1 and fx != 0.0)):
                                     core_bad = True
                                 continue
-                            w = wx[c, a] * wyb
+                            w = wxq[q, a] * wyb
                             acc_i += w * np.float64(src_img[yy, xx])
                             acc_v += w * w * np.float64(src_var[yy, xx])
                             s_good += w
                 m_img = np.uint32(0)
                 if has_grow and gmap[base_y, base_x] != 0:
                     for b in range(m):
-                        if wy[c, b] == 0.0:
+                        if wyq[q, b] == 0.0:
                             continue
                         for a in range(m):
-                            if wx[c, a] != 0.0:
+                            if wxq[q, a] != 0.0:
                                 m_img |= src_msk[base_y + b, base_x + a]
                 # mask footprint of the mask kernel (order mask_order, taps with non-zero weight)
                 mo = (j - win_y0) * width + (i - win_x0)
@@ -878,14 +900,14 @@ def _warp_block(
                             m_msk |= flat_m[mo + oy * width + ox]
                 mout = (m_img & grow_full) | m_msk
                 if core_bad or not (s_good > 0.0):
-                    out_img[r, c] = nan
-                    out_var[r, c] = inf
-                    out_msk[r, c] = mout | nodata
+                    oiq[q] = nan
+                    ovq[q] = inf
+                    omq[q] = mout | nodata
                     continue
-                k = areas[c] / s_good
-                out_img[r, c] = k * acc_i * scale
-                out_var[r, c] = k * k * acc_v * scale * scale
-                out_msk[r, c] = mout
+                k = aq[q] / s_good
+                oiq[q] = k * acc_i * scale
+                ovq[q] = k * k * acc_v * scale * scale
+                omq[q] = mout
 
 
 _BLOCK = dict(cache=True, **_SUMS)
