@@ -974,7 +974,8 @@ def warp_block(
     """Warp one destination block (spec warping.md section 1.3, with the bad-tap rule below).
 
     ``src_*`` is the source window whose element [0, 0] is source pixel ``(win_x0, win_y0)``; it must
-    hold every tap of every good pixel (image and variance C-contiguous float32 or float64, each tap converted to float64 exactly; mask uint32).
+    hold every tap of every good pixel (image and variance C-contiguous float32 or float64, each
+    tap converted to float64 exactly; mask uint32).
     ``valid`` as in :func:`count_blocks`. ``scale`` multiplies the image (its square the variance):
     the photometric calibration. ``table`` (from :func:`kernel_table`, or an empty array for exact
     evaluation) tabulates the Lanczos weights.
