@@ -44,7 +44,7 @@ from ._kernels_stats import (
 
 __all__ = ["stack_planes"]
 
-_OPTS = dict(cache=True, nogil=True, error_model="numpy")
+_OPTS = {"cache": True, "nogil": True, "error_model": "numpy"}
 
 #: pixels per band of rows, and the widest column tile (the per-band scratch stays within a
 #: core's L2 cache whatever the chunk width)
@@ -65,7 +65,7 @@ def _row_quantile_full(Y, n, f, out):
             out[j] = np.float64(Y[0, j])
         return
     t = f * (n - 1)
-    q = int(math.floor(t))
+    q = math.floor(t)
     if q >= n - 1:
         for j in range(nx):
             out[j] = np.float64(Y[n - 1, j])
@@ -100,7 +100,7 @@ def _select(xv, vv, mv, andm, iv):
 @njit(inline="always", error_model="numpy")
 def _terms(xv, vv, mv, c, wd, andm, iv, wconst, ev, shifted):
     """Terms of one sample in the pass sums (zero unless selected and ``|x - c| <= wd``)."""
-    x, v, m, unmasked, good = _select(xv, vv, mv, andm, iv)
+    x, v, _, _, good = _select(xv, vv, mv, andm, iv)
     d = x - c
     keep = good & (abs(d) <= wd)
     w = (1.0 / v) if iv else wconst
