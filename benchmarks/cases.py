@@ -375,13 +375,16 @@ def warm_stack_skystack(st):
     run_stack_skystack(dict(st, frames=[f.isel(y=slice(0, 64), x=slice(0, 64)) for f in st["frames"]]))
 
 
-def prep_stack_memory(ctx):
-    """The frames loaded into memory outside the timed piece, as astropy's cube is; dask chunks of 1000."""
+def prep_stack_memory(ctx, threads=None):
+    """The frames loaded into memory outside the timed piece, as astropy's cube is.
+
+    Dask arrays over the loaded numpy arrays, in bands of full rows (contiguous, so no block copies).
+    """
     s: Sizes = ctx["sizes"]
-    chunk = s.stack_chunks[1]
-    frames = [f.load().chunk({"y": chunk, "x": chunk}) for f in _open_frames(ctx, s.stack_side)]
-    return {"frames": frames, "chunk": chunk, "threads": s.threads, "mpix": s.n_stack * s.stack_side**2 / 1e6,
-            "all_planes": True}
+    band = min(500, s.stack_side)
+    frames = [f.load().chunk({"y": band, "x": -1}) for f in _open_frames(ctx, s.stack_side)]
+    return {"frames": frames, "chunk": f"{band} rows x full width", "threads": threads or s.threads,
+            "mpix": s.n_stack * s.stack_side**2 / 1e6, "all_planes": True}
 
 
 def run_stack_skystack(st):
@@ -870,8 +873,10 @@ def cases(s: Sizes) -> list[Case]:
                  warmup=warm_conv_image),
         ), (Target("skystack", "fftconvolve", ">=", 0.5, "within 2x of fftconvolve per core"),)),
         Case("stacking", f"clipped stacking of {s.n_stack} pre-aligned {s.stack_side}x{s.stack_side} frames", (
-            Impl("skystack_memory", f"skystack stack MEANCLIP, frames in memory, image+variance+mask, chunks "
-                 f"{s.stack_chunks[1]} ({s.threads} threads)", prep_stack_memory, run_stack_skystack, ours=True,
+            Impl("skystack_memory_1", "skystack stack MEANCLIP, frames in memory, image+variance+mask (1 thread)",
+                 (lambda ctx: prep_stack_memory(ctx, 1)), run_stack_skystack, ours=True, warmup=warm_stack_skystack),
+            Impl("skystack_memory", f"skystack stack MEANCLIP, frames in memory, image+variance+mask "
+                 f"({s.threads} threads)", prep_stack_memory, run_stack_skystack, ours=True,
                  warmup=warm_stack_skystack),
             Impl("skystack_small_chunks", f"skystack stack MEANCLIP from zarr, chunks {s.stack_chunks[0]} "
                  f"({s.threads} threads)", prep_stack_small, run_stack_skystack, ours=True, warmup=warm_stack_skystack),
@@ -883,7 +888,8 @@ def cases(s: Sizes) -> list[Case]:
                  run_astropy_from_zarr, requires=("astropy",), reps=1, warmup=warm_stack_arrays_zarr),
             Impl("ccdproc", "ccdproc Combiner sigma_clipping + average_combine", prep_stack_arrays, run_ccdproc,
                  requires=("ccdproc",), warmup=warm_stack_arrays),
-        ), (Target("skystack_memory", "astropy", ">=", 5.0, ">= 5x astropy per core (both in memory)"),
+        ), (Target("skystack_memory_1", "astropy", ">=", 5.0, ">= 5x astropy per core (both in memory, one core each)"),
+            Target("skystack_memory", "astropy", ">=", 5.0, ">= 5x astropy per core (both in memory)"),
             Target("skystack_small_chunks", "astropy_zarr", "info", 1.0, "information (both read zarr)"),
             Target("skystack_large_chunks", "astropy_zarr", "info", 1.0, "information (both read zarr)"))),
         Case("background", f"background of a {big} image, 128x128 cells", (
