@@ -13,6 +13,7 @@ from .errors import (
     FitsFormatError,
     MaskPlaneError,
     ProductIncompleteError,
+    PsfMatchError,
     RepositoryError,
     SchemaError,
     SkyMapError,
@@ -46,7 +47,7 @@ from .warp import WarpConfig, plan_warp, warp_exposure, warp_psf
 __all__ = [
     "__version__",
     # errors
-    "DataQualityError", "FitsFormatError", "MaskPlaneError", "ProductIncompleteError", "RepositoryError",
+    "DataQualityError", "FitsFormatError", "MaskPlaneError", "ProductIncompleteError", "PsfMatchError", "RepositoryError",
     "SchemaError", "SkyMapError", "SkystackError", "SkystackWarning",
     # data model and sky map
     "Box", "MaskPlane", "bitmask", "calibrate_to_njy", "get_wcs", "make_dataset", "mask_planes", "psf_grid",
