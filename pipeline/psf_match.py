@@ -129,6 +129,17 @@ class ModelPsfMatchConfig(BaseModel):
         2e-2, gt=0, le=0.1,
         description="low-rank: largest L1 norm of the error of K² relative to sum(K²) at every pixel "
         "(relative variance error <= this x max/min variance under the kernel)")
+    solve_tolerance: float = Field(
+        5e-4, ge=0, le=0.1,
+        description="truncated-SVD solve (per cell and spatial fit): use the fewest singular directions of the "
+        "design whose achieved PSF departs from the target by at most this x the target peak anywhere on the "
+        "stamp, or by at most solve_residual_factor x the full-rank departure when that is larger; directions "
+        "the fit does not need get no coefficient and add no noise gain sum(K²). 0 = invert every singular "
+        "value, as the reference does")
+    solve_residual_factor: float = Field(
+        1.3, ge=1, le=100,
+        description="truncated-SVD solve: largest allowed ratio of the truncated to the full-rank largest PSF "
+        "residual, for targets the basis cannot reach within solve_tolerance")
     max_width_ratio: float = Field(
         1.0, gt=0, le=10,
         description="raise when the science FWHM exceeds this x the target FWHM at a cell (deconvolution)")
@@ -454,18 +465,64 @@ def _check_cond(cond: float, n: int, limit: float | None, what: str, ids) -> Non
             "use fewer or wider basis functions, a smaller kernel, or larger PSF stamps", ids=ids)
 
 
-def _solve_design(d: np.ndarray, r: np.ndarray, *, limit: float | None, what: str, ids) -> tuple[np.ndarray, float]:
-    """Least squares ``d a = r`` by SVD (the normal equations' solution, computed stably)."""
+def _solve_design(d: np.ndarray, r: np.ndarray, *, limit: float | None, what: str, ids,
+                  check=None) -> tuple[np.ndarray, float, np.ndarray]:
+    """Least squares ``d a = r`` by SVD (the normal equations' solution, computed stably).
+
+    ``check``: ``(worst, tol, factor, first)`` for a truncated SVD at the rank
+    :func:`_truncation_rank` picks from ``worst(solutions)`` (the largest PSF residual of each
+    candidate), the first ``first`` columns never truncated; None: full rank. Returns the coefficients, the eigenvalue ratio of the full normal matrix and the kept right
+    singular vectors (rows; of the columns after ``first`` when truncating).
+    """
     u, sv, vt = np.linalg.svd(d, full_matrices=False)
     if sv.size < d.shape[1] or sv[-1] <= 0:
         cond = math.inf
     else:
         cond = float((sv[0] / sv[-1]) ** 2)
     _check_cond(cond, d.shape[1], limit, what, ids)
-    a = vt.T @ ((u.T @ r) / sv)
+    if check is None:
+        a = vt.T @ ((u.T @ r) / sv)
+        kept = vt
+    else:
+        # the first `first` columns are always kept; the others, with those projected out, are truncated
+        first = check[-1]
+        rest, rr = d[:, first:], r
+        if first:
+            q, _ = np.linalg.qr(d[:, :first])
+            rest = rest - q @ (q.T @ rest)
+            rr = r - q @ (q.T @ r)
+        u, sv, vt = np.linalg.svd(rest, full_matrices=False)
+        sols = np.zeros((d.shape[1], sv.size))
+        sols[first:] = np.cumsum(vt.T * ((u.T @ rr) / sv), axis=1)  # column k: rank k + 1
+        if first:
+            sols[:first] = np.linalg.lstsq(d[:, :first], r[:, None] - d[:, first:] @ sols[first:], rcond=None)[0]
+        rank = _truncation_rank(check[0](sols), check[1], check[2])
+        a = sols[:, rank - 1]
+        kept = vt[:rank]
     if not np.all(np.isfinite(a)):
         raise PsfMatchError(f"{what}: unable to determine the kernel solution (non-finite coefficients)", ids=ids)
-    return a, cond
+    return a, cond, kept
+
+
+def _truncation_rank(worst: np.ndarray, tol: float, factor: float) -> int:
+    """Smallest rank whose largest PSF residual ``worst[rank - 1]`` is <= max(tol, factor x the full-rank one)."""
+    worst = np.where(np.isfinite(worst), worst, np.inf)
+    ok = np.nonzero(worst <= max(tol, factor * worst[-1]))[0]
+    return int(ok[0]) + 1 if ok.size else worst.size
+
+
+def _stamp_residuals(full_design: np.ndarray, full_target: np.ndarray, peak: float, bsum: np.ndarray | None):
+    """``worst(sols)`` of one cell: max |achieved - target| / peak on the whole stamp per candidate.
+
+    ``full_design @ a`` is the achieved PSF; ``bsum``: basis sums, to judge the kernel rescaled to
+    unit sum as it will be applied (None: as fitted).
+    """
+    def worst(sols):
+        if bsum is not None:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                sols = sols / (bsum @ sols)
+        return np.abs(full_design @ sols - full_target[:, None]).max(axis=0) / peak
+    return worst
 
 
 def _solve_normal(m: np.ndarray, b: np.ndarray, *, limit: float | None, what: str, ids) -> tuple[np.ndarray, float]:
@@ -597,17 +654,30 @@ def solve_kernel_model(
     sel = free.ravel()
     bsum = basis.sum(axis=(1, 2))
 
-    designs, targets, single_sums, conds, sci_stamps, ref_stamps = [], [], [], [], [], []
+    designs, targets, single_sums, conds, ranks, sci_stamps, ref_stamps = [], [], [], [], [], [], []
+    truncate = reg is None and config.solve_tolerance > 0
+    worst_fns = []
+    norm = bsum if config.flux_conservation == "rescale" else None
+    first = 1 if config.kernel_basis == "alard-lupton" else 0
     for x, y in zip(cxs, cys):
         s = science_psf.image_at(x, y, size=psf_size)
         r = reference_psf.image_at(x, y, size=psf_size)
         cols = np.stack([signal.correlate(s, b, mode="valid").ravel() for b in basis], axis=1)
         target = r[h:psf_size - h, h:psf_size - h].ravel()
         what = f"cell at ({x:.0f}, {y:.0f})"
+        check = None
+        if truncate:
+            padded = np.pad(s, h)
+            full = np.stack([signal.correlate(padded, b, mode="valid").ravel() for b in basis], axis=1)
+            worst_fns.append(_stamp_residuals(full, r.ravel(), float(r.max()), norm))
+            check = (worst_fns[-1], config.solve_tolerance, config.solve_residual_factor, first)
         if reg is None:
-            a, cond = _solve_design(cols, target, limit=limit, what=what, ids=ids)
+            a, cond, dirs = _solve_design(cols, target, limit=limit, what=what, ids=ids, check=check)
+            rank = dirs.shape[0] + (first if truncate else 0)
         else:
             a, cond = _solve_normal(cols.T @ cols + reg, cols.T @ target, limit=limit, what=what, ids=ids)
+            rank = n_b
+        ranks.append(rank)
         designs.append(cols)
         targets.append(target)
         conds.append(cond)
@@ -617,10 +687,29 @@ def solve_kernel_model(
 
     slimit = config.max_spatial_condition_number if config.check_condition_number else None
     if reg is None:
-        # stacked design: row block n holds C_n[:, j] f_t(p_n) in column (j, t)
+        # stacked design: row block n holds C_n[:, j] f_t(p_n) in column (j, t). When truncating, the
+        # spatial terms are first made orthonormal over the cells (phi = Q R, coefficients c = R a), so
+        # that the singular directions are those of the kernel basis and not of the cell layout
+        phi_r = np.eye(n_t)
+        whiten = truncate and phi.shape[0] >= n_t
+        if whiten:
+            phi, phi_r = np.linalg.qr(phi)
         rows = [(c[:, :, None] * p[None, None, :]).reshape(c.shape[0], -1)[:, sel] for c, p in zip(designs, phi)]
-        sol, spatial_cond = _solve_design(
-            np.vstack(rows), np.concatenate(targets), limit=slimit, what="spatial kernel fit", ids=ids)
+        check = None
+        if truncate:
+            def spatial_worst(sols):
+                # candidate solutions (free (j, t) entries) -> largest residual over all cells
+                out = np.zeros(sols.shape[1])
+                full = np.zeros((n_b * n_t, sols.shape[1]))
+                full[sel] = sols
+                full = full.reshape(n_b, n_t, -1)
+                for fn, p in zip(worst_fns, phi):
+                    out = np.maximum(out, fn(np.tensordot(full, p, axes=([1], [0]))))
+                return out
+            check = (spatial_worst, config.solve_tolerance, config.solve_residual_factor, first)
+        sol, spatial_cond, dirs = _solve_design(
+            np.vstack(rows), np.concatenate(targets), limit=slimit, what="spatial kernel fit", ids=ids, check=check)
+        spatial_rank = dirs.shape[0] + (first if truncate else 0)
     else:
         big_a = np.zeros((n_b * n_t, n_b * n_t))
         big_y = np.zeros(n_b * n_t)
@@ -629,9 +718,12 @@ def solve_kernel_model(
             big_y += np.kron(c.T @ r, p)
         sol, spatial_cond = _solve_normal(
             big_a[np.ix_(sel, sel)], big_y[sel], limit=slimit, what="spatial kernel fit", ids=ids)
+        spatial_rank = int(sel.sum())
     coeffs = np.zeros(n_b * n_t)
     coeffs[sel] = sol
     coeffs = coeffs.reshape(n_b, n_t)
+    if reg is None and whiten:
+        coeffs = np.linalg.solve(phi_r, coeffs.T).T  # upper triangular: the constant term stays alone in row 0
 
     kernel_sum_fit = float(np.tensordot(spatial_terms(*centre, cbox, config.spatial_kernel_order, kind),
                                         coeffs.T @ bsum, axes=1))
@@ -645,9 +737,13 @@ def solve_kernel_model(
     sums = _check_kernel_sums(np.array([model.kernel_sum(x, y) for x, y in zip(cxs, cys)]), ids)
 
     report = _report(model, cxs, cys, box, sci_stamps, ref_stamps, fwhm_sci, fwhm_ref, single_sums, sums)
+    report["solve_rank_single"] = ("cell", np.array(ranks))
     report.attrs.update(
         kernel_size=int(ksize), basis_sigmas=[float(s) for s in sigmas], psf_size=int(psf_size),
         max_condition_number=float(max(conds)), spatial_condition_number=float(spatial_cond),
+        solve_tolerance=float(config.solve_tolerance),
+        solve_residual_factor=float(config.solve_residual_factor), spatial_solve_rank=int(spatial_rank),
+        spatial_solve_unknowns=int(sel.sum()),
         kernel_sum_fit=kernel_sum_fit, flux_conservation=config.flux_conservation,
         centre_x=centre[0], centre_y=centre[1])
     return KernelModel(
@@ -657,10 +753,13 @@ def solve_kernel_model(
 
 
 def _report(model, cxs, cys, box, sci, ref, fwhm_sci, fwhm_ref, single_sums, sums) -> xr.Dataset:
-    achieved, res_max, res_rms, fwhm_ach = [], [], [], []
+    achieved, res_max, res_rms, fwhm_ach, k2, l1 = [], [], [], [], [], []
     h = model.radius
     for x, y, s, r in zip(cxs, cys, sci, ref):
-        a = correlate_direct(np.pad(s, h), model.kernel_image(x, y))
+        k = model.kernel_image(x, y)
+        k2.append(float((k * k).sum()))
+        l1.append(float(np.abs(k).sum()))
+        a = correlate_direct(np.pad(s, h), k)
         achieved.append(a)
         d = a - r
         res_max.append(np.abs(d).max() / r.max())
@@ -677,6 +776,9 @@ def _report(model, cxs, cys, box, sci, ref, fwhm_sci, fwhm_ref, single_sums, sum
             "achieved_fwhm": ("cell", np.array(fwhm_ach)),
             "kernel_sum_single": ("cell", np.array(single_sums)),
             "kernel_sum": ("cell", sums),
+            "kernel_sum_sq": ("cell", np.array(k2), {
+                "description": "sum of the squared applied kernel: factor on the variance of white input noise"}),
+            "kernel_l1": ("cell", np.array(l1), {"description": "sum of |applied kernel|"}),
         },
         coords={"cell_x": ("cell", cxs), "cell_y": ("cell", cys), "in_exposure": ("cell", inside)},
         attrs={"description": "per-cell diagnostics of the PSF-matching fit; residuals are relative to the target peak"},
