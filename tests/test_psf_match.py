@@ -379,6 +379,20 @@ def test_truncated_solve_limits_noise_gain(sigma, ref_l1, ref_k2, ref_res, l1_ma
     assert rep["solve_rank_single"].max() < 27 and rep.attrs["spatial_solve_rank"] < 157
 
 
+@pytest.mark.parametrize("tgt", [model_psf(), GaussianPsf(3.5)])
+def test_truncated_solve_keeps_a_constant_psf_constant(tgt):
+    """Orthonormal spatial terms: truncation never invents spatial variation of the kernel."""
+    sci, box = GaussianPsf(2.09), Box(0, 0, 300, 200)
+    km, _ = solve_kernel_model(sci, tgt, box)
+    centre = km.kernel_image(149.5, 99.5)
+    for x, y in [(0, 0), (299, 0), (0, 199), (299, 199), (75, 150)]:
+        np.testing.assert_allclose(km.kernel_image(x, y), centre, atol=1e-12 * np.abs(centre).max())
+    rep = km.report
+    np.testing.assert_allclose(rep["kernel_sum_sq"], rep["kernel_sum_sq"][0], rtol=1e-10)
+    # every cell used the same rank
+    assert np.all(rep["solve_rank_single"] == rep["solve_rank_single"][0])
+
+
 def test_spatially_varying_psf_matched_everywhere():
     box = Box(0, 0, 256, 256)
     sci = GaussianPsf(2.0, gradient=(0.0047, 0.0), center=(127.5, 127.5))  # sigma 1.40 .. 2.60 across x
