@@ -97,8 +97,10 @@ def test_matched_stars_take_the_model_psf(tan_wcs):
         stamp = out["image"].values[j - 15:j + 16, i - 15:i + 16].astype(float)
         assert np.all(np.isfinite(stamp))
         _, _, ixx, iyy, ixy = adaptive_moments(stamp, sigma0=3.7)
-        # the 21-px kernel cannot make the model's wide wing: measured 2.3 % below the model's moments
-        np.testing.assert_allclose([ixx, iyy], [0.977 * ixx_t, 0.977 * iyy_t], rtol=0.005)
+        # the 21-px kernel cannot make the model's wide wing; the truncated solve (which keeps the
+        # kernel's noise gain sum K^2 near 0.02 instead of 2.8) lands 2.7 % above the model's moments
+        # (measured; the full-rank reference solve lands 2.3 % below, at the cost of that noise)
+        np.testing.assert_allclose([ixx, iyy], [1.027 * ixx_t, 1.027 * iyy_t], rtol=0.005)
         assert abs(ixy) < 0.03 * ixx_t
         np.testing.assert_allclose(stamp.sum(), 5e4, rtol=1e-3)  # zero point 31.4: image units are nJy
 
