@@ -525,6 +525,15 @@ def _stamp_residuals(full_design: np.ndarray, full_target: np.ndarray, peak: flo
     return worst
 
 
+def _position_residuals(science_psf, reference_psf, x: float, y: float, psf_size: int, basis: np.ndarray, h: int,
+                        norm: np.ndarray | None):
+    """:func:`_stamp_residuals` of the PSFs realised at ``(x, y)``."""
+    s = science_psf.image_at(x, y, size=psf_size)
+    r = reference_psf.image_at(x, y, size=psf_size)
+    full = np.stack([signal.correlate(np.pad(s, h), b, mode="valid").ravel() for b in basis], axis=1)
+    return _stamp_residuals(full, r.ravel(), float(r.max()), norm)
+
+
 def _solve_normal(m: np.ndarray, b: np.ndarray, *, limit: float | None, what: str, ids) -> tuple[np.ndarray, float]:
     """``m a = b`` for a symmetric positive (semi-)definite ``m`` by eigen-decomposition."""
     w, q = np.linalg.eigh(m)
@@ -697,13 +706,24 @@ def solve_kernel_model(
         rows = [(c[:, :, None] * p[None, None, :]).reshape(c.shape[0], -1)[:, sel] for c, p in zip(designs, phi)]
         check = None
         if truncate:
+            # candidates are judged between the cells too, on a grid over the box (edges included, up to
+            # 9 x 9 positions): a truncated spatial fit can match at the cell centres and drift between them
+            gx = np.linspace(box.x0, box.x1 - 1, min(2 * len(np.unique(cxs)) + 1, 9))
+            gy = np.linspace(box.y0, box.y1 - 1, min(2 * len(np.unique(cys)) + 1, 9))
+            pts = [(x, y) for y in gy for x in gx]
+            fns = [_position_residuals(science_psf, reference_psf, x, y, psf_size, basis, h, norm) for x, y in pts]
+            p_pts = spatial_terms(np.array([p[0] for p in pts]), np.array([p[1] for p in pts]), cbox,
+                                  config.spatial_kernel_order, kind).T
+            if whiten:
+                p_pts = np.linalg.solve(phi_r.T, p_pts.T).T  # terms of the orthonormalised basis there
+
             def spatial_worst(sols):
-                # candidate solutions (free (j, t) entries) -> largest residual over all cells
-                out = np.zeros(sols.shape[1])
+                # candidate solutions (free (j, t) entries) -> largest residual over the grid
                 full = np.zeros((n_b * n_t, sols.shape[1]))
                 full[sel] = sols
                 full = full.reshape(n_b, n_t, -1)
-                for fn, p in zip(worst_fns, phi):
+                out = np.zeros(sols.shape[1])
+                for fn, p in zip(fns, p_pts):
                     out = np.maximum(out, fn(np.tensordot(full, p, axes=([1], [0]))))
                 return out
             check = (spatial_worst, config.solve_tolerance, config.solve_residual_factor, first)

@@ -397,11 +397,17 @@ def test_spatially_varying_psf_matched_everywhere():
     box = Box(0, 0, 256, 256)
     sci = GaussianPsf(2.0, gradient=(0.0047, 0.0), center=(127.5, 127.5))  # sigma 1.40 .. 2.60 across x
     tgt = GaussianPsf(3.5)
-    # the truncated solve may use the residual budget where the PSF is widest (measured: 7.4e-3 at x=10, sigma
-    # 1.45, 4.4e-4 at the centre); the uniformity below holds for the full-rank (reference) solve
+    # the truncated solve is judged on a grid between the cells: along a line through the box its worst
+    # residual is that of the full-rank (reference) solve within 15 % (measured 9.8e-3 against 9.2e-3, both
+    # between the cells); at the nine positions it is 9.1e-4 at the centre and at most 3.7e-3
     km, size = solve_kernel_model(sci, tgt, box)
+    ref_km, ref_size = solve_kernel_model(sci, tgt, box, config=ModelPsfMatchConfig(solve_tolerance=0))
+    line = np.linspace(0, 255, 31)
+    worst = max(_residual(km, sci, tgt, x, 127.5, size) for x in line)
+    worst_ref = max(_residual(ref_km, sci, tgt, x, 127.5, ref_size) for x in line)
+    assert worst <= 1.15 * worst_ref, (worst, worst_ref)
     pos = [(x, y) for x in (10, 127.5, 245) for y in (10, 127.5, 245)]
-    assert max(_residual(km, sci, tgt, *p, size) for p in pos) < 8e-3
+    assert max(_residual(km, sci, tgt, *p, size) for p in pos) < 4e-3
     km, size = solve_kernel_model(sci, tgt, box, config=ModelPsfMatchConfig(solve_tolerance=0))
     res = {p: _residual(km, sci, tgt, *p, size) for p in pos}
     centre = res[(127.5, 127.5)]
