@@ -14,6 +14,8 @@ import math
 import numba
 import numpy as np
 
+from ._kernels_stats import _lerp, _min_of, _unit_moments, clip_width
+
 __all__ = [
     "STYLE_CONSTANT",
     "STYLE_LINEAR",
@@ -431,12 +433,6 @@ CELL_STAT_MEAN = 0
 CELL_STAT_MEDIAN = 1
 CELL_STAT_MEANCLIP = 2
 
-#: sigma per unit interquartile range of a Gaussian
-IQR_TO_SIGMA = 0.741301109252802
-#: relative slack of the clip bounds (16 float64 ulps of the centre), as in the statistics module:
-#: a mean of identical values may differ from them by a few ulps, which must not clip them away
-CLIP_SLACK = 16.0 * 2.220446049250313e-16
-
 #: largest systematic sample, most histogram bins and sample-rank margin (per 256 samples) of
 #: :func:`quartiles`
 _Q_SAMPLE = 256
@@ -444,55 +440,6 @@ _Q_BINS = 2048
 _Q_MARGIN = 28
 #: sets smaller than this are reduced by selection instead
 _Q_MIN_HIST = 128
-
-
-@numba.njit(cache=True, nogil=True, fastmath={"reassoc"})
-def _kept_sum(a, n, centre, width):
-    cnt = 0
-    s = 0.0
-    for i in range(n):
-        x = np.float64(a[i])
-        keep = abs(x - centre) <= width
-        s += x if keep else 0.0
-        cnt += np.int64(keep)
-    return cnt, s
-
-
-@numba.njit(cache=True, nogil=True, fastmath={"reassoc"})
-def _kept_m2(a, n, centre, width, mean):
-    s = 0.0
-    for i in range(n):
-        x = np.float64(a[i])
-        d = x - mean
-        s += d * d if abs(x - centre) <= width else 0.0
-    return s
-
-
-@numba.njit(cache=True, nogil=True)
-def _moments(a, n, centre, width):
-    """``(count, mean, debiased variance, variance of the mean)`` of ``a[:n]`` within ``centre +- width``.
-
-    Same arithmetic as the statistics module's unit-weight moments (sums as SIMD lanes over the
-    gathered buffer, whose order fixes the rounding)."""
-    cnt, swx = _kept_sum(a, n, centre, width)
-    s1 = np.float64(cnt)
-    mean = swx / s1 if s1 != 0.0 else np.nan
-    m2 = _kept_m2(a, n, centre, width, mean) if cnt > 0 else 0.0
-    denom = s1 * s1 - s1
-    var = m2 * s1 / denom if denom != 0.0 else np.nan
-    if cnt <= 0:
-        mean = np.nan
-        var = np.nan
-    errvar = var * s1 / (s1 * s1) if s1 != 0.0 else np.nan
-    return cnt, mean, var, errvar
-
-
-@numba.njit(cache=True, nogil=True)
-def _lerp(a, b, g):
-    d = b - a
-    if g >= 0.5:
-        return b - d * (1.0 - g)
-    return a + d * g
 
 
 @numba.njit(cache=True, nogil=True)
@@ -541,14 +488,6 @@ def _quartile_ranks(n, ranks, fr):
         fr[q] = t - j
         ranks[2 * q] = j
         ranks[2 * q + 1] = min(j + 1, n - 1)
-
-
-@numba.njit(cache=True, nogil=True)
-def _min_of(a, lo, hi):
-    m = a[lo]
-    for i in range(lo + 1, hi):
-        m = min(m, a[i])
-    return m
 
 
 @numba.njit(cache=True, nogil=True)
@@ -682,20 +621,9 @@ def _sqrt_or_nan(v):
 
 
 @numba.njit(cache=True, nogil=True)
-def _clip_width(p, n, iqr, var, num_sigma, centre):
-    if p == 0 or n <= 1:
-        width = num_sigma * IQR_TO_SIGMA * iqr
-    elif math.isnan(var):
-        return np.nan
-    else:
-        width = num_sigma * math.sqrt(max(var, 0.0))
-    return width + CLIP_SLACK * abs(centre)
-
-
-@numba.njit(cache=True, nogil=True)
 def _one_cell(a, n, stat, num_sigma, num_iter, sample, hist, bins, slots, cand, q, out, i, j):
     """Cell row ``(value, error, npoint, stdev, varclip)`` of the ``n`` gathered samples ``a[:n]``."""
-    _cnt, mean, var, errvar = _moments(a, n, 0.0, np.inf)
+    _cnt, mean, var, errvar, _s = _unit_moments(a, n, 0.0, np.inf)
     value = np.nan
     error = np.nan
     varclip = np.nan
@@ -716,11 +644,11 @@ def _one_cell(a, n, stat, num_sigma, num_iter, sample, hist, bins, slots, cand, 
                 ok = True
                 for p in range(num_iter):
                     centre = q[1] if p == 0 else cmean
-                    width = _clip_width(p, n, iqr, cvar, num_sigma, centre)
+                    width = clip_width(p, n, iqr, cvar, num_sigma, centre)
                     if math.isnan(centre) or math.isnan(width):
                         ok = False
                         break
-                    _k, cmean, cvar, cerr = _moments(a, n, centre, width)
+                    _k, cmean, cvar, cerr, _s = _unit_moments(a, n, centre, width)
                 if ok:
                     value = cmean
                     error = _sqrt_or_nan(cerr)
