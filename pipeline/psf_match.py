@@ -525,13 +525,17 @@ def _stamp_residuals(full_design: np.ndarray, full_target: np.ndarray, peak: flo
     return worst
 
 
+def _whole_stamp_residuals(s: np.ndarray, r: np.ndarray, basis: np.ndarray, h: int, norm: np.ndarray | None):
+    """:func:`_stamp_residuals` of science stamp ``s`` against target ``r`` over the whole stamp."""
+    full = np.stack([signal.correlate(np.pad(s, h), b, mode="valid").ravel() for b in basis], axis=1)
+    return _stamp_residuals(full, r.ravel(), float(r.max()), norm)
+
+
 def _position_residuals(science_psf, reference_psf, x: float, y: float, psf_size: int, basis: np.ndarray, h: int,
                         norm: np.ndarray | None):
     """:func:`_stamp_residuals` of the PSFs realised at ``(x, y)``."""
-    s = science_psf.image_at(x, y, size=psf_size)
-    r = reference_psf.image_at(x, y, size=psf_size)
-    full = np.stack([signal.correlate(np.pad(s, h), b, mode="valid").ravel() for b in basis], axis=1)
-    return _stamp_residuals(full, r.ravel(), float(r.max()), norm)
+    return _whole_stamp_residuals(science_psf.image_at(x, y, size=psf_size),
+                                  reference_psf.image_at(x, y, size=psf_size), basis, h, norm)
 
 
 def _solve_normal(m: np.ndarray, b: np.ndarray, *, limit: float | None, what: str, ids) -> tuple[np.ndarray, float]:
@@ -665,7 +669,6 @@ def solve_kernel_model(
 
     designs, targets, single_sums, conds, ranks, sci_stamps, ref_stamps = [], [], [], [], [], [], []
     truncate = reg is None and config.solve_tolerance > 0
-    worst_fns = []
     norm = bsum if config.flux_conservation == "rescale" else None
     first = 1 if config.kernel_basis == "alard-lupton" else 0
     for x, y in zip(cxs, cys):
@@ -676,10 +679,8 @@ def solve_kernel_model(
         what = f"cell at ({x:.0f}, {y:.0f})"
         check = None
         if truncate:
-            padded = np.pad(s, h)
-            full = np.stack([signal.correlate(padded, b, mode="valid").ravel() for b in basis], axis=1)
-            worst_fns.append(_stamp_residuals(full, r.ravel(), float(r.max()), norm))
-            check = (worst_fns[-1], config.solve_tolerance, config.solve_residual_factor, first)
+            check = (_whole_stamp_residuals(s, r, basis, h, norm), config.solve_tolerance,
+                     config.solve_residual_factor, first)
         if reg is None:
             a, cond, dirs = _solve_design(cols, target, limit=limit, what=what, ids=ids, check=check)
             rank = dirs.shape[0] + (first if truncate else 0)
