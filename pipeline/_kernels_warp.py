@@ -399,20 +399,17 @@ def _span_or(flags, span):
 def _window_flags(img, var, msk, nodata, grow_full, span):
     """Per-window lookup tables of where bad pixels and ``grow_full`` bits are.
 
-    Returns ``(bad, has_bad, row_bad, col_bad, has_grow, row_grow, col_grow)``: ``bad[r, c]`` is 1 for a
-    bad pixel (image or variance not finite, or ``nodata`` set); ``row_bad[r]`` is non-zero when any of
-    rows ``r .. r+span-1`` holds a bad pixel (columns likewise); ``row_grow[r]`` is the OR of the
-    ``grow_full`` bits in rows ``r .. r+span-1`` (columns likewise). A kernel footprint whose first row
-    ``r`` and first column ``c`` have ``row_bad[r] == 0`` or ``col_bad[c] == 0`` holds no bad pixel; one
-    with ``row_grow[r] & col_grow[c] == 0`` holds no ``grow_full`` bit. A window without bad pixels
+    Returns ``(bad, has_bad, row_bad, col_bad, has_grow)``: ``bad[r, c]`` is 1 for a bad pixel (image
+    or variance not finite, or ``nodata`` set); ``row_bad[r]`` is non-zero when any of rows
+    ``r .. r+span-1`` holds a bad pixel (columns likewise); ``has_grow`` says whether any pixel carries
+    a ``grow_full`` bit. A kernel footprint whose first row ``r`` and first column ``c`` have
+    ``row_bad[r] == 0`` or ``col_bad[c] == 0`` holds no bad pixel. A window without bad pixels
     gets a 1x1 ``bad`` (never read): rows are scanned with branch-free reductions first, and only the
     rows holding a bad pixel are scanned again to mark them.
     """
     ny, nx = img.shape
     rb = np.zeros(ny, np.uint8)
     cb = np.zeros(nx, np.uint8)
-    rg = np.zeros(ny, np.uint32)
-    cg = np.zeros(nx, np.uint32)
     has_bad = False
     has_grow = False
     inf = np.inf
@@ -421,12 +418,9 @@ def _window_flags(img, var, msk, nodata, grow_full, span):
         row_b = np.uint32(0)
         for c in range(nx):
             m = msk[r, c]
-            g = m & grow_full
-            row_g |= g
-            cg[c] |= g
+            row_g |= m & grow_full
             # NaN and infinities both fail abs(v) < inf
             row_b |= (m & nodata) | np.uint32(not (abs(img[r, c]) < inf)) | np.uint32(not (abs(var[r, c]) < inf))
-        rg[r] = row_g
         if row_g != 0:
             has_grow = True
         if row_b != 0:
@@ -443,7 +437,7 @@ def _window_flags(img, var, msk, nodata, grow_full, span):
                     cb[c] = 1
     else:
         bad = np.zeros((1, 1), np.uint8)
-    return bad, has_bad, _span_or(rb, span), _span_or(cb, span), has_grow, _span_or(rg, span), _span_or(cg, span)
+    return bad, has_bad, _span_or(rb, span), _span_or(cb, span), has_grow
 
 
 @numba.njit(**_NOGIL)
@@ -706,7 +700,7 @@ def _warp_block(
     iy_hi = valid[3]
     nan = np.float32(np.nan)
     inf = np.float32(np.inf)
-    bad, has_bad, row_bad, col_bad, has_grow, row_grow, col_grow = _window_flags(
+    bad, has_bad, row_bad, col_bad, has_grow = _window_flags(
         src_img, src_var, src_msk, nodata, grow_full, m
     )
     gmap = _grow_map(src_msk, grow_full, m) if has_grow else np.zeros((1, 1), np.uint8)
