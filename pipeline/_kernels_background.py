@@ -14,7 +14,7 @@ import math
 import numba
 import numpy as np
 
-from ._kernels_stats import _lerp, _min_of, _unit_moments, clip_width
+from ._kernels_stats import _unit_moments, clip_width, make_hist_scratch, quartiles_hist
 
 __all__ = [
     "STYLE_CONSTANT",
@@ -36,7 +36,6 @@ __all__ = [
     "CELL_STAT_MEDIAN",
     "CELL_STAT_MEANCLIP",
     "cell_table",
-    "quartiles",
 ]
 
 STYLE_CONSTANT = 0
@@ -433,188 +432,6 @@ CELL_STAT_MEAN = 0
 CELL_STAT_MEDIAN = 1
 CELL_STAT_MEANCLIP = 2
 
-#: largest systematic sample, most histogram bins and sample-rank margin (per 256 samples) of
-#: :func:`quartiles`
-_Q_SAMPLE = 256
-_Q_BINS = 2048
-_Q_MARGIN = 28
-#: sets smaller than this are reduced by selection instead
-_Q_MIN_HIST = 128
-
-
-@numba.njit(cache=True, nogil=True)
-def _select(a, lo, hi, k):
-    """Reorder ``a[lo:hi]`` so that ``a[k]`` holds its value of rank ``k - lo`` (no NaN inside)."""
-    while hi - lo > 16:
-        mid = (lo + hi) // 2
-        x = a[lo]
-        y = a[mid]
-        z = a[hi - 1]
-        # median of three as the pivot
-        p = max(min(x, y), min(max(x, y), z))
-        i = lo
-        j = hi - 1
-        while i <= j:
-            while a[i] < p:
-                i += 1
-            while a[j] > p:
-                j -= 1
-            if i <= j:
-                t = a[i]
-                a[i] = a[j]
-                a[j] = t
-                i += 1
-                j -= 1
-        if k <= j:
-            hi = j + 1
-        elif k >= i:
-            lo = i
-        else:
-            return
-    for i in range(lo + 1, hi):
-        v = a[i]
-        j = i - 1
-        while j >= lo and a[j] > v:
-            a[j + 1] = a[j]
-            j -= 1
-        a[j + 1] = v
-
-
-@numba.njit(cache=True, nogil=True)
-def _quartile_ranks(n, ranks, fr):
-    for q in range(3):
-        t = (0.25 * (q + 1)) * (n - 1)
-        j = int(math.floor(t))
-        fr[q] = t - j
-        ranks[2 * q] = j
-        ranks[2 * q + 1] = min(j + 1, n - 1)
-
-
-@numba.njit(cache=True, nogil=True)
-def _quartile_value(v0, a, upper_lo, upper_hi, g):
-    """numpy "linear" interpolation between rank ``j`` (``v0``) and rank ``j + 1``, the smallest
-    value of ``a[upper_lo:upper_hi]`` (only read when ``g`` is not 0)."""
-    if g == 0.0:
-        return np.float64(v0) + 0.0
-    return _lerp(np.float64(v0), np.float64(_min_of(a, upper_lo, upper_hi)), g)
-
-
-@numba.njit(cache=True, nogil=True)
-def _quartiles_select(a, n, cand, res):
-    """:func:`quartiles` of a small set by selection in a copy: the median splits the copy, the
-    upper quartile is selected above it and the lower one below it."""
-    for i in range(n):
-        cand[i] = a[i]
-    ranks = np.empty(6, dtype=np.int64)
-    fr = np.empty(3)
-    _quartile_ranks(n, ranks, fr)
-    j25 = ranks[0]
-    jm = ranks[2]
-    j75 = ranks[4]
-    _select(cand, 0, n, jm)
-    res[1] = _quartile_value(cand[jm], cand, jm + 1, n, fr[1])
-    if j75 > jm:
-        _select(cand, jm + 1, n, j75)
-    res[2] = _quartile_value(cand[j75], cand, j75 + 1, n, fr[2])
-    if j25 < jm:
-        _select(cand, 0, jm, j25)
-        res[0] = _quartile_value(cand[j25], cand, j25 + 1, jm + 1, fr[0])
-    else:
-        res[0] = _quartile_value(cand[j25], cand, j25 + 1, n, fr[0])
-
-
-@numba.njit(cache=True, nogil=True)
-def quartiles(a, n, sample, hist, bins, slots, cand, res):
-    """``res[:] = (q25, median, q75)`` (numpy "linear" quantiles) of the finite values ``a[:n]``.
-
-    Exact order statistics by histogram selection: two order statistics of a systematic sample
-    bracket the quartiles, one pass puts every value in one of about ``n / 8`` equal bins over
-    the bracket (plus one below, one above) and counts them, a second pass copies the values of
-    the few bins holding the six wanted ranks into ``cand``, where they are sorted. The bin index
-    is monotone in the value, so the ranks are exact. Sets of fewer than 512 values are
-    reduced by selection in a copy.
-    Scratch: ``sample`` (float64, 256), ``hist`` (int64), ``bins`` (uint16, >= n), ``slots``
-    (int64, as ``hist``, all -1 on entry and left so), ``cand`` (>= n, ``a``'s dtype).
-    """
-    if n <= 0:
-        res[0] = np.nan
-        res[1] = np.nan
-        res[2] = np.nan
-        return
-    if n < _Q_MIN_HIST:
-        _quartiles_select(a, n, cand, res)
-        return
-    # a sample of about n / 16 values (64 .. len(sample)) and about n / 8 bins (64 .. len(hist) - 2)
-    s = min(max(n // 16, 64), sample.shape[0])
-    for i in range(s):
-        sample[i] = np.float64(a[(i * n) // s])
-    margin = (s * _Q_MARGIN) // 256
-    klo = s // 4 - margin
-    khi = (3 * s) // 4 + margin
-    _select(sample, 0, s, khi)
-    hi = sample[khi]
-    _select(sample, 0, khi, klo)
-    lo = sample[klo]
-    nb = min(max(n // 8, 64), hist.shape[0] - 2)
-    scale = nb / (hi - lo) if hi > lo else np.inf
-    if not math.isfinite(scale) or not math.isfinite(lo * scale):
-        _quartiles_select(a, n, cand, res)
-        return
-    top = np.float64(nb)
-    for i in range(n):
-        t = (np.float64(a[i]) - lo) * scale
-        t = min(max(t, -1.0), top)
-        bins[i] = np.uint16(np.int64(t + 1.0))
-    for b in range(nb + 2):
-        hist[b] = 0
-    for i in range(n):
-        hist[bins[i]] += 1
-    for b in range(1, nb + 2):
-        hist[b] += hist[b - 1]  # values in bins <= b
-    ranks = np.empty(6, dtype=np.int64)
-    fr = np.empty(3)
-    _quartile_ranks(n, ranks, fr)
-    rbin = np.empty(6, dtype=np.int64)
-    sbin = np.empty(6, dtype=np.int64)
-    nslot = 0
-    cum = hist[: nb + 2]
-    for r in range(6):
-        b = np.searchsorted(cum, ranks[r], side="right")
-        rbin[r] = b
-        if slots[b] < 0:
-            slots[b] = nslot
-            sbin[nslot] = b
-            nslot += 1
-    start = np.empty(nslot + 1, dtype=np.int64)
-    fill = np.empty(nslot, dtype=np.int64)
-    start[0] = 0
-    for k in range(nslot):
-        b = sbin[k]
-        start[k + 1] = start[k] + hist[b] - (hist[b - 1] if b > 0 else 0)
-        fill[k] = start[k]
-    for i in range(n):
-        k = slots[bins[i]]
-        if k >= 0:
-            cand[fill[k]] = a[i]
-            fill[k] += 1
-    for k in range(nslot):
-        seg = cand[start[k] : start[k + 1]]
-        if seg.shape[0] > 1:
-            seg.sort()
-    for q in range(3):
-        v = np.empty(2)
-        for u in range(2):
-            b = rbin[2 * q + u]
-            before = hist[b - 1] if b > 0 else 0
-            v[u] = np.float64(cand[start[slots[b]] + ranks[2 * q + u] - before])
-        if fr[q] == 0.0:
-            res[q] = v[0] + 0.0
-        else:
-            res[q] = _lerp(v[0], v[1], fr[q])
-    for k in range(nslot):
-        slots[sbin[k]] = -1
-
-
 @numba.njit(cache=True, nogil=True)
 def _sqrt_or_nan(v):
     return math.sqrt(v) if v >= 0.0 else np.nan
@@ -632,7 +449,7 @@ def _one_cell(a, n, stat, num_sigma, num_iter, sample, hist, bins, slots, cand, 
             value = mean
             error = _sqrt_or_nan(errvar)
         else:
-            quartiles(a, n, sample, hist, bins, slots, cand, q)
+            q[0], q[1], q[2] = quartiles_hist(a, n, sample, hist, bins, slots, cand)
             if stat == CELL_STAT_MEDIAN:
                 value = q[1]
                 error = _sqrt_or_nan(0.5 * math.pi * var / np.float64(n))
@@ -707,11 +524,7 @@ def cell_table(image, mask, yedges, xedges, and_mask, stat, num_sigma, num_iter,
         for j in range(ncx):
             size = max(size, (yedges[i + 1] - yedges[i]) * (xedges[j + 1] - xedges[j]))
     buf = np.empty(size, dtype=image.dtype)
-    cand = np.empty(size, dtype=image.dtype)
-    bins = np.empty(size, dtype=np.uint16)
-    sample = np.empty(_Q_SAMPLE)
-    hist = np.zeros(_Q_BINS + 2, dtype=np.int64)
-    slots = np.full(_Q_BINS + 2, -1, dtype=np.int64)
+    sample, hist, bins, slots, cand = make_hist_scratch(size, image.dtype)
     q = np.empty(3)
     andm = np.uint32(and_mask)
     for i in range(ncy):

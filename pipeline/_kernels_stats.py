@@ -589,20 +589,24 @@ def quartiles_select(a, n):
     return q25, med, q75
 
 
-#: sample size, bins and sample-rank margin of :func:`quartiles_hist`
+#: longest systematic sample, most bins and sample-rank margin (per 256 sampled values) of
+#: :func:`quartiles_hist`
 HIST_SAMPLE = 256
 HIST_BINS = 2048
 HIST_MARGIN = 28
-#: sets smaller than this use :func:`quartiles_select` instead
-HIST_MIN_SAMPLES = 2048
+#: sets smaller than this are reduced by :func:`quartiles_select` instead
+HIST_MIN_SAMPLES = 128
 
 
 @njit(cache=True, nogil=True)
 def make_hist_scratch(size, dtype):
-    """Scratch buffers of :func:`quartiles_hist` for up to ``size`` values of ``dtype``."""
+    """Scratch buffers ``(sample, hist, bins, slots, cand)`` of :func:`quartiles_hist` for up to
+    ``size`` values of ``dtype``."""
     slots = np.full(HIST_BINS + 2, -1, dtype=np.int64)
     hist = np.zeros(HIST_BINS + 2, dtype=np.int64)
-    return np.empty(HIST_SAMPLE, dtype=np.float64), hist, slots, np.empty(max(size, 1), dtype=dtype)
+    m = max(size, 1)
+    return (np.empty(HIST_SAMPLE, dtype=np.float64), hist, np.empty(m, dtype=np.uint16), slots,
+            np.empty(m, dtype=dtype))
 
 
 @njit(cache=True, nogil=True)
@@ -614,44 +618,52 @@ def _all_equal(a):
 
 
 @njit(cache=True, nogil=True)
-def _bin_of(x, lo, scale, top):
-    """Monotone bin index: 0 below ``lo``, ``1 .. top`` inside, ``top + 1`` at or above the top."""
-    t = (np.float64(x) - lo) * scale
-    t = min(max(t, -1.0), top)
-    return int(t + 1.0)
+def _copy_select(a, n, cand):
+    for i in range(n):
+        cand[i] = a[i]
+    return quartiles_select(cand, n)
 
 
 @njit(cache=True, nogil=True)
-def quartiles_hist(a, n, sample, hist, slots, cand):
+def quartiles_hist(a, n, sample, hist, bins, slots, cand):
     """``(q25, median, q75)`` (numpy "linear") of the finite values ``a[:n]`` by histogram selection.
 
-    A sorted systematic sample of ``HIST_SAMPLE`` values brackets the quartiles; one pass counts the
-    values in ``HIST_BINS`` equal bins over that bracket (plus one bin below and one above); a second
-    pass copies the values of the few bins holding the wanted ranks into ``cand`` (length >= n),
-    where they are sorted. The bins are monotone in the value, so the ranks are exact.
-    ``a`` is not modified; ``slots`` must be all -1 on entry and is left so.
+    Two order statistics of a systematic sample of about ``n / 16`` values (64 to ``len(sample)``)
+    bracket the quartiles; one pass puts every value in one of about ``n / 8`` equal bins over the
+    bracket (64 to ``len(hist) - 2``; plus one bin below and one above), remembers its bin in
+    ``bins`` and counts the bins; a second pass copies the values of the few bins holding the six
+    wanted ranks into ``cand``, where they are sorted. The bin index is monotone in the value, so
+    the ranks are exact. Sets of fewer than ``HIST_MIN_SAMPLES`` values, and brackets too narrow or
+    too wide for a finite bin scale, are reduced by selection in a copy instead.
+    Scratch (see :func:`make_hist_scratch`): ``sample`` float64; ``hist`` and ``slots`` int64 of
+    equal length <= 65537, ``slots`` all -1 on entry and left so; ``bins`` uint16 and ``cand``
+    (``a``'s dtype) of length >= n. ``a`` is not modified.
     """
     if n < HIST_MIN_SAMPLES:
-        for i in range(n):
-            cand[i] = a[i]
-        return quartiles_select(cand, n)
-    s = sample.shape[0]
+        return _copy_select(a, n, cand)
+    s = min(max(n // 16, 64), sample.shape[0])
     for i in range(s):
         sample[i] = np.float64(a[(i * n) // s])
-    sample.sort()
-    lo = sample[s // 4 - HIST_MARGIN]
-    hi = sample[(3 * s) // 4 + HIST_MARGIN]
-    nb = hist.shape[0] - 2
+    margin = (s * HIST_MARGIN) // 256
+    klo = s // 4 - margin
+    khi = (3 * s) // 4 + margin
+    select_inplace(sample, 0, s, khi)
+    hi = sample[khi]
+    select_inplace(sample, 0, khi, klo)
+    lo = sample[klo]
+    nb = min(max(n // 8, 64), hist.shape[0] - 2)
     scale = nb / (hi - lo) if hi > lo else np.inf
     if not math.isfinite(scale) or not math.isfinite(lo * scale):
-        for i in range(n):
-            cand[i] = a[i]
-        return quartiles_select(cand, n)
+        return _copy_select(a, n, cand)
     top = np.float64(nb)
+    for i in range(n):
+        t = (np.float64(a[i]) - lo) * scale
+        t = min(max(t, -1.0), top)
+        bins[i] = np.uint16(np.int64(t + 1.0))
     for b in range(nb + 2):
         hist[b] = 0
     for i in range(n):
-        hist[_bin_of(a[i], lo, scale, top)] += 1
+        hist[bins[i]] += 1
     # cumulative counts: hist[b] = number of values in bins <= b
     for b in range(1, nb + 2):
         hist[b] += hist[b - 1]
@@ -663,11 +675,12 @@ def quartiles_hist(a, n, sample, hist, slots, cand):
         fr[q] = t - j
         ranks[2 * q] = j
         ranks[2 * q + 1] = min(j + 1, n - 1)
+    cum = hist[: nb + 2]
     rbin = np.empty(6, dtype=np.int64)
-    nslot = 0
     sbin = np.empty(6, dtype=np.int64)
+    nslot = 0
     for r in range(6):
-        b = np.searchsorted(hist, ranks[r], side="right")
+        b = np.searchsorted(cum, ranks[r], side="right")
         rbin[r] = b
         if slots[b] < 0:
             slots[b] = nslot
@@ -678,11 +691,10 @@ def quartiles_hist(a, n, sample, hist, slots, cand):
     start[0] = 0
     for k in range(nslot):
         b = sbin[k]
-        count = hist[b] - (hist[b - 1] if b > 0 else 0)
-        start[k + 1] = start[k] + count
+        start[k + 1] = start[k] + hist[b] - (hist[b - 1] if b > 0 else 0)
         fill[k] = start[k]
     for i in range(n):
-        k = slots[_bin_of(a[i], lo, scale, top)]
+        k = slots[bins[i]]
         if k >= 0:
             cand[fill[k]] = a[i]
             fill[k] += 1
@@ -790,8 +802,8 @@ def reduce_gathered(
     out[C_NKEPT] = n
     if not (do_quantiles or do_clip):
         return orm
-    sample, hist, slots, cand = hs
-    q25, med, q75 = quartiles_hist(a, n, sample, hist, slots, cand)
+    sample, hist, bins, slots, cand = hs
+    q25, med, q75 = quartiles_hist(a, n, sample, hist, bins, slots, cand)
     out[C_MEDIAN] = med
     out[C_Q25] = q25
     out[C_Q75] = q75

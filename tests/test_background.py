@@ -446,28 +446,6 @@ def test_cell_table_equals_grid_statistics(rng, dtype, statistic, num_iter):
         assert np.all(np.isfinite(got[4, 2]))
 
 
-@given(n=st.integers(1, 5000), ties=st.booleans(), seed=st.integers(0, 2**32 - 1))
-@settings(max_examples=60, deadline=None)
-def test_quartiles_match_numpy_percentile(n, ties, seed):
-    rng = np.random.default_rng(seed)
-    a = rng.normal(0.0, 1.0, n)
-    if ties:
-        a = np.round(a * 3.0)
-    a = a.astype(np.float32)
-    sample = np.empty(256)
-    hist = np.zeros(2050, np.int64)
-    slots = np.full(2050, -1, np.int64)
-    bins = np.empty(n, np.uint16)
-    cand = np.empty(n, np.float32)
-    res = np.empty(3)
-    before = a.copy()
-    K.quartiles(a, n, sample, hist, bins, slots, cand, res)
-    np.testing.assert_array_equal(a, before)
-    assert (slots == -1).all()
-    want = np.percentile(a.astype(np.float64), [25, 50, 75])
-    np.testing.assert_allclose(res, want, rtol=1e-15, atol=1e-15)
-
-
 def test_fit_background_cells_equal_statistics_module(rng):
     """fit_background's cell table (numpy and 37 x 41 dask chunks) equals grid_statistics."""
     img, mask = _awkward_image(rng, 256, 300, np.float32)
@@ -511,29 +489,6 @@ def test_in_memory_model_is_one_block(rng):
     chunked = fit_background(_ds(img).chunk({"y": 37, "x": 41}), config=BackgroundConfig(bin_size=32))
     assert chunked.evaluate().data.chunks == _ds(img).chunk({"y": 37, "x": 41})["image"].data.chunks
     np.testing.assert_allclose(bg.values, chunked.evaluate().values, rtol=1e-6, atol=1e-5)
-
-
-@pytest.mark.parametrize("n", [100, 127, 128, 1000, 4096, 16384])
-@pytest.mark.parametrize("kind", ["constant", "sample_all_equal", "sample_misleading", "huge_range"])
-def test_quartiles_exact_when_the_sample_misleads(rng, n, kind):
-    """The bracket from the systematic sample only steers the speed: the quartiles stay exact."""
-    a = rng.normal(0.0, 1.0, n)
-    stride = np.zeros(n, bool)
-    stride[(np.arange(256) * n) // 256] = True  # the positions the largest sample reads
-    if kind == "constant":
-        a[:] = 3.5
-    elif kind == "sample_all_equal":
-        a[stride] = 1000.0
-    elif kind == "sample_misleading":
-        a[stride] = 1000.0 + rng.normal(0.0, 1e-3, stride.sum())
-    else:
-        a[::7] = 3e38
-        a[1::11] = -3e38
-    a = a.astype(np.float32)
-    res = np.empty(3)
-    K.quartiles(a, n, np.empty(256), np.zeros(2050, np.int64), np.empty(n, np.uint16),
-                np.full(2050, -1, np.int64), np.empty(n, np.float32), res)
-    np.testing.assert_allclose(res, np.percentile(a.astype(np.float64), [25, 50, 75]), rtol=1e-15, atol=0.0)
 
 
 def test_cell_table_thread_safe(rng):

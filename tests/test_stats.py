@@ -547,9 +547,9 @@ def test_quartile_kernels_equal_numpy_percentile(kind, n):
         xs = x.astype(dtype)
         want = np.percentile(xs.astype(np.float64), [25, 50, 75])
         got_select = K.quartiles_select(xs.copy(), xs.size)
-        sample, hist, slots, cand = K.make_hist_scratch(xs.size, xs.dtype)
+        sample, hist, bins, slots, cand = K.make_hist_scratch(xs.size, xs.dtype)
         before = xs.copy()
-        got_hist = K.quartiles_hist(xs, xs.size, sample, hist, slots, cand)
+        got_hist = K.quartiles_hist(xs, xs.size, sample, hist, bins, slots, cand)
         np.testing.assert_array_equal(xs, before)
         assert np.all(slots == -1)
         np.testing.assert_array_equal(got_select, want, err_msg=f"select {dtype}")
@@ -596,3 +596,41 @@ def test_grid_statistics_validation():
         grid_statistics(x, yedges=[0, 10], xedges=[0, 5], config=StatsConfig(weighted=True))
     with pytest.raises(SchemaError, match="mask of shape"):
         grid_statistics(x, mask=np.zeros((3, 3), np.uint32), yedges=[0, 10], xedges=[0, 5])
+
+
+@given(n=st.integers(1, 5000), ties=st.booleans(), seed=st.integers(0, 2**32 - 1))
+@settings(max_examples=60, deadline=None)
+def test_quartiles_hist_adaptive_sizes_match_numpy_percentile(n, ties, seed):
+    rng = np.random.default_rng(seed)
+    a = rng.normal(0.0, 1.0, n)
+    if ties:
+        a = np.round(a * 3.0)
+    a = a.astype(np.float32)
+    sample, hist, bins, slots, cand = K.make_hist_scratch(n, a.dtype)
+    before = a.copy()
+    res = K.quartiles_hist(a, n, sample, hist, bins, slots, cand)
+    np.testing.assert_array_equal(a, before)
+    assert (slots == -1).all()
+    want = np.percentile(a.astype(np.float64), [25, 50, 75])
+    np.testing.assert_allclose(res, want, rtol=1e-15, atol=1e-15)
+
+
+@pytest.mark.parametrize("n", [100, 127, 128, 1000, 4096, 16384])
+@pytest.mark.parametrize("kind", ["constant", "sample_all_equal", "sample_misleading", "huge_range"])
+def test_quartiles_exact_when_the_sample_misleads(rng, n, kind):
+    """The bracket from the systematic sample only steers the speed: the quartiles stay exact."""
+    a = rng.normal(0.0, 1.0, n)
+    stride = np.zeros(n, bool)
+    stride[(np.arange(256) * n) // 256] = True  # the positions the largest sample reads
+    if kind == "constant":
+        a[:] = 3.5
+    elif kind == "sample_all_equal":
+        a[stride] = 1000.0
+    elif kind == "sample_misleading":
+        a[stride] = 1000.0 + rng.normal(0.0, 1e-3, stride.sum())
+    else:
+        a[::7] = 3e38
+        a[1::11] = -3e38
+    a = a.astype(np.float32)
+    res = K.quartiles_hist(a, n, *K.make_hist_scratch(n, a.dtype))
+    np.testing.assert_allclose(res, np.percentile(a.astype(np.float64), [25, 50, 75]), rtol=1e-15, atol=0.0)
