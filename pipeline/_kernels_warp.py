@@ -220,6 +220,74 @@ def table_weights(f, table, out):
 
 
 @numba.njit(**_NOGIL)
+def cell_states(nodes_x, nodes_y, valid):
+    """Classify the lattice cells: ``0`` no good pixel, ``1`` only good pixels, ``2`` undecided.
+
+    Cell ``[k, l]`` holds the destination pixels between node rows ``k, k+1`` and node columns
+    ``l, l+1`` (the last row and column of cells are clipped to the lattice). Every position
+    interpolated in a cell lies within the bounds of its four nodes up to rounding; with the bounds
+    widened by :data:`_CELL_MARGIN`, a cell whose ``floor`` range lies outside ``valid`` on either
+    axis holds no good pixel and one whose range lies inside on both axes only good pixels. Cells
+    with a non-finite node are undecided. Also returns those widened ``floor`` bounds
+    ``(x_lo, x_hi, y_lo, y_hi)`` of every cell with finite nodes.
+    """
+    nky, nkx = nodes_x.shape
+    ix_lo, iy_lo, ix_hi, iy_hi = valid
+    out = np.empty((nky, nkx), np.uint8)
+    bounds = np.zeros((nky, nkx, 4))
+    for k in range(nky):
+        k1 = min(k + 1, nky - 1)
+        for l in range(nkx):
+            l1 = min(l + 1, nkx - 1)
+            x00 = nodes_x[k, l]
+            x01 = nodes_x[k, l1]
+            x10 = nodes_x[k1, l]
+            x11 = nodes_x[k1, l1]
+            y00 = nodes_y[k, l]
+            y01 = nodes_y[k, l1]
+            y10 = nodes_y[k1, l]
+            y11 = nodes_y[k1, l1]
+            if not (math.isfinite(x00) and math.isfinite(x01) and math.isfinite(x10) and math.isfinite(x11)
+                    and math.isfinite(y00) and math.isfinite(y01) and math.isfinite(y10) and math.isfinite(y11)):
+                out[k, l] = 2
+                continue
+            xa = math.floor(min(min(x00, x01), min(x10, x11)) - _CELL_MARGIN)
+            xb = math.floor(max(max(x00, x01), max(x10, x11)) + _CELL_MARGIN)
+            ya = math.floor(min(min(y00, y01), min(y10, y11)) - _CELL_MARGIN)
+            yb = math.floor(max(max(y00, y01), max(y10, y11)) + _CELL_MARGIN)
+            bounds[k, l, 0] = xa
+            bounds[k, l, 1] = xb
+            bounds[k, l, 2] = ya
+            bounds[k, l, 3] = yb
+            if xb < ix_lo or xa > ix_hi or yb < iy_lo or ya > iy_hi:
+                out[k, l] = 0
+            elif xa >= ix_lo and xb <= ix_hi and ya >= iy_lo and yb <= iy_hi:
+                out[k, l] = 1
+            else:
+                out[k, l] = 2
+    return out, bounds
+
+
+@numba.njit(inline="always", **_NOGIL)
+def _cell_position(nodes_x, nodes_y, ly, ly1, ry, fy, gy, lx, rx, step):
+    """Position of the pixel ``rx`` columns right of node column ``lx`` in a row ``ry`` rows below node
+    row ``ly``: the arithmetic of :func:`_row_span` for one pixel (bit-identical, no fused multiply-add)."""
+    if rx == 0:
+        return (_snap(_lerp(nodes_x[ly, lx], nodes_x[ly1, lx], ry, fy)),
+                _snap(_lerp(nodes_y[ly, lx], nodes_y[ly1, lx], ry, fy)))
+    fx = rx / step
+    gxx = 1.0 - fx
+    tx = gxx * nodes_x[ly, lx] + fx * nodes_x[ly, lx + 1]
+    ty = gxx * nodes_y[ly, lx] + fx * nodes_y[ly, lx + 1]
+    if ry > 0:
+        tx = gy * tx + fy * (gxx * nodes_x[ly1, lx] + fx * nodes_x[ly1, lx + 1])
+        ty = gy * ty + fy * (gxx * nodes_y[ly1, lx] + fx * nodes_y[ly1, lx + 1])
+    rtx = math.floor(tx + 0.5)
+    rty = math.floor(ty + 0.5)
+    return (rtx if abs(tx - rtx) < SNAP else tx), (rty if abs(ty - rty) < SNAP else ty)
+
+
+@numba.njit(**_NOGIL)
 def count_blocks(
     nodes_x, nodes_y, gx0, gy0, step, y_edges, x_edges, valid, out_count, out_range, out_dst
 ):
@@ -229,6 +297,13 @@ def count_blocks(
     pixel also needs its left and lower neighbours on the lattice (for the relative area).
     ``out_range[by, bx] = (imin, jmin, imax, jmax)``; ``out_dst = (Xmin, Ymin, Xmax, Ymax)`` of all
     good destination pixels. Blocks are given by their edges in destination pixels.
+
+    A row is walked lattice cell by lattice cell (:func:`cell_states`): a cell without good pixels
+    is skipped; one holding only good pixels: its pixels of the row are counted at once, and
+    since the position is linear along a row within a cell (and snapping and ``floor`` are monotone)
+    the ``floor`` range of the segment is that of its two end pixels, whose positions :func:`_row_span`
+    gives bit for bit. The pixels of the other cells are decided one by one. The result equals a
+    pixel-by-pixel count.
     """
     nky, nkx = nodes_x.shape
     lat_x1 = gx0 + (nkx - 1) * step
@@ -241,6 +316,7 @@ def count_blocks(
     out_dst[3] = -big
     bufx = np.empty(max(1, lat_x1 - gx0 + 1))
     bufy = np.empty(max(1, lat_x1 - gx0 + 1))
+    states, bounds = cell_states(nodes_x, nodes_y, valid)
     for by in range(y_edges.size - 1):
         Y0 = max(y_edges[by], gy0 + 1)
         Y1 = min(y_edges[by + 1], lat_y1 + 1)
@@ -253,15 +329,17 @@ def count_blocks(
             imax = -big
             jmax = -big
             w = X1 - X0
+            l_first = (X0 - gx0) // step
+            l_last = min(nkx - 1, (X1 - 1 - gx0) // step)
             for Y in range(Y0, Y1):
                 if w <= 0:
                     break
-                # only the columns whose lattice cells can hold a good pixel
-                lo, hi = _row_candidates(gx0, gy0, step, nodes_x, nodes_y, X0, Y, w, valid)
-                if hi <= lo:
-                    continue
-                _row_span(gx0, gy0, step, nodes_x, nodes_y, X0, Y, bufx, bufy, lo, hi)
-                # branch-free reductions over the row (a NaN position fails every comparison)
+                dy = Y - gy0
+                ly = dy // step
+                ry = dy - ly * step
+                ly1 = ly + 1 if ry > 0 else ly
+                fy = ry / step
+                gy = 1.0 - fy
                 row_cnt = 0
                 fimin = np.inf
                 fimax = -np.inf
@@ -269,17 +347,45 @@ def count_blocks(
                 fjmax = -np.inf
                 cmin = w
                 cmax = -1
-                for c in range(lo, hi):
-                    fi = math.floor(bufx[c])
-                    fj = math.floor(bufy[c])
-                    ok = (fi >= ix_lo) & (fi <= ix_hi) & (fj >= iy_lo) & (fj <= iy_hi)
-                    row_cnt += ok
-                    fimin = min(fimin, fi if ok else np.inf)
-                    fimax = max(fimax, fi if ok else -np.inf)
-                    fjmin = min(fjmin, fj if ok else np.inf)
-                    fjmax = max(fjmax, fj if ok else -np.inf)
-                    cmin = min(cmin, c if ok else w)
-                    cmax = max(cmax, c if ok else -1)
+                for l in range(l_first, l_last + 1):
+                    # the pixels c .. e-1 of the row in lattice cell l
+                    c = max(0, gx0 + l * step - X0)
+                    e = min(w, gx0 + (l + 1) * step - X0) if l < nkx - 1 else min(w, gx0 + l * step + 1 - X0)
+                    if c >= e:
+                        continue
+                    state = states[ly, l]
+                    if state == 0:
+                        continue
+                    if state == 1 and e - c > 2:
+                        row_cnt += e - c
+                        cmin = min(cmin, c)
+                        cmax = max(cmax, e - 1)
+                        # the exact floor range of the segment can only widen the range found so far
+                        # when the cell's bounds reach beyond it
+                        if (bounds[ly, l, 0] >= min(imin, fimin) and bounds[ly, l, 1] <= max(imax, fimax)
+                                and bounds[ly, l, 2] >= min(jmin, fjmin) and bounds[ly, l, 3] <= max(jmax, fjmax)):
+                            continue
+                        rx0 = X0 + c - gx0 - l * step
+                        xa, ya = _cell_position(nodes_x, nodes_y, ly, ly1, ry, fy, gy, l, rx0, step)
+                        xb, yb = _cell_position(nodes_x, nodes_y, ly, ly1, ry, fy, gy, l, rx0 + e - 1 - c, step)
+                        fimin = min(fimin, math.floor(min(xa, xb)))
+                        fimax = max(fimax, math.floor(max(xa, xb)))
+                        fjmin = min(fjmin, math.floor(min(ya, yb)))
+                        fjmax = max(fjmax, math.floor(max(ya, yb)))
+                        continue
+                    _row_span(gx0, gy0, step, nodes_x, nodes_y, X0, Y, bufx, bufy, c, e)
+                    # branch-free reductions over the segment (a NaN position fails every comparison)
+                    for k in range(c, e):
+                        fi = math.floor(bufx[k])
+                        fj = math.floor(bufy[k])
+                        ok = (fi >= ix_lo) & (fi <= ix_hi) & (fj >= iy_lo) & (fj <= iy_hi)
+                        row_cnt += ok
+                        fimin = min(fimin, fi if ok else np.inf)
+                        fimax = max(fimax, fi if ok else -np.inf)
+                        fjmin = min(fjmin, fj if ok else np.inf)
+                        fjmax = max(fjmax, fj if ok else -np.inf)
+                        cmin = min(cmin, k if ok else w)
+                        cmax = max(cmax, k if ok else -1)
                 if row_cnt == 0:
                     continue
                 cnt += row_cnt

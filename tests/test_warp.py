@@ -1043,3 +1043,54 @@ def test_block_counts_match_the_interpolated_positions(rng):
     gy, gx = np.nonzero(good)
     assert plan.good_box == Box(int(gx.min()) + box.x0, int(gy.min()) + box.y0, int(gx.max()) + box.x0 + 1,
                                 int(gy.max()) + box.y0 + 1)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), step=st.integers(2, 12), nan=st.sampled_from([0.0, 0.05]),
+       cy=st.integers(7, 40), cx=st.integers(7, 40))
+def test_count_blocks_equals_a_pixel_by_pixel_count(seed, step, nan, cy, cx):
+    """The cell walk of count_blocks (whole cells counted at once) gives the pixel-by-pixel counts,
+    floor ranges and destination box exactly, on lattices with rotation, curvature and NaN nodes."""
+    from pipeline._kernels_warp import _row, cell_states, count_blocks
+
+    rng = np.random.default_rng(seed)
+    nodes_x, nodes_y = random_lattice(rng, 9, 10, step, nan)
+    valid = np.array([int(rng.integers(10, 30)), int(rng.integers(15, 35)), int(rng.integers(45, 70)),
+                      int(rng.integers(50, 75))], dtype=np.int64)
+    gx0, gy0 = 3, -4
+    states, _ = cell_states(nodes_x, nodes_y, valid)
+    assert set(np.unique(states)) <= {0, 1, 2}
+    x_edges = np.unique(np.concatenate([np.arange(gx0 - 5, gx0 + 9 * step + 8, cx), [gx0 + 9 * step + 8]]))
+    y_edges = np.unique(np.concatenate([np.arange(gy0 - 5, gy0 + 8 * step + 8, cy), [gy0 + 8 * step + 8]]))
+    counts = np.zeros((y_edges.size - 1, x_edges.size - 1), np.int64)
+    ranges = np.zeros(counts.shape + (4,), np.int64)
+    dst = np.zeros(4, np.int64)
+    count_blocks(nodes_x, nodes_y, gx0, gy0, step, y_edges, x_edges, valid, counts, ranges, dst)
+    # reference: every pixel's position (a good pixel needs its left and lower neighbours on the lattice)
+    X0, X1 = int(x_edges[0]), int(x_edges[-1])
+    good_xy = []
+    ref_counts = np.zeros_like(counts)
+    ref_ranges = np.zeros_like(ranges)
+    ref_ranges[..., :2] = 1 << 60
+    ref_ranges[..., 2:] = -(1 << 60)
+    for Y in range(int(y_edges[0]), int(y_edges[-1])):
+        px, py = np.empty(X1 - X0), np.empty(X1 - X0)
+        _row(gx0, gy0, step, nodes_x, nodes_y, X0, Y, px, py)
+        with np.errstate(invalid="ignore"):
+            fi, fj = np.floor(px), np.floor(py)
+            good = (fi >= valid[0]) & (fi <= valid[2]) & (fj >= valid[1]) & (fj <= valid[3])
+        good &= (np.arange(X0, X1) > gx0) & (Y > gy0)
+        by = int(np.searchsorted(y_edges, Y, side="right") - 1)
+        for c in np.nonzero(good)[0]:
+            bx = int(np.searchsorted(x_edges, X0 + c, side="right") - 1)
+            ref_counts[by, bx] += 1
+            r = ref_ranges[by, bx]
+            r[0], r[1] = min(r[0], int(fi[c])), min(r[1], int(fj[c]))
+            r[2], r[3] = max(r[2], int(fi[c])), max(r[3], int(fj[c]))
+            good_xy.append((X0 + c, Y))
+    np.testing.assert_array_equal(counts, ref_counts)
+    used = ref_counts > 0
+    np.testing.assert_array_equal(ranges[used], ref_ranges[used])
+    if good_xy:
+        g = np.array(good_xy)
+        assert tuple(dst) == (g[:, 0].min(), g[:, 1].min(), g[:, 0].max(), g[:, 1].max())
