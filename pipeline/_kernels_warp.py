@@ -679,31 +679,60 @@ def _row_candidates(gx0, gy0, step, nodes_x, nodes_y, X0, Y, nx, valid):
     return lo, hi
 
 
-@numba.njit(inline="always", **_SUMS)
-def _strip_weights(fs, lo, hi, n, bilinear, linear, cb, sb, table, tmp, wt, sa, ca, tot, w, w2, sums):
-    """:func:`_row_weights` for ``fs[lo:hi]`` (same arithmetic, pixel by pixel), plus ``w2 = w * w``.
+@numba.njit(**_NOGIL)
+def _state_candidates(states, gx0, gy0, step, X0, Y, nx):
+    """As :func:`_row_candidates`, from the cell classes of :func:`cell_states`: the columns ``[lo, hi)``
+    of destination row ``Y`` (pixels ``X0 .. X0 + nx - 1``) spanned by cells that may hold good pixels."""
+    nky, nkx = states.shape
+    dy = Y - gy0
+    if dy < 0:
+        return 0, 0
+    ly = dy // step
+    if ly > nky - 1 or (ly == nky - 1 and dy - ly * step > 0):
+        return 0, 0
+    l_first = max(0, (X0 - gx0) // step)
+    l_last = min(nkx - 1, (X0 + nx - 1 - gx0) // step)
+    lo = nx
+    hi = 0
+    for l in range(l_first, l_last + 1):
+        if states[ly, l] == 0:
+            continue
+        a = max(0, gx0 + l * step - X0)
+        b = min(nx, gx0 + (l + 1) * step - X0)
+        if l == nkx - 1:
+            b = min(nx, gx0 + l * step + 1 - X0)
+        if a < b:
+            lo = min(lo, a)
+            hi = max(hi, b)
+    if hi <= lo:
+        return 0, 0
+    return lo, hi
 
-    Exact Lanczos weights are computed in loops over the pixels that each touch a few contiguous
-    views starting at index 0 (so that no index can be negative and the loops are vectorised),
-    into the scratch rows ``wt`` (column-major, at least ``hi - lo`` columns) with the sine, cosine
-    and sum in ``sa``, ``ca``, ``tot``, then stored pixel-major in ``w``. ``tmp`` (``2n``) serves the table.
+
+@numba.njit(inline="always", **_SUMS)
+def _strip_weights_columns(fs, lo, hi, n, bilinear, linear, cb, sb, table, tmp, sa, ca, tot, wt, sums):
+    """:func:`_row_weights` for ``fs[lo:hi]`` (same arithmetic, pixel by pixel), stored column-major.
+
+    Tap ``k`` of pixel ``lo + c`` goes to ``wt[k, c]`` (``wt`` has at least ``hi - lo`` columns), the sum
+    to ``sums[lo + c]``. Exact Lanczos weights are computed in loops over the pixels that each touch a
+    few contiguous views starting at index 0 (so that no index can be negative and the loops are
+    vectorised), with the sine, cosine and sum in the scratch rows ``sa``, ``ca``, ``tot``. ``tmp``
+    (``2n``) serves the table.
     """
     m = 2 * n
-    if bilinear or table.shape[0] > 1:
-        for c in range(lo, hi):
-            f = fs[c]
-            if bilinear:
-                w[c, 0] = 1.0 - f
-                w[c, 1] = f
-                sums[c] = 1.0
-            else:
-                sums[c] = table_weights(f, table, tmp)
-                for k in range(m):
-                    w[c, k] = tmp[k]
-            for k in range(m):
-                w2[c, k] = w[c, k] * w[c, k]
-        return
     L = hi - lo
+    if bilinear or table.shape[0] > 1:
+        for c in range(L):
+            f = fs[lo + c]
+            if bilinear:
+                wt[0, c] = 1.0 - f
+                wt[1, c] = f
+                sums[lo + c] = 1.0
+            else:
+                sums[lo + c] = table_weights(f, table, tmp)
+                for k in range(m):
+                    wt[k, c] = tmp[k]
+        return
     f = fs[lo:hi]
     sa = sa[:L]
     ca = ca[:L]
@@ -746,13 +775,18 @@ def _strip_weights(fs, lo, hi, n, bilinear, linear, cb, sb, table, tmp, wt, sa, 
     s_out = sums[lo:hi]
     for c in range(L):
         s_out[c] = 1.0 if f[c] == 0.0 else tot[c]
-    wo = w[lo:hi]
-    wo2 = w2[lo:hi]
-    for c in range(L):
+
+
+@numba.njit(inline="always", **_SUMS)
+def _strip_weights(fs, lo, hi, n, bilinear, linear, cb, sb, table, tmp, wt, sa, ca, tot, w, w2, sums):
+    """:func:`_strip_weights_columns` stored pixel-major in ``w[lo:hi]``, plus ``w2 = w * w``."""
+    m = 2 * n
+    _strip_weights_columns(fs, lo, hi, n, bilinear, linear, cb, sb, table, tmp, sa, ca, tot, wt, sums)
+    for c in range(hi - lo):
         for k in range(m):
             v = wt[k, c]
-            wo[c, k] = v
-            wo2[c, k] = v * v
+            w[lo + c, k] = v
+            w2[lo + c, k] = v * v
 
 
 @numba.njit(inline="always", **_SUMS)
@@ -810,6 +844,7 @@ def _warp_block(
         src_img, src_var, src_msk, nodata, grow_full, m
     )
     gmap = _grow_map(src_msk, grow_full, m) if has_grow else np.zeros((1, 1), np.uint8)
+    states, _ = cell_states(nodes_x, nodes_y, valid)
     flat_i = src_img.ravel()
     flat_v = src_var.ravel()
     flat_m = src_msk.ravel()
@@ -829,20 +864,20 @@ def _warp_block(
     fxs = np.zeros(nx)
     fys = np.zeros(nx)
     areas = np.zeros(nx)
-    wx = np.empty((nx, m))
-    wy = np.empty((nx, m))
-    wx2 = np.empty((nx, m))
-    wy2 = np.empty((nx, m))
+    # weights of a strip, column-major: tap k of strip pixel q at [k, q]
+    wx = np.empty((m, _STRIP))
+    wy = np.empty((m, _STRIP))
+    wx2 = np.empty((m, _STRIP))
+    wy2 = np.empty((m, _STRIP))
     sxs = np.empty(nx)
     sys_ = np.empty(nx)
     tmp = np.empty(m)
-    wt = np.empty((m, _STRIP))
     sa = np.empty(_STRIP)
     ca = np.empty(_STRIP)
     tot = np.empty(_STRIP)
     for r in range(ny):
         Y = dst_y0 + r
-        lo, hi = _row_candidates(gx0, gy0, step, nodes_x, nodes_y, dst_x0, Y, nx, valid)
+        lo, hi = _state_candidates(states, gx0, gy0, step, dst_x0, Y, nx)
         for c in range(0, lo):
             out_img[r, c] = nan
             out_var[r, c] = inf
@@ -901,8 +936,12 @@ def _warp_block(
         # strips of the row: the weights of a strip stay in L1 while its pixels are summed
         for s0 in range(lo, hi, _STRIP):
             s1 = min(hi, s0 + _STRIP)
-            _strip_weights(fxs, s0, s1, n, bilinear, linear, cb, sb, table, tmp, wt, sa, ca, tot, wx, wx2, sxs)
-            _strip_weights(fys, s0, s1, n, bilinear, linear, cb, sb, table, tmp, wt, sa, ca, tot, wy, wy2, sys_)
+            _strip_weights_columns(fxs, s0, s1, n, bilinear, linear, cb, sb, table, tmp, sa, ca, tot, wx, sxs)
+            _strip_weights_columns(fys, s0, s1, n, bilinear, linear, cb, sb, table, tmp, sa, ca, tot, wy, sys_)
+            for k in range(m):
+                for c in range(s1 - s0):
+                    wx2[k, c] = wx[k, c] * wx[k, c]
+                    wy2[k, c] = wy[k, c] * wy[k, c]
             # zero-based views of the strip: no index can be negative, so none is checked
             gq = good[s0:s1]
             iq = ii[s0:s1]
@@ -912,10 +951,6 @@ def _warp_block(
             aq = areas[s0:s1]
             sxq = sxs[s0:s1]
             syq = sys_[s0:s1]
-            wxq = wx[s0:s1]
-            wyq = wy[s0:s1]
-            wx2q = wx2[s0:s1]
-            wy2q = wy2[s0:s1]
             oiq = out_img[r, s0:s1]
             ovq = out_var[r, s0:s1]
             omq = out_msk[r, s0:s1]
@@ -947,16 +982,16 @@ def _warp_block(
                         ri = 0.0
                         rv = 0.0
                         for a in range(m):
-                            ri += wxq[q, a] * np.float64(flat_i[o + np.uint64(a)])
-                            rv += wx2q[q, a] * np.float64(flat_v[o + np.uint64(a)])
-                        acc_i += wyq[q, b] * ri
-                        acc_v += wy2q[q, b] * rv
+                            ri += wx[a, q] * np.float64(flat_i[o + np.uint64(a)])
+                            rv += wx2[a, q] * np.float64(flat_v[o + np.uint64(a)])
+                        acc_i += wy[b, q] * ri
+                        acc_v += wy2[b, q] * rv
                         o += uwidth
                     s_good = sxq[q] * syq[q]
                 else:
                     s_good = 0.0
                     for b in range(m):
-                        wyb = wyq[q, b]
+                        wyb = wy[b, q]
                         yy = base_y + b
                         oy = b - (n - 1)
                         in_core_y = (oy == 0) or (oy == 1 and fy != 0.0)
@@ -967,17 +1002,17 @@ def _warp_block(
                                 if in_core_y and ((ox == 0) or (ox == 1 and fx != 0.0)):
                                     core_bad = True
                                 continue
-                            w = wxq[q, a] * wyb
+                            w = wx[a, q] * wyb
                             acc_i += w * np.float64(src_img[yy, xx])
                             acc_v += w * w * np.float64(src_var[yy, xx])
                             s_good += w
                 m_img = np.uint32(0)
                 if has_grow and gmap[base_y, base_x] != 0:
                     for b in range(m):
-                        if wyq[q, b] == 0.0:
+                        if wy[b, q] == 0.0:
                             continue
                         for a in range(m):
-                            if wxq[q, a] != 0.0:
+                            if wx[a, q] != 0.0:
                                 m_img |= src_msk[base_y + b, base_x + a]
                 # mask footprint of the mask kernel (order mask_order, taps with non-zero weight)
                 mo = (j - win_y0) * width + (i - win_x0)
