@@ -1399,6 +1399,7 @@ def partial_moments(x, m, v, w, and_mask, nan_safe, weight_mode, clip, centre, w
 
 
 _SIGN = np.uint64(1) << np.uint64(63)
+_EXPONENT = np.uint64(0x7FF0000000000000)
 
 
 def order_keys(values):
@@ -1415,26 +1416,42 @@ def key_values(keys):
 
 
 @njit(cache=True, nogil=True)
-def radix_histogram(keys, valid, level, shift, high, prefixes, out):
-    """Histogram of the ``level``-th digit (see :func:`radix_digit`) of ``keys[valid]``.
+def radix_histogram(bits, m, use_mask, and_mask, v, use_variance, level, shift, high, prefixes, out):
+    """Histogram of the ``level``-th digit (see :func:`radix_digit`) of the order keys (see
+    :func:`order_keys`) of the float64 values whose bit patterns are ``bits`` (uint64, 1-D).
 
-    Row ``r`` of ``out`` (shape ``(R, bins)``) counts only keys whose higher digits equal
-    those of ``prefixes[r]`` (at level 0 every row counts every key).
+    Counted: finite values whose mask ``m`` has no bit of ``and_mask`` (when ``use_mask``) and whose
+    variance ``v`` is positive (when ``use_variance``). Row ``r`` of ``out`` (shape ``(R, bins)``)
+    counts only keys whose higher digits equal those of ``prefixes[r]`` (at level 0 every row counts
+    every key). The keys are made on the fly: one pass, no temporary arrays.
     """
     nr = out.shape[0]
     nbins = out.shape[1]
     digit_mask = np.uint64(nbins - 1)
     shift = np.uint64(shift)
     high = np.uint64(high if level > 0 else 0)
-    for i in range(keys.shape[0]):
-        if not valid[i]:
+    andm = np.uint32(and_mask)
+    tops = np.empty(nr, dtype=np.uint64)
+    for r in range(nr):
+        tops[r] = prefixes[r] >> high if level > 0 else np.uint64(0)
+    tmin = tops.min()
+    tmax = tops.max()
+    for i in range(bits.shape[0]):
+        b = bits[i]
+        if (b & _EXPONENT) == _EXPONENT:  # NaN or infinite
             continue
-        key = keys[i]
+        key = ~b if (b & _SIGN) != 0 else (b | _SIGN)
+        top = key >> high if level > 0 else np.uint64(0)
+        if top < tmin or top > tmax:  # outside every wanted prefix: most keys past level 0
+            continue
+        if use_mask and (np.uint32(m[i]) & andm) != 0:
+            continue
+        if use_variance and not (v[i] > 0.0):
+            continue
         digit = (key >> shift) & digit_mask
         if level == 0:
             out[0, digit] += 1
         else:
-            top = key >> high
             for r in range(nr):
-                if (prefixes[r] >> high) == top:
+                if tops[r] == top:
                     out[r, digit] += 1

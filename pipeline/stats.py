@@ -673,10 +673,17 @@ def _clip_bounds(state, p, plan):
     return centre, K.clip_width(p, n, iqr, var, plan.num_sigma, centre)
 
 
+def _flat(a):
+    """1-D view of ``a``; a broadcast default (all strides 0) stays a stride-0 view, not a copy."""
+    if a.ndim and not any(a.strides):
+        return np.lib.stride_tricks.as_strided(a, shape=(a.size,), strides=(0,), writeable=False)
+    return np.ravel(a)
+
+
 def _block_moments(*blocks, plan, clip_pass, present):
     (x, m, v, w), extra = _unpack(blocks, present)
     ndim = x.ndim
-    flat = [np.ravel(a) for a in (x, m, v, w)]
+    flat = [_flat(a) for a in (x, m, v, w)]
     out = np.zeros(K.P_FIXED + plan.prop_bits.size, dtype=np.float64)
     centre = width = 0.0
     if clip_pass is not None:
@@ -743,16 +750,19 @@ _MV = {"n": 0, "total": 1, "mean": 2, "var": 3, "errvar": 4, "sum": 5, "min": 6,
 def _block_histogram(*blocks, plan, level, present):
     (x, m, v, _w), extra = _unpack(blocks, present)
     ndim = x.ndim
-    xf = np.ravel(x)
-    valid = np.isfinite(xf) & ((np.ravel(m).astype(np.uint32) & np.uint32(plan.and_mask)) == 0)
-    if plan.weight_mode == K.WEIGHT_INVERSE_VARIANCE:
-        valid &= np.ravel(v) > 0
-    keys = K.order_keys(np.where(valid, xf, 0.0))
+    bits = np.ascontiguousarray(x, dtype=np.float64).reshape(-1).view(np.uint64)
     rows = 1 if level == 0 else _N_RANKS
     shift, bins, high = K.radix_digit(level)
     out = np.zeros((rows, bins), dtype=np.int64)
+    use_mask = present[0]
+    use_variance = plan.weight_mode == K.WEIGHT_INVERSE_VARIANCE
+    if use_variance and not present[1]:  # the default variance (0) excludes every sample
+        return out.reshape((1,) * ndim + out.shape)
+    m = np.ascontiguousarray(m).reshape(-1) if use_mask else np.zeros(1, np.uint32)
+    v = np.ascontiguousarray(v).reshape(-1) if use_variance else np.ones(1, np.float64)
     prefixes = extra[0][_R_PREFIX : _R_PREFIX + _N_RANKS] if level else np.zeros(1, np.uint64)
-    K.radix_histogram(keys, valid, level, shift, high, np.ascontiguousarray(prefixes, dtype=np.uint64), out)
+    K.radix_histogram(bits, m, use_mask, plan.and_mask, v, use_variance, level, shift, high,
+                      np.ascontiguousarray(prefixes, dtype=np.uint64), out)
     return out.reshape((1,) * ndim + out.shape)
 
 

@@ -55,6 +55,8 @@ def reference_clip(x, m=None, w=None, v=None, *, and_mask=0, nsig=3.0, niter=3, 
             width = np.nan if np.isnan(var) else nsig * math.sqrt(max(var, 0.0))
         if np.isnan(centre) or np.isnan(width):
             return np.nan, np.nan, n, np.nan
+        # the documented rounding slack: a weighted mean of identical values may miss them by an ulp
+        width += K.CLIP_SLACK * abs(centre)
         with np.errstate(invalid="ignore"):
             keep = np.abs(xs - centre) <= width
         kept = int(keep.sum())
@@ -355,7 +357,8 @@ def test_whole_image_quantiles_exact_for_any_chunking(cy, cx, seed):
     r = compute_statistics(da.from_array(x, chunks=(cy, cx)), statistics=[Statistic.MEDIAN, Statistic.IQRANGE])
     good = x[np.isfinite(x)]
     q25, q50, q75 = np.percentile(good, [25, 50, 75])
-    assert float(r[Statistic.MEDIAN].compute()) == np.median(good)
+    # numpy's "linear" percentile (np.median's mean of the middle pair can differ by one ulp)
+    assert float(r[Statistic.MEDIAN].compute()) == q50
     np.testing.assert_allclose(float(r[Statistic.IQRANGE].compute()), q75 - q25, rtol=1e-15)
 
 
