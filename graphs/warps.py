@@ -25,7 +25,7 @@ from pipeline.model.geometry import Box
 from pipeline.model.masks import CANONICAL_PLANES, MaskPlane, mask_attrs, remap_mask
 from pipeline.model.schema import NJY_ZERO_POINT, mask_planes
 from pipeline.model.skymap import Tract
-from pipeline.warp import WarpConfig, WarpPlan, plan_warp, warp_exposure
+from pipeline.warp import WarpConfig, WarpPlan, plan_warp, replan, warp_exposure
 
 from .execute import RunReport, Unit, run_units
 from .plan import visit_units
@@ -161,13 +161,16 @@ def _warp_unit(
         union = Box(min(b.x0 for b in boxes), min(b.y0 for b in boxes), max(b.x1 for b in boxes), max(b.y1 for b in boxes))
         window = repo.align_box(path, union)
         warps = []
-        for ds, _ in used:
-            w = warp_exposure(ds, wcs=header, box=window, chunks=(cy, cx), config=config)
+        for ds, p in used:
+            # the tract plan's lattice serves the window (no second evaluation of the WCSs); the PSF
+            # is not part of a direct warp product, so it is not warped
+            ds = ds.drop_vars([v for v in ("psf", "psf_y", "psf_x") if v in ds.variables])
+            w = warp_exposure(ds, plan=replan(p, box=window, chunks=(cy, cx)))
             planes = mask_planes(w)
             if planes != CANONICAL_PLANES:
                 remapped = remap_mask(w["mask"].data, planes, CANONICAL_PLANES)
                 w = w.assign(mask=(("y", "x"), remapped, {**w["mask"].attrs, **mask_attrs(CANONICAL_PLANES)}))
-            warps.append(w.drop_vars([v for v in ("psf", "psf_y", "psf_x") if v in w.variables]))
+            warps.append(w)
         combined = copy_good_pixels(warps)
         return [repo.region_write(combined, path, unit, overwrite=overwrite)]
 

@@ -54,6 +54,7 @@ __all__ = [
     "WarpConfig",
     "WarpPlan",
     "plan_warp",
+    "replan",
     "warp_exposure",
     "warp_psf",
     "kernel_order",
@@ -370,20 +371,8 @@ def plan_warp(
     nodes_x = np.ascontiguousarray(nodes_x)
     nodes_y = np.ascontiguousarray(nodes_y)
 
-    nby, nbx = len(y_edges) - 1, len(x_edges) - 1
-    counts = np.zeros((nby, nbx), dtype=np.int64)
-    ranges = np.zeros((nby, nbx, 4), dtype=np.int64)
-    dst_range = np.zeros(4, dtype=np.int64)
-    _k.count_blocks(nodes_x, nodes_y, lx0, ly0, step, y_edges, x_edges, np.array(valid, dtype=np.int64),
-                    counts, ranges, dst_range)
-    windows: dict[tuple[int, int], Box] = {}
-    block_counts: dict[tuple[int, int], int] = {}
-    for by, bx in zip(*np.nonzero(counts)):
-        imin, jmin, imax, jmax = (int(v) for v in ranges[by, bx])
-        win = Box(imin - (n - 1), jmin - (n - 1), imax + n + 1, jmax + n + 1).intersect(src)
-        windows[(int(by), int(bx))] = win
-        block_counts[(int(by), int(bx))] = int(counts[by, bx])
-    n_good = int(counts.sum())
+    windows, block_counts, n_good, dst_range = _count(nodes_x, nodes_y, lx0, ly0, step, y_edges, x_edges, valid, n,
+                                                      src)
     if n_good == 0:
         return empty_plan()
     factor = _correlation_factor(nodes_x, nodes_y, lx0, ly0, step, dst_range, valid, n, bilinear,
@@ -395,6 +384,59 @@ def plan_warp(
         block_counts=block_counts, n_good_pixels=n_good, variance_correlation_factor=factor, ids=ids,
         good_box=good_box,
     )
+
+
+def replan(plan: WarpPlan, *, box: Box, chunks: int | tuple[int, int] = (1000, 1000)) -> WarpPlan:
+    """The plan of the same exposure onto another ``box`` (and chunking) of the same destination frame.
+
+    Reuses what :func:`plan_warp` evaluated from the WCSs (the lattice of exact source positions,
+    the variance correlation factor); only the destination chunks and their source windows are
+    recounted. ``box`` must lie inside the plan's box (the lattice covers nothing else); the result
+    equals ``plan_warp(exposure, wcs=..., box=box, chunks=chunks, config=plan.config)`` whenever
+    ``box`` holds every good pixel of ``plan`` (its ``good_box``), e.g. a chunk-aligned window around
+    it. Raises :class:`SchemaError` for a box outside the plan's or bad chunk sizes.
+    """
+    ids = plan.ids
+    if not isinstance(box, Box) or box.empty or box.intersect(plan.dst_box) != box:
+        raise SchemaError(f"replan needs a non-empty box inside the plan's box {plan.dst_box}, got {box!r}", ids=ids)
+    cy, cx = _normalise_chunks(chunks, ids)
+    y_edges = _edges(box.y0, box.y1, cy)
+    x_edges = _edges(box.x0, box.x1, cx)
+    chunk_tuple = (tuple(int(v) for v in np.diff(y_edges)), tuple(int(v) for v in np.diff(x_edges)))
+    base = dict(src_box=plan.src_box, dst_box=box, src_wcs=plan.src_wcs, dst_wcs=plan.dst_wcs, config=plan.config,
+                chunks=chunk_tuple, lattice_x0=plan.lattice_x0, lattice_y0=plan.lattice_y0, step=plan.step, ids=ids)
+    if plan.empty or plan.good_box is None or plan.good_box.intersect(box).empty:
+        return WarpPlan(**base, nodes_x=np.zeros((0, 0)), nodes_y=np.zeros((0, 0)), windows={}, block_counts={},
+                        n_good_pixels=0, variance_correlation_factor=1.0)
+    n = kernel_order(plan.config.kernel)
+    windows, block_counts, n_good, dst_range = _count(plan.nodes_x, plan.nodes_y, plan.lattice_x0, plan.lattice_y0,
+                                                      plan.step, y_edges, x_edges, plan.valid, n, plan.src_box)
+    good_box = Box(int(dst_range[0]), int(dst_range[1]), int(dst_range[2]) + 1, int(dst_range[3]) + 1)
+    if good_box == plan.good_box:
+        factor = plan.variance_correlation_factor
+    else:
+        factor = _correlation_factor(plan.nodes_x, plan.nodes_y, plan.lattice_x0, plan.lattice_y0, plan.step, dst_range,
+                                     plan.valid, n, plan.config.kernel == "bilinear", plan.config.reproduce_linear,
+                                     plan.config.correlation_window)
+    return WarpPlan(**base, nodes_x=plan.nodes_x, nodes_y=plan.nodes_y, windows=windows, block_counts=block_counts,
+                    n_good_pixels=n_good, variance_correlation_factor=factor, good_box=good_box)
+
+
+def _count(nodes_x, nodes_y, lx0, ly0, step, y_edges, x_edges, valid, n, src):
+    """Good pixels per destination chunk and the source window each reads (see :func:`plan_warp`)."""
+    nby, nbx = len(y_edges) - 1, len(x_edges) - 1
+    counts = np.zeros((nby, nbx), dtype=np.int64)
+    ranges = np.zeros((nby, nbx, 4), dtype=np.int64)
+    dst_range = np.zeros(4, dtype=np.int64)
+    _k.count_blocks(nodes_x, nodes_y, lx0, ly0, step, y_edges, x_edges, np.array(valid, dtype=np.int64),
+                    counts, ranges, dst_range)
+    windows: dict[tuple[int, int], Box] = {}
+    block_counts: dict[tuple[int, int], int] = {}
+    for by, bx in zip(*np.nonzero(counts)):
+        imin, jmin, imax, jmax = (int(v) for v in ranges[by, bx])
+        windows[(int(by), int(bx))] = Box(imin - (n - 1), jmin - (n - 1), imax + n + 1, jmax + n + 1).intersect(src)
+        block_counts[(int(by), int(bx))] = int(counts[by, bx])
+    return windows, block_counts, int(counts.sum()), dst_range
 
 
 def _correlation_factor(nodes_x, nodes_y, lx0, ly0, step, dst_range, valid, n, bilinear, linear, window) -> float:

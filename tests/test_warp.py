@@ -21,7 +21,7 @@ from pipeline.model.masks import MaskPlane
 from pipeline.model.schema import make_dataset, njy_per_unit, psf_grid
 from pipeline.model.wcs import wcs_header_string
 from pipeline.testing import assert_lazy, assert_numpy_dask_equal, graph_size
-from pipeline.warp import WarpConfig, WarpPlan, plan_warp, warp_exposure, warp_psf
+from pipeline.warp import WarpConfig, WarpPlan, plan_warp, replan, warp_exposure, warp_psf
 
 NO_DATA = int(MaskPlane.NO_DATA)
 EDGE = int(MaskPlane.EDGE)
@@ -1094,3 +1094,49 @@ def test_count_blocks_equals_a_pixel_by_pixel_count(seed, step, nan, cy, cx):
     if good_xy:
         g = np.array(good_xy)
         assert tuple(dst) == (g[:, 0].min(), g[:, 1].min(), g[:, 0].max(), g[:, 1].max())
+
+
+def _same_plan(a: WarpPlan, b: WarpPlan) -> None:
+    assert a.dst_box == b.dst_box and a.chunks == b.chunks
+    assert dict(a.windows) == dict(b.windows) and dict(a.block_counts) == dict(b.block_counts)
+    assert a.n_good_pixels == b.n_good_pixels and a.good_box == b.good_box
+    assert a.variance_correlation_factor == b.variance_correlation_factor
+
+
+@pytest.mark.parametrize(("rotation", "chunks"), [(0.0, (16, 16)), (33.0, (29, 31)), (-12.0, (64, 20))])
+def test_replan_equals_a_fresh_plan_on_a_window_holding_the_good_pixels(rng, rotation, chunks):
+    src_wcs = make_tan_wcs(crpix=(40.0, 40.0))
+    dst_wcs = make_tan_wcs(crpix=(93.37, 81.61), rotation_deg=rotation, scale_arcsec=0.19)
+    ds = exposure(rng.normal(100.0, 10.0, (80, 90)).astype(np.float32), wcs=src_wcs).chunk({"y": 37, "x": 41})
+    big = plan_warp(ds, wcs=dst_wcs, box=Box(0, 0, 200, 180), chunks=200)
+    g = big.good_box
+    cy, cx = chunks
+    window = Box(g.x0 // cx * cx, g.y0 // cy * cy, min(200, -(-g.x1 // cx) * cx), min(180, -(-g.y1 // cy) * cy))
+    fresh = plan_warp(ds, wcs=dst_wcs, box=window, chunks=chunks)
+    again = replan(big, box=window, chunks=chunks)
+    _same_plan(again, fresh)
+    assert again.n_good_pixels == big.n_good_pixels > 3000
+    a = warp_exposure(ds, plan=again)
+    b = warp_exposure(ds, wcs=dst_wcs, box=window, chunks=chunks)
+    for v in ("image", "variance", "mask"):
+        np.testing.assert_array_equal(a[v].values, b[v].values)
+    # a box cutting through the good pixels: counts restricted to it, factor recomputed as a fresh plan's
+    part = Box(window.x0 + 13, window.y0 + 7, window.x1 - 20, window.y1 - 9)
+    _same_plan(replan(big, box=part, chunks=chunks), plan_warp(ds, wcs=dst_wcs, box=part, chunks=chunks))
+
+
+def test_replan_validation_and_empty_plans(rng):
+    src_wcs = make_tan_wcs(crpix=(40.0, 40.0))
+    ds = exposure(rng.normal(100.0, 10.0, (80, 80)).astype(np.float32), wcs=src_wcs)
+    big = plan_warp(ds, wcs=src_wcs, box=Box(-100, -100, 200, 200), chunks=64)
+    with pytest.raises(SchemaError, match=r"replan needs a non-empty box inside the plan's box .*visit"):
+        replan(big, box=Box(-150, 0, 10, 10))
+    with pytest.raises(SchemaError, match="replan needs a non-empty box"):
+        replan(big, box=Box(5, 5, 5, 9))
+    with pytest.raises(SchemaError, match=r"chunk sizes must be positive, got \(0, 8\)"):
+        replan(big, box=Box(0, 0, 10, 10), chunks=(0, 8))
+    off = replan(big, box=Box(150, 150, 200, 200), chunks=25)
+    assert off.empty and off.n_good_pixels == 0 and off.chunks == ((25, 25), (25, 25))
+    _same_plan(off, plan_warp(ds, wcs=src_wcs, box=Box(150, 150, 200, 200), chunks=25))
+    out = warp_exposure(ds, plan=off)
+    assert np.isnan(out.image.values).all() and (out.mask.values == NO_DATA).all()
