@@ -8,13 +8,42 @@ output).
 
 from __future__ import annotations
 
+import functools
 import math
+from typing import NamedTuple
 
 import numba
 import numpy as np
 import scipy.fft as sfft
 
-__all__ = ["correlate_varying", "correlate_lowrank", "or_dilate", "correlate_direct"]
+__all__ = ["Halo", "correlate_varying", "correlate_lowrank", "or_dilate", "correlate_direct", "plan_tiles"]
+
+
+class Halo(NamedTuple):
+    """A block with its neighbours' edge strips, not concatenated: the input of one output block.
+
+    ``pieces[i][j]`` (3 x 3, row-major, ``None`` where the exposure ends) covers rows
+    ``edges_y[i]:edges_y[i + 1]`` and columns ``edges_x[j]:edges_x[j + 1]`` of the block extended by
+    its halo; ``pieces[1][1]`` is the block itself.
+    """
+
+    pieces: tuple
+    edges_y: tuple
+    edges_x: tuple
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.edges_y[3], self.edges_x[3]
+
+    def assemble(self, fill, dtype) -> np.ndarray:
+        """The halo'd block as one array (``fill`` where a piece is missing)."""
+        out = np.empty(self.shape, dtype=dtype)
+        for i in range(3):
+            for j in range(3):
+                sl = (slice(self.edges_y[i], self.edges_y[i + 1]), slice(self.edges_x[j], self.edges_x[j + 1]))
+                p = self.pieces[i][j]
+                out[sl] = fill if p is None else p
+        return out
 
 
 def _smooth_length(n: int) -> int:
@@ -166,6 +195,63 @@ def _combine(out, conv, mix, wy, wx, y0, y1, x0, x1, off):
             out[i, j] += acc
 
 
+# One float32 forward plus inverse real 2-D transform of an ``L x L`` array, in ns per element on one
+# core (scipy.fft / pocketfft, median of 5, calls included): 5-smooth lengths only.
+_FFT_NS = {
+    16: 70.9, 18: 60.4, 20: 49.2, 24: 34.8, 25: 31.9, 27: 30.0, 30: 24.9, 32: 22.2, 36: 19.0, 40: 16.1, 45: 13.9,
+    48: 12.6, 50: 12.3, 54: 10.8, 60: 9.2, 64: 8.4, 72: 7.9, 75: 7.9, 80: 7.0, 81: 7.3, 90: 6.7, 96: 6.2, 100: 6.2,
+    108: 6.1, 120: 5.5, 125: 5.8, 128: 5.3, 135: 5.6, 144: 5.5, 150: 5.6, 160: 5.0, 162: 5.6, 180: 5.2, 192: 4.8,
+    200: 5.0, 216: 5.3, 225: 5.2, 240: 5.1, 243: 5.6, 250: 5.7, 256: 5.0, 270: 5.5, 288: 5.4, 300: 5.5, 320: 5.6,
+    324: 5.9, 360: 6.1, 375: 6.1, 384: 5.8, 400: 6.2, 405: 6.6, 432: 6.4, 450: 7.1, 480: 6.6, 486: 7.2, 500: 7.2,
+    512: 6.7, 540: 7.0, 576: 7.1, 600: 7.8, 625: 8.4, 640: 8.1, 648: 8.8, 675: 8.7, 720: 8.3, 729: 9.1, 750: 8.1,
+    768: 8.5, 800: 8.6, 810: 9.0, 864: 9.1, 900: 9.5, 960: 8.9, 972: 9.4, 1000: 9.2, 1024: 8.9, 1080: 9.6,
+    1125: 11.1, 1152: 9.9, 1200: 9.9,
+}
+_FFT_LENGTHS = sorted(_FFT_NS)
+_TILE_OVERHEAD_NS = 15_000.0  # per tile and transform: Python calls, spectrum product, buffer set-up
+
+
+def _fft_length(need: int) -> tuple[int, float]:
+    """Cheapest tabulated length ``>= need`` (per element cost in ns); beyond the table, 5-smooth at 10 ns."""
+    best = None
+    for m in _FFT_LENGTHS:
+        if m >= need:
+            cost = _FFT_NS[m] * m
+            if best is None or cost < best[1] * best[0]:
+                best = (m, _FFT_NS[m])
+    return best if best is not None else (_smooth_length(need), 10.0)
+
+
+@functools.lru_cache(maxsize=256)
+def plan_tiles(ny: int, nx: int, h: int) -> tuple[int, int, int, int]:
+    """FFT tiles of an ``ny x nx`` output for a kernel of radius ``h``: ``(ty, fy, tx, fx)``.
+
+    Tiles of ``t`` output pixels (spread evenly) take transforms of length ``f >= t + 2h``; the
+    tile counts per axis minimise the measured transform cost (``_FFT_NS``) plus a fixed cost per
+    tile, over the whole block. With ``h = 10`` a 1000-px block gets 4 x 250 (length 270), a
+    4000-px one 17 x 236 (length 256).
+    """
+    def options(n):
+        out = []
+        for count in range(1, n + 1):
+            t = -(-n // count)
+            if count > 1 and -(-n // (count - 1)) == t:
+                continue
+            f, c = _fft_length(t + 2 * h)
+            out.append((count, t, f, c))
+            if t + 2 * h <= 4 * h or t <= 8:
+                break
+        return out
+
+    best = None
+    for cy, ty, fy, ey in options(ny):
+        for cx, tx, fx, ex in options(nx):
+            cost = cy * cx * (fy * fx * 0.5 * (ey + ex) + _TILE_OVERHEAD_NS)
+            if best is None or cost < best[0]:
+                best = (cost, ty, fy, tx, fx)
+    return best[1:]
+
+
 def correlate_lowrank(
     ext: np.ndarray,
     basis: np.ndarray,
@@ -174,8 +260,10 @@ def correlate_lowrank(
     norm_rows: np.ndarray,
     power: int,
     *,
-    tile: int = 256,
+    tile: int | None = None,
     dtype=np.float32,
+    valid: tuple[int, int, int, int] | None = None,
+    check: bool = False,
 ) -> np.ndarray:
     """Spatially varying correlation through a few fixed kernel images, in float32 transforms.
 
@@ -189,7 +277,12 @@ def correlate_lowrank(
     Subtracting ``c`` before them keeps their rounding relative to the departures from the tile
     mean rather than to the sky level; ``c`` itself goes through the exact kernel sum, so a
     constant input comes back to float32 rounding. One forward transform per tile and one inverse
-    transform per basis image; the output is float32.
+    transform per basis image, combined straight from the inverse transforms' outputs; the output
+    is float32. Tiles: at most ``tile`` output pixels per side spread evenly, or (``None``) the
+    cheapest measured plan (:func:`plan_tiles`). Input pixels outside ``valid`` (rows ``r0:r1``,
+    columns ``c0:c1`` of ``ext``; default all) and, with ``check``, non-finite ones enter as the tile
+    constant ``c``: outputs that do not reach them are unchanged, the others are the caller's to
+    replace.
     """
     n_r, k, k2 = basis.shape
     if k != k2 or k % 2 == 0:
@@ -199,90 +292,202 @@ def correlate_lowrank(
     out = np.zeros((max(ny, 0), max(nx, 0)), dtype=np.float32)
     if ny <= 0 or nx <= 0:
         return out
-    ty, fy = _tiles(ny, tile, h)
-    tx, fx = _tiles(nx, tile, h)
+    if tile is None:
+        ty, fy, tx, fx = plan_tiles(ny, nx, h)
+    else:
+        (ty, fy), (tx, fx) = _tiles(ny, tile, h), _tiles(nx, tile, h)
     padded = np.zeros((n_r, fy, fx), dtype=dtype)
     padded[:, :k, :k] = basis[:, ::-1, ::-1]
     spectra = sfft.rfft2(padded, axes=(-2, -1), workers=1)
     buf = np.zeros((fy, fx), dtype=dtype)
     prod = np.empty(spectra.shape[1:], dtype=spectra.dtype)
-    conv = np.empty((n_r, fy, fx), dtype=dtype)
-    row_weights = np.ascontiguousarray(row_weights, dtype=np.float64)
+    if row_weights.shape[0] != n_r + 1:
+        raise ValueError(f"row_weights must have {n_r + 1} rows (one per basis image and the sum), "
+                         f"got {row_weights.shape[0]}")
     col_terms = np.ascontiguousarray(col_terms, dtype=np.float64)
     norm_rows = np.ascontiguousarray(norm_rows, dtype=np.float64)
+    dep_rows = np.ascontiguousarray(row_weights[:n_r], dtype=dtype)
+    dep_cols = np.ascontiguousarray(col_terms, dtype=dtype)
+    const_rows = np.ascontiguousarray(row_weights[n_r], dtype=np.float64)
+    r0, r1, c0, c1 = (0, ext.shape[0], 0, ext.shape[1]) if valid is None else valid
+    halo = isinstance(ext, Halo)
+    if halo and check:
+        raise ValueError("a Halo input must be finite (assemble it to skip non-finite pixels)")
     for y0 in range(0, ny, ty):
         y1 = min(y0 + ty, ny)
         for x0 in range(0, nx, tx):
             x1 = min(x0 + tx, nx)
-            window = ext[y0 : y1 + 2 * h, x0 : x1 + 2 * h]
-            c = _window_mean(window)
             # what lies past a short edge window never reaches a valid output (no wrap-around)
-            _shifted_copy(buf, window, c)
+            if halo:
+                c = _load_halo(buf, ext, y0, y1 + 2 * h, x0, x1 + 2 * h)
+            else:
+                c = _load_centred(buf, ext, y0, y1 + 2 * h, x0, x1 + 2 * h, r0, r1, c0, c1, check)
             spec = sfft.rfft2(buf, workers=1)
+            convs = []
             for r in range(n_r):
                 np.multiply(spectra[r], spec, out=prod)
-                conv[r] = sfft.irfft2(prod, s=(fy, fx), workers=1, overwrite_x=True)
-            _combine_lowrank(out, conv, c, row_weights, col_terms, norm_rows, power, y0, y1, x0, x1, 2 * h)
+                convs.append(sfft.irfft2(prod, s=(fy, fx), workers=1, overwrite_x=True))
+            _combine_lowrank(out, tuple(convs), c, dep_rows, dep_cols, const_rows, norm_rows, col_terms, power,
+                             y0, y1, x0, x1, 2 * h)
     return out
 
 
-@numba.njit(cache=True, nogil=True)
-def _window_mean(window):
-    acc = 0.0
-    for i in range(window.shape[0]):
-        for j in range(window.shape[1]):
-            acc += window[i, j]
-    return acc / (window.shape[0] * window.shape[1])
+def _load_halo(buf, halo, ya, yb, xa, xb):
+    """:func:`_load_centred` on a :class:`Halo`: missing pieces enter as the constant ``c``."""
+    ey, ex = halo.edges_y, halo.edges_x
+    centre = halo.pieces[1][1]
+    c = _window_mean(centre, max(ya, ey[1]) - ey[1], min(yb, ey[2]) - ey[1],
+                     max(xa, ex[1]) - ex[1], min(xb, ex[2]) - ex[1])
+    for i in range(3):
+        ra, rb = max(ya, ey[i]), min(yb, ey[i + 1])
+        if ra >= rb:
+            continue
+        for j in range(3):
+            ca, cb = max(xa, ex[j]), min(xb, ex[j + 1])
+            if ca >= cb:
+                continue
+            p = halo.pieces[i][j]
+            if p is None:
+                buf[ra - ya:rb - ya, ca - xa:cb - xa] = 0
+            else:
+                _copy_minus(buf, p, ra - ya, ca - xa, ra - ey[i], rb - ey[i], ca - ex[j], cb - ex[j], c)
+    return c
 
 
 @numba.njit(cache=True, nogil=True)
-def _shifted_copy(buf, window, c):
-    for i in range(window.shape[0]):
-        for j in range(window.shape[1]):
-            buf[i, j] = window[i, j] - c
+def _window_mean(arr, ra, rb, ca, cb):
+    """Mean of ``arr[ra:rb, ca:cb]`` on every fourth row (every row for short windows); 0 when empty."""
+    step = 4 if rb - ra >= 64 else 1
+    total = 0.0
+    count = 0
+    for i in range(ra, rb, step):
+        src = arr[i]
+        row = 0.0
+        for j in range(ca, cb):
+            row += src[j]
+        total += row
+        count += max(cb - ca, 0)
+    return total / count if count > 0 else 0.0
+
+
+@numba.njit(cache=True, nogil=True)
+def _copy_minus(buf, src, r, q, ra, rb, ca, cb, c):
+    """``buf[r:, q:]`` (the first ``rb - ra`` rows, ``cb - ca`` columns) = ``src[ra:rb, ca:cb] - c``."""
+    for i in range(rb - ra):
+        s = src[ra + i]
+        d = buf[r + i]
+        for j in range(cb - ca):
+            d[q + j] = s[ca + j] - c
+
+
+@numba.njit(cache=True, nogil=True)
+def _load_centred(buf, ext, ya, yb, xa, xb, r0, r1, c0, c1, check):
+    """Copy ``ext[ya:yb, xa:xb]`` minus ``c`` into the corner of ``buf``; returns ``c``.
+
+    Only pixels inside ``[r0, r1) x [c0, c1)`` of ``ext`` (and, with ``check``, finite ones) are
+    data; the others are written as ``c`` (zero after the subtraction). ``c`` is the mean of the
+    data on every fourth row of the window (every row for short windows): any constant near the
+    data serves, since it comes back exactly through the kernel sum.
+    """
+    ny, nx = yb - ya, xb - xa
+    ia, ib = max(ya, r0), min(yb, r1)
+    ja, jb = max(xa, c0), min(xb, c1)
+    step = 4 if ib - ia >= 64 else 1
+    total = 0.0
+    count = 0
+    for i in range(ia, ib, step):
+        src = ext[i]
+        row = 0.0
+        if check:
+            for j in range(ja, jb):
+                v = src[j]
+                if math.isfinite(v):
+                    row += v
+                    count += 1
+        else:
+            for j in range(ja, jb):
+                row += src[j]
+            count += max(jb - ja, 0)
+        total += row
+    c = total / count if count > 0 else 0.0
+    lo, hi = max(ja - xa, 0), max(jb - xa, 0)
+    for i in range(ny):
+        dst = buf[i]
+        if ya + i < r0 or ya + i >= r1 or hi <= lo:
+            for j in range(nx):
+                dst[j] = 0.0
+            continue
+        src = ext[ya + i]
+        for j in range(lo):
+            dst[j] = 0.0
+        if check:
+            for j in range(lo, hi):
+                v = src[xa + j]
+                dst[j] = v - c if math.isfinite(v) else 0.0
+        else:
+            for j in range(lo, hi):
+                dst[j] = src[xa + j] - c
+        for j in range(hi, nx):
+            dst[j] = 0.0
+    return c
 
 
 @numba.njit(cache=True, nogil=True, fastmath=True)
-def _combine_lowrank(out, conv, c, row_weights, col_terms, norm_rows, power, y0, y1, x0, x1, off):
-    """``out[y, x] = (sum_r W_r conv[r] + c W_R) / N**power`` over the tile (see ``correlate_lowrank``)."""
-    n_r = conv.shape[0]
+def _combine_lowrank(out, convs, c, dep_rows, dep_cols, const_rows, norm_rows, col_terms, power, y0, y1, x0, x1, off):
+    """``out[y, x] = (sum_r W_r convs[r] + c W_R) / N**power`` over the tile (see ``correlate_lowrank``).
+
+    The departures ``sum_r W_r convs[r]`` are summed in the transforms' precision (``dep_rows``,
+    ``dep_cols`` of that dtype); the constant term ``c W_R`` and the normaliser ``N`` in float64.
+    """
+    n_r = len(convs)
     n_a = col_terms.shape[0]
     nx = x1 - x0
-    w = np.empty(nx)
-    acc = np.empty(nx)
+    w = np.zeros(nx, dtype=dep_cols.dtype)
+    acc = np.zeros(nx, dtype=dep_cols.dtype)
+    base = np.empty(nx)
+    nrm = np.empty(nx)
     for i in range(y0, y1):
         ci = off + i - y0
-        for r in range(n_r + 1):
-            w[:] = 0.0
-            for a in range(n_a):
-                ca = row_weights[r, a, i]
-                cta = col_terms[a, x0:x1]
+        for r in range(n_r):
+            cr = convs[r][ci, off:off + nx]
+            ca = dep_rows[r, 0, i]
+            cta = dep_cols[0, x0:x1]
+            for j in range(nx):
+                w[j] = ca * cta[j]
+            for a in range(1, n_a):
+                ca = dep_rows[r, a, i]
+                cta = dep_cols[a, x0:x1]
                 for j in range(nx):
                     w[j] += ca * cta[j]
-            if r == n_r:
+            if r == 0:
                 for j in range(nx):
-                    acc[j] += c * w[j]
+                    acc[j] = w[j] * cr[j]
             else:
-                cr = conv[r, ci, off:off + nx]
-                if r == 0:
-                    for j in range(nx):
-                        acc[j] = w[j] * cr[j]
-                else:
-                    for j in range(nx):
-                        acc[j] += w[j] * cr[j]
-        w[:] = 0.0
-        for a in range(n_a):
-            ca = norm_rows[a, i]
-            cta = col_terms[a, x0:x1]
+                for j in range(nx):
+                    acc[j] += w[j] * cr[j]
+        cb = const_rows[0, i] * c
+        cn = norm_rows[0, i]
+        cta64 = col_terms[0, x0:x1]
+        for j in range(nx):
+            base[j] = cb * cta64[j]
+            nrm[j] = cn * cta64[j]
+        for a in range(1, n_a):
+            cb = const_rows[a, i] * c
+            cn = norm_rows[a, i]
+            cta64 = col_terms[a, x0:x1]
             for j in range(nx):
-                w[j] += ca * cta[j]
+                base[j] += cb * cta64[j]
+                nrm[j] += cn * cta64[j]
         o = out[i, x0:x1]
+        if n_r == 0:
+            for j in range(nx):
+                acc[j] = 0.0
         if power == 2:
             for j in range(nx):
-                o[j] = acc[j] / (w[j] * w[j])
+                o[j] = (acc[j] + base[j]) / (nrm[j] * nrm[j])
         else:
             for j in range(nx):
-                o[j] = acc[j] / w[j]
+                o[j] = (acc[j] + base[j]) / nrm[j]
 
 
 def correlate_direct(ext: np.ndarray, kernel: np.ndarray) -> np.ndarray:

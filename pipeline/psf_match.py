@@ -14,6 +14,7 @@ tolerance, checked on a dense grid of positions.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Literal
@@ -25,7 +26,7 @@ import xarray as xr
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from scipy import signal
 
-from ._kernels_convolve import correlate_direct, correlate_lowrank, correlate_varying, or_dilate
+from ._kernels_convolve import Halo, correlate_direct, correlate_lowrank, correlate_varying, or_dilate
 from .errors import PsfMatchError, SchemaError
 from .model.geometry import Box
 from .model.masks import bitmask
@@ -118,7 +119,7 @@ class ModelPsfMatchConfig(BaseModel):
         "'low-rank': float32 transforms of the few kernel images that span K (and K²) within "
         "max_kernel_error (max_variance_kernel_error), spatial weights still exact at every pixel")
     fft_precision: Literal["float64", "float32"] = Field(
-        "float64",
+        "float32",
         description="low-rank: precision of the transforms; float32 is about twice as fast, its rounding "
         "(<= 1e-6 x L1(K) x the largest |pixel - tile mean| in the FFT tile) depends on the chunking")
     max_kernel_error: float = Field(
@@ -854,10 +855,14 @@ def _squared_model(comps: np.ndarray, order: int, kind: str):
     return terms, np.array([acc[ab] for ab in terms])
 
 
-def _prepare(ext, geom, kern, block_info):
-    """Block location in the exposure and the input cropped to the kernel radius."""
+def _prepare(ext, geom, kern, block_info, loc=None, fill=0.0):
+    """Block location in the exposure and the input cropped to the kernel radius (a Halo assembled)."""
     depth, h = geom["depth"], kern["h"]
-    if block_info is not None:
+    if isinstance(ext, Halo):
+        ext = ext.assemble(fill, ext.pieces[1][1].dtype)
+    if loc is not None:
+        pass
+    elif block_info is not None:
         loc = block_info[None]["array-location"]
     else:
         loc = [(0, ext.shape[0] - 2 * depth), (0, ext.shape[1] - 2 * depth)]
@@ -878,13 +883,20 @@ def _set_border(out, loc, shape, h, value):
     return out
 
 
-def _finite_input(ext):
-    """The block as float32/float64 with non-finite pixels zeroed, and the NaN and inf masks (None when none)."""
+def _finite_input(ext, zero=True):
+    """The block as float32/float64, and the NaN and inf masks (None when all finite).
+
+    With ``zero`` the non-finite pixels are set to 0 (a copy); the low-rank kernel skips them itself.
+    """
     if ext.dtype not in (np.float32, np.float64):
         ext = ext.astype(np.float64)
-    if np.isfinite(ext).all():
+    # one pass, no temporary: a float64 sum of float32 values is finite unless a value is not
+    if math.isfinite(np.add.reduce(ext, axis=None, dtype=np.float64)) and (
+            ext.dtype == np.float32 or np.isfinite(ext).all()):
         return ext, None, None
     nan, inf = np.isnan(ext), np.isinf(ext)
+    if not zero:
+        return ext, nan, inf
     return np.where(nan | inf, 0.0, ext).astype(ext.dtype), nan, inf
 
 
@@ -900,32 +912,34 @@ def _lowrank_rows(loc, geom, kern, part):
     return rows, tx, part["norm"] @ ty
 
 
-def _fill_invalid(ext, loc, geom, h, bad):
-    """``ext`` with the pixels outside the exposure and the ``bad`` ones set to the mean of the others.
-
-    Their outputs are replaced anyway (border, spread non-finite pixels); a fill near the data keeps
-    the float32 transforms' rounding relative to the data's own spread, not to the jump to zero.
-    """
+def _valid_rect(loc, geom, h, shape) -> tuple[int, int, int, int]:
+    """Rows ``r0:r1`` and columns ``c0:c1`` of a block's halo'd input that lie inside the exposure."""
     (ya, yb), (xa, xb) = loc
     ny, nx = geom["shape"]
-    r0, r1 = max(0, h - ya), ext.shape[0] - max(0, yb + h - ny)
-    c0, c1 = max(0, h - xa), ext.shape[1] - max(0, xb + h - nx)
-    inside = (r0, r1, c0, c1) == (0, ext.shape[0], 0, ext.shape[1])
-    if inside and bad is None:
-        return ext
-    core = ext[r0:r1, c0:c1]
-    good = None if bad is None else ~bad[r0:r1, c0:c1]
-    count = core.size if good is None else int(good.sum())
-    total = core.sum(dtype=np.float64) if good is None else core.sum(where=good, dtype=np.float64)
-    fill = total / count if count else 0.0
-    out = np.full(ext.shape, fill, dtype=ext.dtype)
-    out[r0:r1, c0:c1] = core if good is None else np.where(good, core, fill)
-    return out
+    return max(0, h - ya), shape[0] - max(0, yb + h - ny), max(0, h - xa), shape[1] - max(0, xb + h - nx)
 
 
-def _image_block(ext, *, geom, kern, block_info=None):
-    loc, ext = _prepare(ext, geom, kern, block_info)
-    ext, nan, inf = _finite_input(ext)
+def _halo_finite(ext, geom, kern) -> bool:
+    """A Halo the low-rank path reads as it is: float, finite, halo of the kernel radius."""
+    if not isinstance(ext, Halo) or kern["mode"] != "low-rank" or kern["h"] != geom["depth"]:
+        return False
+    for row in ext.pieces:
+        for p in row:
+            if p is not None and (p.dtype not in (np.float32, np.float64)
+                                  or not math.isfinite(np.add.reduce(p, axis=None, dtype=np.float64))
+                                  or (p.dtype == np.float64 and not np.isfinite(p).all())):
+                return False
+    return True
+
+
+def _image_block(ext, *, geom, kern, block_info=None, loc=None):
+    if _halo_finite(ext, geom, kern):
+        part = kern["image"]
+        out = correlate_lowrank(ext, part["basis"], *_lowrank_rows(loc, geom, kern, part), 1, tile=kern["tile"],
+                                dtype=kern["fft_dtype"], valid=_valid_rect(loc, geom, kern["h"], ext.shape))
+        return _set_border(out, loc, geom["shape"], kern["h"], np.nan)
+    loc, ext = _prepare(ext, geom, kern, block_info, loc)
+    ext, nan, inf = _finite_input(ext, zero=kern["mode"] == "exact")
     if kern["mode"] == "exact":
         wy, wx = _weights(loc, geom, kern)
         out = correlate_varying(ext, kern["comps"], wy, wx)
@@ -933,17 +947,22 @@ def _image_block(ext, *, geom, kern, block_info=None):
         out = out.astype(np.float32)
     else:
         part = kern["image"]
-        ext = _fill_invalid(ext, loc, geom, kern["h"], None if nan is None else nan | inf)
         out = correlate_lowrank(ext, part["basis"], *_lowrank_rows(loc, geom, kern, part), 1, tile=kern["tile"],
-                                dtype=kern["fft_dtype"])
+                                dtype=kern["fft_dtype"], valid=_valid_rect(loc, geom, kern["h"], ext.shape),
+                                check=nan is not None)
     if nan is not None:
         out[or_dilate(nan | inf, kern["footprint"])] = np.nan
     return _set_border(out, loc, geom["shape"], kern["h"], np.nan)
 
 
-def _variance_block(ext, *, geom, kern, block_info=None):
-    loc, ext = _prepare(ext, geom, kern, block_info)
-    ext, nan, inf = _finite_input(ext)
+def _variance_block(ext, *, geom, kern, block_info=None, loc=None):
+    if _halo_finite(ext, geom, kern):
+        part = kern["variance"]
+        out = correlate_lowrank(ext, part["basis"], *_lowrank_rows(loc, geom, kern, part), 2, tile=kern["tile"],
+                                dtype=kern["fft_dtype"], valid=_valid_rect(loc, geom, kern["h"], ext.shape))
+        return _set_border(out, loc, geom["shape"], kern["h"], np.inf)
+    loc, ext = _prepare(ext, geom, kern, block_info, loc)
+    ext, nan, inf = _finite_input(ext, zero=kern["mode"] == "exact")
     if kern["mode"] == "exact":
         wy, wx = _weights(loc, geom, kern)
         qy, qx = _weights(loc, geom, kern, kern["square_terms"])
@@ -954,9 +973,9 @@ def _variance_block(ext, *, geom, kern, block_info=None):
         out = out.astype(np.float32)
     else:
         part = kern["variance"]
-        ext = _fill_invalid(ext, loc, geom, kern["h"], None if nan is None else nan | inf)
         out = correlate_lowrank(ext, part["basis"], *_lowrank_rows(loc, geom, kern, part), 2, tile=kern["tile"],
-                                dtype=kern["fft_dtype"])
+                                dtype=kern["fft_dtype"], valid=_valid_rect(loc, geom, kern["h"], ext.shape),
+                                check=nan is not None)
     if nan is not None:
         if inf.any():
             out[or_dilate(inf, kern["footprint"])] = np.inf
@@ -965,14 +984,14 @@ def _variance_block(ext, *, geom, kern, block_info=None):
     return _set_border(out, loc, geom["shape"], kern["h"], np.inf)
 
 
-def _mask_block(ext, *, geom, kern, block_info=None):
-    loc, ext = _prepare(ext, geom, kern, block_info)
+def _mask_block(ext, *, geom, kern, block_info=None, loc=None):
+    loc, ext = _prepare(ext, geom, kern, block_info, loc, fill=0)
     out = or_dilate(np.ascontiguousarray(ext, dtype=np.uint32), kern["footprint"])
     return _set_border(out, loc, geom["shape"], kern["h"], np.uint32(geom["no_data"]))
 
 
 _ERROR_SAMPLES = 65  # sample positions per axis where the low-rank kernel error is evaluated
-_LOWRANK_TILE = 256  # output pixels per FFT tile side of the low-rank path
+_LOWRANK_TILE = None  # FFT tiles of the low-rank path: the cheapest measured plan per block (plan_tiles)
 
 
 def _low_rank(kernels: np.ndarray, g: np.ndarray, scale: np.ndarray, tol: float):
@@ -1062,8 +1081,72 @@ def _kernel_arrays(kernel_model: KernelModel, box: Box | None = None, config: Mo
     return out
 
 
+def _strip(block, sy, sx):
+    return block[sy, sx]
+
+
+def _edge(d: int, depth: int) -> slice:
+    return slice(-depth, None) if d < 0 else (slice(0, depth) if d > 0 else slice(None))
+
+
+def _on_halo(pieces, loc, *, func, depth, geom, kern):
+    (ya, yb), (xa, xb) = loc
+    ny, nx = yb - ya, xb - xa
+    halo = Halo(tuple(tuple(row) for row in pieces), (0, depth, depth + ny, 2 * depth + ny),
+                (0, depth, depth + nx, 2 * depth + nx))
+    return func(halo, geom=geom, kern=kern, loc=loc)
+
+
+def _halo_blocks(arr, func, geom, kern, dtype):
+    """``func`` on every block of ``arr`` with its neighbours' edge strips of ``depth`` pixels, as a Halo.
+
+    The graph of ``map_overlap`` without its concatenation: one slicing task per neighbour strip and
+    one task per block, which reads the strips where they are (the low-rank path copies its FFT
+    tiles straight from them; the other paths assemble the halo'd block themselves).
+    """
+    depth = geom["depth"]
+    token = dask.base.tokenize(arr, func.__name__, geom, kern)
+    strip, name = f"psf-match-halo-{token}", f"psf-match{func.__name__}-{token}"
+    lazy_kern = dask.is_dask_collection(kern)
+    call = functools.partial(_on_halo, func=func, depth=depth, geom=geom, kern=None if lazy_kern else kern)
+    nby, nbx = arr.numblocks
+    ys = np.concatenate([[0], np.cumsum(arr.chunks[0])]).tolist()
+    xs = np.concatenate([[0], np.cumsum(arr.chunks[1])]).tolist()
+    dsk = {}
+    for i in range(nby):
+        for j in range(nbx):
+            pieces = []
+            for di in (-1, 0, 1):
+                row = []
+                for dj in (-1, 0, 1):
+                    ii, jj = i + di, j + dj
+                    if not (0 <= ii < nby and 0 <= jj < nbx):
+                        row.append(None)
+                    elif di == 0 and dj == 0:
+                        row.append((arr.name, i, j))
+                    else:
+                        key = (strip, i, j, di + 1, dj + 1)
+                        dsk[key] = (_strip, (arr.name, ii, jj), _edge(di, depth), _edge(dj, depth))
+                        row.append(key)
+                pieces.append(row)
+            loc = ((ys[i], ys[i + 1]), (xs[j], xs[j + 1]))
+            if lazy_kern:
+                dsk[(name, i, j)] = (_apply_kern, call, pieces, loc, kern.key)
+            else:
+                dsk[(name, i, j)] = (call, pieces, loc)
+    deps = [arr, kern] if lazy_kern else [arr]
+    graph = da.core.HighLevelGraph.from_collections(name, dsk, dependencies=deps)
+    return da.Array(graph, name, arr.chunks, dtype=dtype, meta=np.empty((0, 0), dtype=dtype))
+
+
+def _apply_kern(call, pieces, loc, kern):
+    return call(pieces, loc, kern=kern)
+
+
 def _apply(arr, func, geom, kern, dtype, fill):
     depth = geom["depth"]
+    if dask.is_dask_collection(arr) and arr.ndim == 2 and min(min(c) for c in arr.chunks) >= depth:
+        return _halo_blocks(arr, func, geom, kern, dtype)
     if dask.is_dask_collection(arr):
         return da.map_overlap(
             func, arr, depth={0: depth, 1: depth}, boundary={0: fill, 1: fill}, trim=False,
