@@ -336,21 +336,23 @@ def _load_halo(buf, halo, ya, yb, xa, xb):
     """:func:`_load_centred` on a :class:`Halo`: missing pieces enter as the constant ``c``."""
     ey, ex = halo.edges_y, halo.edges_x
     centre = halo.pieces[1][1]
-    c = _window_mean(centre, max(ya, ey[1]) - ey[1], min(yb, ey[2]) - ey[1],
-                     max(xa, ex[1]) - ex[1], min(xb, ex[2]) - ex[1])
+    # c in the buffer's precision, so that the subtraction is one rounding and c is returned exactly
+    c = float(buf.dtype.type(_window_mean(centre, max(ya, ey[1]) - ey[1], min(yb, ey[2]) - ey[1],
+                                           max(xa, ex[1]) - ex[1], min(xb, ex[2]) - ex[1])))
+    cb = buf.dtype.type(c)
     for i in range(3):
         ra, rb = max(ya, ey[i]), min(yb, ey[i + 1])
         if ra >= rb:
             continue
         for j in range(3):
-            ca, cb = max(xa, ex[j]), min(xb, ex[j + 1])
-            if ca >= cb:
+            qa, qb = max(xa, ex[j]), min(xb, ex[j + 1])
+            if qa >= qb:
                 continue
             p = halo.pieces[i][j]
             if p is None:
-                buf[ra - ya:rb - ya, ca - xa:cb - xa] = 0
+                buf[ra - ya:rb - ya, qa - xa:qb - xa] = 0
             else:
-                _copy_minus(buf, p, ra - ya, ca - xa, ra - ey[i], rb - ey[i], ca - ex[j], cb - ex[j], c)
+                _copy_minus(buf, p, ra - ya, qa - xa, ra - ey[i], rb - ey[i], qa - ex[j], qb - ex[j], cb)
     return c
 
 
