@@ -1,5 +1,6 @@
 """The low-rank convolution's speed paths: tile plans, halo blocks read in place, float32 by default."""
 
+import functools
 import math
 
 import dask
@@ -13,6 +14,7 @@ from pipeline.model.geometry import Box
 from pipeline.psf import GaussianPsf, GridPsf
 from pipeline.psf_match import ModelPsfMatchConfig, convolve_kernel_model, model_psf_match, solve_kernel_model
 from pipeline.testing import assert_lazy, graph_size, raise_if_dask_computes
+from tests.conftest import make_tan_wcs
 from tests.test_psf_match import F32, _chunk, _exposure, _kernel_l1
 
 F64 = ModelPsfMatchConfig(fft_precision="float64")
@@ -128,12 +130,20 @@ def _star_field(tan_wcs, shape=(160, 190), seed=5):
     return _exposure(tan_wcs, sci, shape=shape, image=image, variance=variance)
 
 
-def test_float32_default_within_stated_bound_of_float64(tan_wcs):
+@functools.lru_cache(maxsize=1)
+def _star_case():
+    """The star field and its kernel model matching it to a sigma-3 Gaussian (solved once)."""
+    ds = _star_field(make_tan_wcs())
+    km, _ = solve_kernel_model(GridPsf.from_dataset(ds), GaussianPsf(3.0), Box.of(ds))
+    return ds, km
+
+
+def test_float32_default_within_stated_bound_of_float64():
     """Default float32 transforms: |f32 - f64| <= F32 x L1(K) x max|input - tile mean| (+ output rounding)."""
     assert ModelPsfMatchConfig().fft_precision == "float32"
-    ds = _star_field(tan_wcs)
-    f32, km = model_psf_match(ds, GaussianPsf(3.0))
-    f64, _ = model_psf_match(ds, GaussianPsf(3.0), config=F64)
+    ds, km = _star_case()
+    f32 = convolve_kernel_model(ds, km)
+    f64 = convolve_kernel_model(ds, km, config=F64)
     for name in ("image", "variance"):
         a, b = f32[name].values, f64[name].values
         ok = np.isfinite(b)
@@ -148,16 +158,17 @@ def test_float32_default_within_stated_bound_of_float64(tan_wcs):
 
 
 @pytest.mark.parametrize("chunks", [(37, 41), (64, 190), (7, 9)])
-def test_halo_blocks_numpy_dask_equal_and_lazy(tan_wcs, chunks):
+def test_halo_blocks_numpy_dask_equal_and_lazy(chunks):
     """Chunked (halo blocks, or map_overlap when chunks are below the kernel radius) = in-memory."""
-    ds = _star_field(tan_wcs)
+    ds, km = _star_case()
+    ds = ds.copy(deep=True)
     ds["image"].values[100, 60] = np.nan  # non-finite blocks take the assembling path
     ds["variance"].values[30, 170] = np.inf
     for cfg in (F64, ModelPsfMatchConfig()):
-        eager, km = model_psf_match(ds, GaussianPsf(3.0), config=cfg)
+        eager = convolve_kernel_model(ds, km, config=cfg)
         dsk = _chunk(ds, chunks)
         with raise_if_dask_computes():
-            lazy, _ = model_psf_match(dsk, GaussianPsf(3.0), config=cfg)
+            lazy = convolve_kernel_model(dsk, km, config=cfg)
         got = lazy.compute()
         for name in ("image", "variance"):
             a, b = got[name].values, eager[name].values
@@ -171,7 +182,7 @@ def test_halo_blocks_numpy_dask_equal_and_lazy(tan_wcs, chunks):
                 atol = 2 * F32 * _kernel_l1(km, ds, name == "variance") * spread
                 np.testing.assert_allclose(a[ok], b[ok], rtol=2.4e-7, atol=atol)
         np.testing.assert_array_equal(got["mask"].values, eager["mask"].values)
-        assert_lazy(lambda: model_psf_match(dsk, GaussianPsf(3.0), config=cfg)[0].drop_vars("psf"))
+        assert_lazy(lambda: convolve_kernel_model(dsk, km, config=cfg))
 
 
 def test_halo_graph_size_and_lazy_kernel(tan_wcs):
