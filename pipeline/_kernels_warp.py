@@ -522,11 +522,15 @@ def _window_flags(img, var, msk, nodata, grow_full, span):
     for r in range(ny):
         row_g = np.uint32(0)
         row_b = np.uint32(0)
+        # zero-based row views: no index can be negative, so the reductions are vectorised
+        ir = img[r]
+        vr = var[r]
+        mr = msk[r]
         for c in range(nx):
-            m = msk[r, c]
+            m = mr[c]
             row_g |= m & grow_full
             # NaN and infinities both fail abs(v) < inf
-            row_b |= (m & nodata) | np.uint32(not (abs(img[r, c]) < inf)) | np.uint32(not (abs(var[r, c]) < inf))
+            row_b |= (m & nodata) | np.uint32(not (abs(ir[c]) < inf)) | np.uint32(not (abs(vr[c]) < inf))
         if row_g != 0:
             has_grow = True
         if row_b != 0:
@@ -1017,13 +1021,12 @@ def _warp_block(
                 # mask footprint of the mask kernel (order mask_order, taps with non-zero weight)
                 mo = (j - win_y0) * width + (i - win_x0)
                 if mask_order == 1:
-                    m_msk = flat_m[mo]
-                    if fx != 0.0:
-                        m_msk |= flat_m[mo + 1]
-                    if fy != 0.0:
-                        m_msk |= flat_m[mo + width]
-                        if fx != 0.0:
-                            m_msk |= flat_m[mo + width + 1]
+                    # branch-free: the right and upper taps (inside the window for every good pixel)
+                    # count only where their bilinear weight is non-zero
+                    keep_x = np.uint32(0xFFFFFFFF) if fx != 0.0 else np.uint32(0)
+                    keep_y = np.uint32(0xFFFFFFFF) if fy != 0.0 else np.uint32(0)
+                    m_msk = (flat_m[mo] | (flat_m[mo + 1] & keep_x)) | (
+                        (flat_m[mo + width] | (flat_m[mo + width + 1] & keep_x)) & keep_y)
                 else:
                     m_msk = np.uint32(0)
                     for oy in range(-(mask_order - 1), mask_order + 1):
