@@ -154,9 +154,10 @@ class ModelPsfMatchConfig(BaseModel):
     max_spatial_kernel_order: int = Field(
         4, ge=0, le=6, description="spatial_fit='uniform': highest spatial order the PSFs may ask for; at most "
         "spatial_kernel_order keeps that order fixed")
-    spatial_psf_tolerance: float = Field(
-        5e-3, gt=0, le=1, description="spatial_fit='uniform': the spatial order is the lowest whose terms fit the "
-        "science and target PSF images on a 9 x 9 grid over the exposure within this x their peak")
+    spatial_order_factor: float = Field(
+        1.2, ge=1, le=100, description="spatial_fit='uniform': the spatial order grows (up to "
+        "max_spatial_kernel_order) until the full-rank spatial fit's largest residual over the judging grid is "
+        "at most this x the largest single-cell full-rank residual (or solve_tolerance)")
     max_width_ratio: float = Field(
         1.0, gt=0, le=10,
         description="raise when the science FWHM exceeds this x the target FWHM at a cell (deconvolution)")
@@ -581,27 +582,6 @@ def _truncation_rank(worst: np.ndarray, tol: float, factor: float) -> int:
     return int(ok[0]) + 1 if ok.size else worst.size
 
 
-def _spatial_order(stamps: list[np.ndarray], xs: np.ndarray, ys: np.ndarray, cbox, lo: int, hi: int, kind: str,
-                   tol: float) -> int:
-    """Smallest order in ``lo..hi`` whose spatial terms fit the PSF images at ``(xs, ys)`` within ``tol`` x peak.
-
-    ``stamps``: arrays ``(P, S, S)`` (the science and the target PSF). The kernel that maps one
-    PSF onto the other varies over the exposure about as the PSFs do.
-    """
-    flats = [s.reshape(s.shape[0], -1) for s in stamps]
-    for order in range(lo, hi + 1):
-        phi = spatial_terms(xs, ys, cbox, order, kind).T
-        if phi.shape[0] < phi.shape[1]:
-            return max(order - 1, lo)
-        worst = 0.0
-        for f in flats:
-            coef = np.linalg.lstsq(phi, f, rcond=None)[0]
-            worst = max(worst, float((np.abs(phi @ coef - f).max(axis=1) / np.abs(f).max(axis=1)).max()))
-        if worst <= tol:
-            return order
-    return hi
-
-
 def _solve_normal(m: np.ndarray, b: np.ndarray, *, limit: float | None, what: str, ids) -> tuple[np.ndarray, float]:
     """``m a = b`` for a symmetric positive (semi-)definite ``m`` by eigen-decomposition."""
     w, q = np.linalg.eigh(m)
@@ -672,6 +652,26 @@ def _next_odd(v: float) -> int:
     return c if c % 2 else c + 1
 
 
+def _spatial_basis(cxs, cys, cbox, order: int, kind: str, n_b: int, first: int, whiten: bool):
+    """Spatial terms at the cells ``(n_cells, T)``, the triangular factor that undoes their
+    orthonormalisation (identity when not whitened), the free ``(j, t)`` entries and whether whitened.
+
+    When truncating, the terms are made orthonormal over the cells (``phi = Q R``, coefficients
+    ``c = R a``), so that the singular directions are those of the kernel basis and not of the cell
+    layout. With a constant first basis function (``first``), only its constant term is free.
+    """
+    phi = spatial_terms(cxs, cys, cbox, order, kind).T
+    n_t = phi.shape[1]
+    free = np.ones((n_b, n_t), dtype=bool)
+    if first:
+        free[0, 1:] = False
+    phi_r = np.eye(n_t)
+    whiten = whiten and phi.shape[0] >= n_t
+    if whiten:
+        phi, phi_r = np.linalg.qr(phi)
+    return phi, phi_r, free.ravel(), whiten
+
+
 def _layout(box: Box, order: int, config: ModelPsfMatchConfig):
     return _cells(box, config.size_cell_x, config.size_cell_y, grow=config.grow_cell_grid,
                   min_cells=order + 1, max_cells=config.max_cells_per_axis)
@@ -706,23 +706,11 @@ def solve_kernel_model(
     uniform = truncate and config.spatial_fit == "uniform"
     order = config.spatial_kernel_order
     kind = config.spatial_model_type
-    grown, cxs, cys = _layout(box, order, config)
-    try:
-        native = max(int(science_psf.default_size(x, y)) for x, y in zip(cxs, cys))
-    except (ValueError, SchemaError) as exc:
-        raise PsfMatchError(f"cannot evaluate the PSF shape at the cell centres: {exc}", ids=ids) from None
-    top = max(order, config.max_spatial_kernel_order)
-    if uniform and not config.grow_cell_grid and top > order:
-        # the order the PSFs themselves need over a 9 x 9 grid (stamps at their native size)
-        ox, oy = _grid(box, 9, 9)
-        try:
-            stamps = [_realise(science_psf, ox, oy, native), _realise(reference_psf, ox, oy, native)]
-        except (ValueError, SchemaError) as exc:
-            raise PsfMatchError(f"cannot evaluate the PSF over the exposure: {exc}", ids=ids) from None
-        cbox0 = (grown.x0 - 0.5, grown.y0 - 0.5, grown.x1 - 0.5, grown.y1 - 0.5)
-        order = _spatial_order(stamps, ox, oy, cbox0, order, top, kind, config.spatial_psf_tolerance)
-        if order != config.spatial_kernel_order:
-            grown, cxs, cys = _layout(box, order, config)
+    orders = [order]
+    if uniform and not config.grow_cell_grid:
+        # candidate orders up to max_spatial_kernel_order, cells laid out for the highest
+        orders = list(range(order, max(order, config.max_spatial_kernel_order) + 1))
+    grown, cxs, cys = _layout(box, orders[-1], config)
     centre = ((box.x0 + box.x1 - 1) / 2.0, (box.y0 + box.y1 - 1) / 2.0)
 
     try:
@@ -757,12 +745,7 @@ def solve_kernel_model(
     n_b = basis.shape[0]
     limit = config.condition_limit if config.check_condition_number else None
     cbox = (grown.x0 - 0.5, grown.y0 - 0.5, grown.x1 - 0.5, grown.y1 - 0.5)
-    phi = spatial_terms(cxs, cys, cbox, order, kind).T  # (n_cells, T)
-    n_c, n_t = phi.shape
-    free = np.ones((n_b, n_t), dtype=bool)
-    if config.kernel_basis == "alard-lupton":
-        free[0, 1:] = False  # constant first term
-    sel = free.ravel()
+    n_c = cxs.size
     bsum = basis.sum(axis=(1, 2))
     norm = bsum if config.flux_conservation == "rescale" else None
     first = 1 if config.kernel_basis == "alard-lupton" else 0
@@ -816,46 +799,55 @@ def solve_kernel_model(
     single_sums = singles @ bsum
 
     slimit = config.max_spatial_condition_number if config.check_condition_number else None
-    whiten = False
     if reg is None:
         # stacked design: row block n holds C_n[:, j] f_t(p_n) in column (j, t), reduced to C_n = Q_n R_n
-        # (same solutions, singular values and residual differences). When truncating, the spatial terms
-        # are first made orthonormal over the cells (phi = Q R, coefficients c = R a), so that the
-        # singular directions are those of the kernel basis and not of the cell layout
-        phi_r = np.eye(n_t)
-        whiten = truncate and n_c >= n_t
-        if whiten:
-            phi, phi_r = np.linalg.qr(phi)
+        # (same solutions, singular values and residual differences)
         q_c, r_c = np.linalg.qr(fit_d)
         z_c = np.einsum("nmk,nm->nk", q_c, fit_r)
         weight = np.ones(n_c)
         if uniform:
             # cells weighted by a power of the residual the basis reaches there alone: the spatial model spends
             # its freedom where the match is hardest and the residual comes out about even over the exposure
-            weight = np.maximum(capacity, tol)
-            weight = weight ** config.cell_weight_power
+            weight = np.maximum(np.where(np.isfinite(capacity), capacity, 0.0), tol) ** config.cell_weight_power
             weight = weight / weight.mean()
         sw = np.sqrt(weight)
-        big = (sw[:, None, None, None] * r_c[:, :, :, None] * phi[:, None, None, :]).reshape(
-            n_c * r_c.shape[1], n_b * n_t)[:, sel]
-        rhs = (sw[:, None] * z_c).ravel()
+        d_pts, t_pts, k_pts = full[n_c:], tgt[n_c:], peak[n_c:]
+        if len(orders) > 1:
+            single_worst = max(float(np.where(np.isfinite(capacity), capacity, 0.0).max()), tol)
+        for order in orders:
+            phi, phi_r, sel, whiten = _spatial_basis(cxs, cys, cbox, order, kind, n_b, first, truncate)
+            n_t = phi.shape[1]
+            big = (sw[:, None, None, None] * r_c[:, :, :, None] * phi[:, None, None, :]).reshape(
+                n_c * r_c.shape[1], n_b * n_t)[:, sel]
+            rhs = (sw[:, None] * z_c).ravel()
+            q_b, big = np.linalg.qr(big)  # same least-squares problem, one row per unknown
+            rhs = q_b.T @ rhs
+            if truncate:
+                p_pts = spatial_terms(px, py, cbox, order, kind).T
+                if whiten:
+                    p_pts = np.linalg.solve(phi_r.T, p_pts.T).T  # terms of the orthonormalised basis there
+
+                def grid_worst(sols, p_pts=p_pts, sel=sel, n_t=n_t):
+                    # candidate solutions (free (j, t) entries) -> largest residual over the grid
+                    coef = np.zeros((n_b * n_t, sols.shape[1]))
+                    coef[sel] = sols
+                    a_pts = np.einsum("jtk,pt->pjk", coef.reshape(n_b, n_t, -1), p_pts)
+                    return _candidate_residuals(d_pts, t_pts, k_pts, a_pts, norm).max(axis=0)
+
+            if order != orders[-1]:
+                # the spatial model follows the kernel when, at full rank, it matches about as well over the
+                # grid as the single-cell fits do at the cells; otherwise the next order
+                u, s, vt = np.linalg.svd(big, full_matrices=False)
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    full_rank = vt.T @ ((u.T @ rhs) / s)
+                if (np.all(np.isfinite(full_rank)) and
+                        grid_worst(full_rank[:, None])[0] <= config.spatial_order_factor * single_worst):
+                    break
         spatial_cond = _cond_of(np.linalg.svd(big, compute_uv=False), big.shape[1])
         _check_cond(spatial_cond, big.shape[1], slimit, "spatial kernel fit", ids)
         cands, _ = _rank_candidates(big, rhs, first if truncate else 0)
         if truncate:
-            p_pts = spatial_terms(px, py, cbox, order, kind).T
-            if whiten:
-                p_pts = np.linalg.solve(phi_r.T, p_pts.T).T  # terms of the orthonormalised basis there
-            d_pts, t_pts, k_pts = full[n_c:], tgt[n_c:], peak[n_c:]
-
-            def grid_worst(ranks_):
-                # candidate solutions (free (j, t) entries) -> largest residual over the grid
-                coef = np.zeros((n_b * n_t, len(ranks_)))
-                coef[sel] = cands[:, ranks_ - 1]
-                a_pts = np.einsum("jtk,pt->pjk", coef.reshape(n_b, n_t, -1), p_pts)
-                return _candidate_residuals(d_pts, t_pts, k_pts, a_pts, norm).max(axis=0)
-
-            kept = _scan_ranks(grid_worst, cands.shape[1], tol, factor)
+            kept = _scan_ranks(lambda ranks: grid_worst(cands[:, ranks - 1]), cands.shape[1], tol, factor)
             sol = cands[:, kept - 1]
             spatial_rank = kept + first
         else:
@@ -865,6 +857,8 @@ def solve_kernel_model(
             raise PsfMatchError("spatial kernel fit: unable to determine the kernel solution (non-finite "
                                 "coefficients)", ids=ids)
     else:
+        phi, phi_r, sel, whiten = _spatial_basis(cxs, cys, cbox, order, kind, n_b, first, False)
+        n_t = phi.shape[1]
         big_a = np.zeros((n_b * n_t, n_b * n_t))
         big_y = np.zeros(n_b * n_t)
         for c, r, p in zip(fit_d, fit_r, phi):
@@ -1310,16 +1304,18 @@ def model_psf_match(
     width changes across the exposure, order 2 cannot follow the kernel and the match degrades
     between and away from the cells (sigma 1.40-2.60 across 256 px, target sigma 3.5: at full rank
     2.7e-3 at the centre and 9.2e-3 between cells; truncated and judged at 7 x 7 positions, 9.1e-4
-    and 9.9e-3). By default (1) the spatial order is the lowest from ``spatial_kernel_order`` up to
-    ``max_spatial_kernel_order`` (4) whose terms fit the science and target PSF images on a 9 x 9
-    grid over the exposure within ``spatial_psf_tolerance`` (5e-3) of their peak, with at least
-    order + 1 cells per axis; (2) each cell weighs in the spatial fit as its own single-cell
-    full-rank residual (at least ``solve_tolerance``) to the power ``cell_weight_power`` (3), so
-    the model spends its freedom where the basis struggles instead of perfecting the easiest
+    and 9.9e-3). By default (1) cells are laid out for ``max_spatial_kernel_order`` (4), at least
+    5 per axis, and the spatial order grows from ``spatial_kernel_order`` until the full-rank
+    spatial fit's largest residual over the judging grid is at most ``spatial_order_factor``
+    (1.2) x the largest single-cell full-rank residual: higher orders only where the spatial model,
+    not the basis, limits the match (an unreachable target keeps order 2 and its noise gain);
+    (2) each cell weighs in the spatial fit as its own single-cell full-rank residual (at least
+    ``solve_tolerance``) to the power ``cell_weight_power`` (3), so the model spends its freedom
+    where the basis struggles instead of perfecting the easiest
     cells; (3) the truncation is judged on up to 17 x 17 positions. Measured on that case: 2.4e-3
     at the centre, at most 3.0e-3 (1.25x) at nine positions and along lines through the box; width
     varying along both axes (sigma 1.24-2.77): 4.0e-3 and 4.7e-3 (1.16x) against 7.7e-3 and
-    1.9e-2 at full rank. ``cell_weight_power=0`` matches the centre 10x better and the edges 14x
+    1.9e-2 at full rank. ``cell_weight_power=0`` matches the centre 12x better and the edges 14x
     worse than the centre; 2 gives the lowest worst residual (9.5e-4, 3.3x the centre's 2.6e-4).
     The per-position capacity of the basis itself varies ~9x over that exposure, so "within 2x of
     the centre" is reached by evening the residual out, not by the best match at every position.
