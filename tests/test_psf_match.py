@@ -397,9 +397,10 @@ def test_spatially_varying_psf_matched_everywhere():
     box = Box(0, 0, 256, 256)
     sci = GaussianPsf(2.0, gradient=(0.0047, 0.0), center=(127.5, 127.5))  # sigma 1.40 .. 2.60 across x
     tgt = GaussianPsf(3.5)
-    # the default (uniform) solve: spatial order 4 from the PSFs, cells weighted by their own residual, judged on
-    # 11 x 11 positions. Measured: 2.41e-3 at the centre, at most 3.00e-3 at the nine positions and along lines
-    # through the box (the previous truncated solve: 9.1e-4, 3.7e-3 and 9.9e-3 between the cells)
+    # the default (uniform) solve: spatial order 4 (orders 2 and 3 fall short of the single-cell fits), cells
+    # weighted by their own residual, judged on 11 x 11 positions. Measured: 2.41e-3 at the centre, at most
+    # 3.00e-3 at the nine positions and along lines through the box (the previous truncated solve: 9.1e-4,
+    # 3.7e-3 and 9.9e-3 between the cells)
     km, size = solve_kernel_model(sci, tgt, box)
     assert km.order == 4
     pos = [(x, y) for x in (10, 127.5, 245) for y in (10, 127.5, 245)]

@@ -12,7 +12,7 @@ from scipy import signal
 
 from pipeline.model.geometry import Box
 from pipeline.model.schema import make_dataset
-from pipeline.psf import GaussianPsf, GridPsf, model_psf
+from pipeline.psf import GaussianPsf, model_psf
 from pipeline.psf_match import (
     ModelPsfMatchConfig,
     _candidate_residuals,
@@ -23,7 +23,6 @@ from pipeline.psf_match import (
     alard_lupton_basis,
     model_psf_match,
     solve_kernel_model,
-    spatial_terms,
 )
 from pipeline.testing import assert_lazy, graph_size, raise_if_dask_computes
 
