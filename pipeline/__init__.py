@@ -42,7 +42,7 @@ from .scale_variance import ScaleVarianceConfig, compute_scale_factors, scale_va
 from .sim import SimConfig, Simulation, Truth, simulate
 from .stack import StackConfig, stack
 from .stats import Statistic, StatsConfig, compute_statistics
-from .warp import WarpConfig, plan_warp, warp_exposure, warp_psf
+from .warp import WarpConfig, plan_warp, replan, warp_exposure, warp_psf
 
 __all__ = [
     "__version__",
@@ -62,7 +62,7 @@ __all__ = [
     "ScaleVarianceConfig", "compute_scale_factors", "scale_variance",
     "MatchBackgroundsConfig", "MatchResult", "match_backgrounds",
     # warping and PSFs
-    "WarpConfig", "plan_warp", "warp_exposure", "warp_psf", "CoaddPsfConfig", "coadd_psf",
+    "WarpConfig", "plan_warp", "replan", "warp_exposure", "warp_psf", "CoaddPsfConfig", "coadd_psf",
     "GaussianPsf", "DoubleGaussianPsf", "MoffatPsf", "ImagePsf", "GridPsf", "PsfexPsf", "model_psf",
     "ModelPsfMatchConfig", "KernelModel", "model_psf_match",
     # coadds
