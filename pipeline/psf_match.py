@@ -1059,11 +1059,17 @@ def _halo_finite(ext, geom, kern) -> bool:
     return True
 
 
+def _lowrank_plane(ext, loc, geom, kern, plane: str, check: bool = False):
+    """The low-rank correlation of one block of ``plane`` (image: kernel, variance: squared kernel)."""
+    part = kern[plane]
+    power = 1 if plane == "image" else 2
+    return correlate_lowrank(ext, part["basis"], *_lowrank_rows(loc, geom, kern, part), power, tile=kern["tile"],
+                             dtype=kern["fft_dtype"], valid=_valid_rect(loc, geom, kern["h"], ext.shape), check=check)
+
+
 def _image_block(ext, *, geom, kern, block_info=None, loc=None):
     if _halo_finite(ext, geom, kern):
-        part = kern["image"]
-        out = correlate_lowrank(ext, part["basis"], *_lowrank_rows(loc, geom, kern, part), 1, tile=kern["tile"],
-                                dtype=kern["fft_dtype"], valid=_valid_rect(loc, geom, kern["h"], ext.shape))
+        out = _lowrank_plane(ext, loc, geom, kern, "image")
         return _set_border(out, loc, geom["shape"], kern["h"], np.nan)
     loc, ext = _prepare(ext, geom, kern, block_info, loc)
     ext, nan, inf = _finite_input(ext, zero=kern["mode"] == "exact")
@@ -1073,10 +1079,7 @@ def _image_block(ext, *, geom, kern, block_info=None, loc=None):
         out /= (kern["sums"][:, None] * wy).T @ wx
         out = out.astype(np.float32)
     else:
-        part = kern["image"]
-        out = correlate_lowrank(ext, part["basis"], *_lowrank_rows(loc, geom, kern, part), 1, tile=kern["tile"],
-                                dtype=kern["fft_dtype"], valid=_valid_rect(loc, geom, kern["h"], ext.shape),
-                                check=nan is not None)
+        out = _lowrank_plane(ext, loc, geom, kern, "image", check=nan is not None)
     if nan is not None:
         out[or_dilate(nan | inf, kern["footprint"])] = np.nan
     return _set_border(out, loc, geom["shape"], kern["h"], np.nan)
@@ -1084,9 +1087,7 @@ def _image_block(ext, *, geom, kern, block_info=None, loc=None):
 
 def _variance_block(ext, *, geom, kern, block_info=None, loc=None):
     if _halo_finite(ext, geom, kern):
-        part = kern["variance"]
-        out = correlate_lowrank(ext, part["basis"], *_lowrank_rows(loc, geom, kern, part), 2, tile=kern["tile"],
-                                dtype=kern["fft_dtype"], valid=_valid_rect(loc, geom, kern["h"], ext.shape))
+        out = _lowrank_plane(ext, loc, geom, kern, "variance")
         return _set_border(out, loc, geom["shape"], kern["h"], np.inf)
     loc, ext = _prepare(ext, geom, kern, block_info, loc)
     ext, nan, inf = _finite_input(ext, zero=kern["mode"] == "exact")
@@ -1099,10 +1100,7 @@ def _variance_block(ext, *, geom, kern, block_info=None, loc=None):
         out /= norm
         out = out.astype(np.float32)
     else:
-        part = kern["variance"]
-        out = correlate_lowrank(ext, part["basis"], *_lowrank_rows(loc, geom, kern, part), 2, tile=kern["tile"],
-                                dtype=kern["fft_dtype"], valid=_valid_rect(loc, geom, kern["h"], ext.shape),
-                                check=nan is not None)
+        out = _lowrank_plane(ext, loc, geom, kern, "variance", check=nan is not None)
     if nan is not None:
         if inf.any():
             out[or_dilate(inf, kern["footprint"])] = np.inf
