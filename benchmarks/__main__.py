@@ -79,6 +79,10 @@ def run(args) -> int:
     machine = measure.machine()
     print(f"machine: {machine['cores']} cores, {machine['memory_gb']} GB, {machine['cpu_model']}; "
           f"load {machine['load_average']}", flush=True)
+    if not (args.quick or args.no_prefault):
+        machine["prefault"] = measure.prefault_memory()
+        print(f"wrote {machine['prefault']['gb']} GB of memory once in {machine['prefault']['seconds']} s "
+              "(see README: first writes to unused memory)", flush=True)
     records: list[dict] = []
     for case in selected:
         print(f"\n== {case.name}: {case.title}", flush=True)
@@ -165,6 +169,8 @@ def main(argv=None) -> int:
     p_run.add_argument("--update", action="store_true",
                        help="keep the rows of the cases not run now from the results.json already in --out")
     p_run.add_argument("--threads", type=int, default=None, help="threads of the multi-threaded rows (default 2)")
+    p_run.add_argument("--no-prefault", action="store_true",
+                       help="do not write 80%% of the available memory once before measuring (full mode does by default)")
     sub.add_parser("setup", help="install the peers (SWarp via apt-get when root; pip packages)")
     p_render = sub.add_parser("render", help="rewrite results.md from results.json (targets judged again)")
     p_render.add_argument("--out", default=None, help="directory holding results.json (default benchmarks/)")

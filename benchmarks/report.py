@@ -122,6 +122,8 @@ def markdown(results: dict) -> str:
         f"{m['platform']}",
         f"- load average (1, 5, 15 min) before: {m['load_average']}, after: {results['load_average_after']} "
         "(other work shared the machine when these exceed 0.5 or so)",
+        f"- memory written once before measuring: {m['prefault']['gb']} GB in {m['prefault']['seconds']} s"
+        if m.get("prefault") else "- memory not written before measuring (`--quick` or `--no-prefault`)",
         f"- total run time: {results['total_seconds']:.0f} s. Reproduce: `python -m benchmarks setup && "
         f"python -m benchmarks run{' --quick' if results['mode'] == 'quick' else ''}`",
     ]

@@ -31,6 +31,7 @@ def test_quick_machine_case_writes_table_and_json(tmp_path):
     header = "| " + " | ".join(report.COLUMNS) + " |"
     assert header in md
     assert "cores" in md and "GB RAM" in md
+    assert "memory not written before measuring" in md and "prefault" not in json.loads((out / "results.json").read_text())["machine"]
     data = json.loads((out / "results.json").read_text())
     assert data["mode"] == "quick"
     assert data["machine"]["cores"] == os.cpu_count()
@@ -48,6 +49,18 @@ def test_quick_machine_case_writes_table_and_json(tmp_path):
     assert sum(1 for line in md.splitlines() if line.startswith("| machine |")) == 2
     # the standard inputs were built under the work directory given by the environment
     assert (tmp_path / "work" / "quick" / "ready.json").exists()
+
+
+def test_prefault_writes_the_requested_memory():
+    import psutil
+
+    from benchmarks import measure
+
+    avail = psutil.virtual_memory().available
+    got = measure.prefault_memory(fraction=0.02, piece_gb=0.01)
+    piece = int(0.01 * 2**30) // 8 * 8
+    want = int(0.02 * avail // piece) * piece / 2**30
+    assert got["seconds"] >= 0 and abs(got["gb"] - round(want, 1)) <= 0.15, (got, want)
 
 
 def test_unknown_case_is_refused(tmp_path):
