@@ -72,8 +72,12 @@ def available(impl: Impl) -> tuple[bool, str]:
 
 
 def _dask_threads(n: int):
+    """dask's threaded scheduler with ``n`` workers; one thread: the synchronous scheduler, which runs
+    the tasks on the calling thread, as the one-core peers do."""
     import dask
 
+    if n == 1:
+        return dask.config.set(scheduler="synchronous")
     return dask.config.set(scheduler="threads", num_workers=n)
 
 
