@@ -630,6 +630,17 @@ _STRIP = 128
 _CELL_MARGIN = 1e-6
 
 
+@numba.njit(inline="always", **_NOGIL)
+def _cell_columns(l, nkx, gx0, step, X0, nx):
+    """Columns ``[a, b)`` of a destination row (pixels ``X0 .. X0 + nx - 1``) that lattice cell ``l``
+    covers: pixels ``gx0 + l*step .. gx0 + (l+1)*step - 1``, the last cell only its node column."""
+    a = max(0, gx0 + l * step - X0)
+    b = min(nx, gx0 + (l + 1) * step - X0)
+    if l == nkx - 1:
+        b = min(nx, gx0 + l * step + 1 - X0)
+    return a, b
+
+
 @numba.njit(**_NOGIL)
 def _row_candidates(gx0, gy0, step, nodes_x, nodes_y, X0, Y, nx, valid):
     """Columns ``[lo, hi)`` of destination row ``Y`` (pixels ``X0 .. X0 + nx - 1``) that may hold good pixels.
@@ -670,11 +681,7 @@ def _row_candidates(gx0, gy0, step, nodes_x, nodes_y, X0, Y, nx, valid):
             or math.floor(yb + _CELL_MARGIN) < iy_lo or math.floor(ya - _CELL_MARGIN) > iy_hi
         ):
             continue
-        # destination pixels of cell l: gx0 + l*step .. gx0 + (l+1)*step - 1
-        a = max(0, gx0 + l * step - X0)
-        b = min(nx, gx0 + (l + 1) * step - X0)
-        if l == nkx - 1:
-            b = min(nx, gx0 + l * step + 1 - X0)
+        a, b = _cell_columns(l, nkx, gx0, step, X0, nx)
         if a < b:
             lo = min(lo, a)
             hi = max(hi, b)
@@ -701,10 +708,7 @@ def _state_candidates(states, gx0, gy0, step, X0, Y, nx):
     for l in range(l_first, l_last + 1):
         if states[ly, l] == 0:
             continue
-        a = max(0, gx0 + l * step - X0)
-        b = min(nx, gx0 + (l + 1) * step - X0)
-        if l == nkx - 1:
-            b = min(nx, gx0 + l * step + 1 - X0)
+        a, b = _cell_columns(l, nkx, gx0, step, X0, nx)
         if a < b:
             lo = min(lo, a)
             hi = max(hi, b)
