@@ -70,8 +70,10 @@ def run(args) -> int:
         if old.get("mode") == mode:
             rerun = {c.name for c in selected}
             kept = [report.complete(r) for r in old["rows"] if r["case"] not in rerun]
-            earlier = {"date_utc": old["date_utc"], "load_average": old["machine"].get("load_average"),
-                       "cases": sorted({r["case"] for r in kept}, key=names.index)}
+            for r in kept:  # rows from before rows carried their own date: the previous file's
+                r.setdefault("measured_utc", old["date_utc"])
+                r.setdefault("load_average", old["machine"].get("load_average"))
+            earlier = report.earlier_runs(kept, names)
 
     t_start = time.perf_counter()
     print(f"building the {mode} inputs under {inputs.work_dir(s)} (cached)", flush=True)
@@ -110,6 +112,7 @@ def run(args) -> int:
                           f"peak {res['peak_mb']:.0f} MB", flush=True)
         for impl in usable:
             records.append(report.record(case, impl, runs[impl.name]))
+            records[-1].update(measured_utc=report.now_utc(), load_average=machine["load_average"])
         # written after every case, so an interrupted run keeps what it measured
         rows = sorted(kept + records, key=lambda r: names.index(r["case"]))
         done = [c for c in all_cases if any(r["case"] == c.name for r in rows)]

@@ -70,6 +70,23 @@ def _judge(target, rows: dict) -> dict:
     return out
 
 
+def now_utc() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def earlier_runs(kept: list[dict], case_order: list[str]) -> list[dict]:
+    """The runs the kept rows come from: one entry per date, with its load average and cases."""
+    runs: dict[str, dict] = {}
+    for r in kept:
+        e = runs.setdefault(r["measured_utc"], {"date_utc": r["measured_utc"], "load_average": r["load_average"],
+                                                 "cases": []})
+        if r["case"] not in e["cases"]:
+            e["cases"].append(r["case"])
+    for e in runs.values():
+        e["cases"].sort(key=case_order.index)
+    return sorted(runs.values(), key=lambda e: e["date_utc"])
+
+
 def assemble(cases, records, machine, *, mode, reps, threads, sizes, seconds, load_after, earlier=None) -> dict:
     targets = []
     for case in cases:
@@ -79,7 +96,7 @@ def assemble(cases, records, machine, *, mode, reps, threads, sizes, seconds, lo
             j["case"] = case.name
             targets.append(j)
     return {
-        "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date_utc": now_utc(),
         "machine": machine,
         "load_average_after": load_after,
         "mode": mode,
@@ -127,10 +144,12 @@ def markdown(results: dict) -> str:
         f"- total run time: {results['total_seconds']:.0f} s. Reproduce: `python -m benchmarks setup && "
         f"python -m benchmarks run{' --quick' if results['mode'] == 'quick' else ''}`",
     ]
-    if results.get("earlier"):
-        e = results["earlier"]
+    earlier = results.get("earlier") or []
+    for e in [earlier] if isinstance(earlier, dict) else earlier:
         lines.append(f"- rows of {', '.join(e['cases'])} kept from the run of {e['date_utc']} "
-                     f"(load average then: {e['load_average']}); the other cases were measured at the date above")
+                     f"(load average then: {e['load_average']})")
+    if earlier:
+        lines.append("- the other cases were measured at the date above")
     lines += [
         "",
         "Mpix/s/core = input megapixels / (median wall s x threads the implementation uses); Mpix/CPU-s = "

@@ -235,3 +235,23 @@ def test_swarp_coadd_combines_constant_images(tmp_path, combine):
     expected = {"WEIGHTED": weighted, "MEDIAN": 3.0, "CLIPPED": weighted}[combine]
     np.testing.assert_allclose(coadd[8:-8, 8:-8], expected, rtol=1e-5, atol=1e-5)
     assert C.run_swarp_coadd(st) == {"combine_type": combine, "output": f"{side}x{side}"}
+
+
+def test_kept_rows_are_listed_with_the_run_they_come_from():
+    from benchmarks import report
+
+    kept = [
+        {"case": "coadd", "measured_utc": "2026-01-02 10:00 UTC", "load_average": [0.1, 0.2, 0.3]},
+        {"case": "stacking", "measured_utc": "2026-01-03 09:00 UTC", "load_average": [1.0, 1.0, 1.0]},
+        {"case": "machine", "measured_utc": "2026-01-02 10:00 UTC", "load_average": [0.1, 0.2, 0.3]},
+        {"case": "machine", "measured_utc": "2026-01-02 10:00 UTC", "load_average": [0.1, 0.2, 0.3]},
+    ]
+    runs = report.earlier_runs(kept, ["stacking", "machine", "coadd"])
+    assert [(e["date_utc"], e["cases"]) for e in runs] == [
+        ("2026-01-02 10:00 UTC", ["machine", "coadd"]), ("2026-01-03 09:00 UTC", ["stacking"])]
+    lines = report.markdown({"machine": {"cores": 2, "memory_gb": 1, "cpu_model": "x", "python": "3", "platform": "p",
+                                         "load_average": [0, 0, 0]},
+                             "date_utc": "d", "mode": "full", "reps": 1, "threads": 2, "load_average_after": [0, 0, 0],
+                             "total_seconds": 1.0, "earlier": runs, "cases": [], "rows": [], "targets": []})
+    assert "- rows of machine, coadd kept from the run of 2026-01-02 10:00 UTC (load average then: [0.1, 0.2, 0.3])" in lines
+    assert "- rows of stacking kept from the run of 2026-01-03 09:00 UTC" in lines
