@@ -7,7 +7,7 @@ import numpy as np
 
 from pipeline.match_backgrounds import STATUS_MESSAGES, MatchResult
 
-__all__ = ["plot_match_diagnostics"]
+__all__ = ["plot_match_diagnostics", "plot_psf_match_report"]
 
 
 def plot_match_diagnostics(result: MatchResult, visit, path) -> None:
@@ -50,3 +50,59 @@ def plot_match_diagnostics(result: MatchResult, visit, path) -> None:
     axes[0].set_xlim(x0, x0 + dx)
     axes[0].set_ylim(y0 + dy, y0)
     fig.savefig(path, format="png")
+
+
+_REPORT_VARS = ("residual_max", "achieved_fwhm", "target_fwhm", "kernel_sum_sq")
+
+
+def plot_psf_match_report(report, path, *, title: str | None = None) -> dict:
+    """Write a PNG of the per-cell PSF-matching report (``KernelModel.report``) to ``path``.
+
+    Three maps over the cell centres: the largest |achieved - target| PSF residual (relative to the
+    target peak), the achieved minus target FWHM (px), and the noise gain sum K^2 of the applied
+    kernel. Cells outside the exposure are drawn hollow. Returns the figures the titles quote:
+    ``worst_residual`` and its cell centre ``worst_cell`` (x, y), ``centre_residual`` (the cell
+    nearest the middle of the cell grid), ``max_fwhm_error`` (px) and ``max_noise_gain``.
+    """
+    from matplotlib.figure import Figure
+
+    missing = [v for v in _REPORT_VARS if v not in report]
+    if missing:
+        raise ValueError(f"not a PSF-matching report: missing {', '.join(missing)}")
+    x = np.asarray(report["cell_x"], dtype=float)
+    y = np.asarray(report["cell_y"], dtype=float)
+    inside = np.asarray(report["in_exposure"], dtype=bool) if "in_exposure" in report.coords else np.ones(x.size, bool)
+    res = np.asarray(report["residual_max"], dtype=float)
+    dfwhm = np.asarray(report["achieved_fwhm"], dtype=float) - np.asarray(report["target_fwhm"], dtype=float)
+    gain = np.asarray(report["kernel_sum_sq"], dtype=float)
+    worst = int(np.nanargmax(res))
+    mid = int(np.argmin((x - 0.5 * (x.min() + x.max())) ** 2 + (y - 0.5 * (y.min() + y.max())) ** 2))
+    summary = {
+        "worst_residual": float(res[worst]), "worst_cell": (float(x[worst]), float(y[worst])),
+        "centre_residual": float(res[mid]), "max_fwhm_error": float(np.nanmax(np.abs(dfwhm))),
+        "max_noise_gain": float(np.nanmax(gain)),
+    }
+    fig = Figure(figsize=(13, 4.5), layout="constrained")
+    axes = fig.subplots(1, 3, sharex=True, sharey=True)
+    lim = summary["max_fwhm_error"] or 1.0
+    panels = (
+        (res, "viridis", None, f"PSF residual / peak: worst {res[worst]:.2e} at ({x[worst]:.0f}, {y[worst]:.0f}), "
+                               f"centre {res[mid]:.2e}"),
+        (dfwhm, "coolwarm", (-lim, lim), f"achieved - target FWHM (px): max |.| {summary['max_fwhm_error']:.3f}"),
+        (gain, "magma", None, f"noise gain sum K$^2$: max {summary['max_noise_gain']:.3g}"),
+    )
+    for ax, (values, cmap, vlim, text) in zip(axes, panels):
+        kw = {"vmin": vlim[0], "vmax": vlim[1]} if vlim else {}
+        sc = ax.scatter(x[inside], y[inside], c=values[inside], cmap=cmap, s=60, marker="s", **kw)
+        if (~inside).any():
+            ax.scatter(x[~inside], y[~inside], facecolors="none", edgecolors="0.5", s=60, marker="s")
+        bar = fig.colorbar(sc, ax=ax, location="top")
+        bar.ax.locator_params(nbins=5)
+        ax.set_title(text, fontsize=9)
+        ax.set_xlabel("x (parent px)")
+        ax.set_aspect("equal")
+    axes[0].set_ylabel("y (parent px)")
+    if title:
+        fig.suptitle(title)
+    fig.savefig(path, format="png")
+    return summary
