@@ -338,7 +338,7 @@ def _load_halo(buf, halo, ya, yb, xa, xb):
     centre = halo.pieces[1][1]
     # c in the buffer's precision, so that the subtraction is one rounding and c is returned exactly
     c = float(buf.dtype.type(_window_mean(centre, max(ya, ey[1]) - ey[1], min(yb, ey[2]) - ey[1],
-                                           max(xa, ex[1]) - ex[1], min(xb, ex[2]) - ex[1])))
+                                           max(xa, ex[1]) - ex[1], min(xb, ex[2]) - ex[1], False)))
     cb = buf.dtype.type(c)
     for i in range(3):
         ra, rb = max(ya, ey[i]), min(yb, ey[i + 1])
@@ -357,18 +357,26 @@ def _load_halo(buf, halo, ya, yb, xa, xb):
 
 
 @numba.njit(cache=True, nogil=True)
-def _window_mean(arr, ra, rb, ca, cb):
-    """Mean of ``arr[ra:rb, ca:cb]`` on every fourth row (every row for short windows); 0 when empty."""
+def _window_mean(arr, ra, rb, ca, cb, check):
+    """Mean of ``arr[ra:rb, ca:cb]`` (with ``check``, of its finite values) on every fourth row (every
+    row for short windows); 0 when empty."""
     step = 4 if rb - ra >= 64 else 1
     total = 0.0
     count = 0
     for i in range(ra, rb, step):
         src = arr[i]
         row = 0.0
-        for j in range(ca, cb):
-            row += src[j]
+        if check:
+            for j in range(ca, cb):
+                v = src[j]
+                if math.isfinite(v):
+                    row += v
+                    count += 1
+        else:
+            for j in range(ca, cb):
+                row += src[j]
+            count += max(cb - ca, 0)
         total += row
-        count += max(cb - ca, 0)
     return total / count if count > 0 else 0.0
 
 
@@ -394,24 +402,7 @@ def _load_centred(buf, ext, ya, yb, xa, xb, r0, r1, c0, c1, check):
     ny, nx = yb - ya, xb - xa
     ia, ib = max(ya, r0), min(yb, r1)
     ja, jb = max(xa, c0), min(xb, c1)
-    step = 4 if ib - ia >= 64 else 1
-    total = 0.0
-    count = 0
-    for i in range(ia, ib, step):
-        src = ext[i]
-        row = 0.0
-        if check:
-            for j in range(ja, jb):
-                v = src[j]
-                if math.isfinite(v):
-                    row += v
-                    count += 1
-        else:
-            for j in range(ja, jb):
-                row += src[j]
-            count += max(jb - ja, 0)
-        total += row
-    c = total / count if count > 0 else 0.0
+    c = _window_mean(ext, ia, ib, ja, jb, check)
     lo, hi = max(ja - xa, 0), max(jb - xa, 0)
     for i in range(ny):
         dst = buf[i]
