@@ -89,6 +89,19 @@ def layout(s: Sizes) -> dict:
     return _ready(s)
 
 
+def _codec_tag() -> str:
+    from pipeline.io.repo import pixel_compressors
+
+    return json.dumps([c.to_dict() for c in pixel_compressors()], sort_keys=True)
+
+
+def _pixel_encoding(chunk: int) -> dict:
+    """Encoding of image/variance/mask as the repository stores them (chunks and codec)."""
+    from pipeline.io.repo import pixel_compressors
+
+    return {v: {"chunks": (chunk, chunk), "compressors": pixel_compressors()} for v in ("image", "variance", "mask")}
+
+
 def build(s: Sizes, echo=print) -> dict:
     """Build every missing input of mode ``s`` and return the recorded layout."""
     work_dir(s).mkdir(parents=True, exist_ok=True)
@@ -98,6 +111,13 @@ def build(s: Sizes, echo=print) -> dict:
         ready = {}
         (work_dir(s) / "ready.json").unlink(missing_ok=True)
         _mark(s, "sizes", sig)
+    ready = _ready(s)
+    if ready.get("pixel_codec") != _codec_tag():
+        # zarr inputs are written with the repository's codec: rebuild them when it changes
+        for key in ("repos", "big", "stack"):
+            ready.pop(key, None)
+        ready["pixel_codec"] = _codec_tag()
+        (work_dir(s) / "ready.json").write_text(json.dumps(ready, indent=1))
     if "exposures" not in ready:
         _build_exposures(s, echo)
     if "repos" not in _ready(s):
@@ -202,7 +222,7 @@ def _build_big(s: Sizes, echo) -> None:
                     n_stars=150.0 * (s.big / 1024) ** 2, n_galaxies=150.0 * (s.big / 1024) ** 2)
     ds = simulate(cfg, seed=s.seed + 1).exposures[0]
     chunk = min(1000, s.big)
-    enc = {v: {"chunks": (chunk, chunk)} for v in ("image", "variance", "mask")}
+    enc = _pixel_encoding(chunk)
     ds.to_zarr(path, mode="w", zarr_format=3, consolidated=False, encoding=enc)
     _mark(s, "big", {"path": path.name, "seconds": time.perf_counter() - t0})
 
@@ -228,7 +248,7 @@ def _build_stack(s: Sizes, echo) -> None:
     ys, xs = rng.integers(0, side, size=(2, side * side // 2000))
     sky[ys, xs] = rng.pareto(1.5, size=ys.size).astype(np.float32) * 50.0
     chunk = min(s.stack_chunks)
-    enc = {v: {"chunks": (chunk, chunk)} for v in ("image", "variance", "mask")}
+    enc = _pixel_encoding(chunk)
     for i in range(n):
         frng = np.random.default_rng([s.seed + 3, i])
         sigma = np.float32(1.0 + 0.2 * i / max(n - 1, 1))

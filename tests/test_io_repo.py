@@ -262,6 +262,11 @@ def test_exposure_round_trip_exact(repo, rng):
     # the input is untouched
     assert ds.attrs == before_attrs
     assert {k: dict(v.encoding) for k, v in ds.variables.items()} == before_enc
+    # pixel planes are stored with Blosc LZ4 and byte shuffle
+    for name in ("image", "variance", "mask"):
+        (codec,) = zarr.open_array(repo.store, path=f"{path}/{name}", mode="r").compressors
+        assert (type(codec).__name__, codec.cname.value, codec.shuffle.value) == ("BloscCodec", "lz4", "shuffle")
+        assert codec.typesize == ds[name].dtype.itemsize
     # every group carries schema_version
     store = repo.store
     for group in ("exposures", "exposures/visit_3", "exposures/visit_3/detector_7"):
@@ -407,6 +412,8 @@ def test_create_tract_product_layout_and_sparse_fill(repo, tmp_path):
     assert zarr.open_array(repo.store, path=f"{path}/mask", mode="r").fill_value == int(MaskPlane.NO_DATA)
     for var in ("image", "variance", "mask"):
         assert chunk_files(tmp_path / "repo.zarr", path, var) == []
+        (codec,) = zarr.open_array(repo.store, path=f"{path}/{var}", mode="r").compressors
+        assert (codec.cname.value, codec.shuffle.value, codec.typesize) == ("lz4", "shuffle", 4)
     for group in ("tract_0", "tract_0/coadds", "tract_0/coadds/r", path, f"{path}/_complete"):
         assert zarr.open_group(repo.store, path=group, mode="r").attrs["schema_version"] == SCHEMA_VERSION
     for unit in units:
