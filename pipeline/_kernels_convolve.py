@@ -496,54 +496,295 @@ def correlate_direct(ext: np.ndarray, kernel: np.ndarray) -> np.ndarray:
 
 
 @numba.njit(cache=True, nogil=True)
-def _or_box(ext, h):
-    """Separable OR over a full ``(2h+1)²`` box: along x per row, then along y (both contiguous in x)."""
-    ny, nx = ext.shape[0] - 2 * h, ext.shape[1] - 2 * h
-    rows = np.empty((ext.shape[0], nx), dtype=ext.dtype)
-    for i in range(ext.shape[0]):
-        acc = rows[i]
-        src = ext[i]
-        acc[:] = src[:nx]
-        for u in range(1, 2 * h + 1):
-            part = src[u:u + nx]
-            for j in range(nx):
-                acc[j] |= part[j]
-    out = np.empty((ny, nx), dtype=ext.dtype)
-    for i in range(ny):
-        acc = out[i]
-        acc[:] = rows[i]
-        for v in range(1, 2 * h + 1):
-            part = rows[i + v]
-            for j in range(nx):
-                acc[j] |= part[j]
-    return out
+def _fetch_row(pieces, pitch, present, ey, ex, r, c0, n, buf, fill):
+    """``buf[:n]`` = row ``r``, columns ``c0:c0 + n``, of the halo'd block laid out by ``ey``/``ex``;
+    True when any of it is non-zero.
+
+    ``pieces`` are the nine pieces (row-major) as flat arrays with row pitch ``pitch[k]``;
+    ``present[k]`` is False where piece ``k`` lies outside the exposure (read as ``fill``).
+    """
+    i = 0 if r < ey[1] else (1 if r < ey[2] else 2)
+    rr = r - ey[i]
+    c1 = c0 + n
+    acc = fill ^ fill
+    for j in range(3):
+        a = max(c0, ex[j])
+        b = min(c1, ex[j + 1])
+        if a >= b:
+            continue
+        k = 3 * i + j
+        dst = buf[a - c0:b - c0]
+        if present[k]:
+            start = rr * pitch[k] - ex[j]
+            acc |= _copy_any(dst, pieces[k][start + a:start + b])
+        else:
+            _fill(dst, fill)
+            acc |= fill
+    return acc != 0
 
 
 @numba.njit(cache=True, nogil=True)
-def _or_footprint(ext, offsets_v, offsets_u, h):
-    ny, nx = ext.shape[0] - 2 * h, ext.shape[1] - 2 * h
-    out = np.zeros((ny, nx), dtype=ext.dtype)
-    for n in range(offsets_v.size):
-        v, u = offsets_v[n], offsets_u[n]
-        for i in range(ny):
+def _copy_any(dst, src):
+    acc = src[0] ^ src[0]
+    for q in range(dst.size):
+        v = src[q]
+        dst[q] = v
+        acc |= v
+    return acc
+
+
+@numba.njit(cache=True, nogil=True)
+def _run_or(buf, w, n, dest, t1, t2):
+    """``dest[j] = buf[j] | ... | buf[j + w - 1]`` for ``j < n``.
+
+    Each pass widens the runs up to four times (``W'[j] = W[j] | W[j + d] | W[j + 2d] | W[j + e]``,
+    the last shift chosen so the runs end exactly at the target width, overlaps being harmless
+    for an OR): ``ceil(log4(w))`` passes over the row, e.g. 3 for ``w = 21`` (4, 16, 21).
+    """
+    src = buf
+    d = 1
+    level = 0
+    while d < w:
+        t = min(4 * d, w)
+        dst = dest if t == w else (t1 if level % 2 == 0 else t2)
+        m = n + w - t
+        if t <= 2 * d:
+            s1 = src[t - d:]
+            for j in range(m):
+                dst[j] = src[j] | s1[j]
+        elif t <= 3 * d:
+            s1, s2 = src[d:], src[t - d:]
+            for j in range(m):
+                dst[j] = src[j] | s1[j] | s2[j]
+        else:
+            s1, s2, s3 = src[d:], src[2 * d:], src[t - d:]
+            for j in range(m):
+                dst[j] = src[j] | s1[j] | s2[j] | s3[j]
+        src = dst
+        d = t
+        level += 1
+    if w == 1:
+        for j in range(n):
+            dest[j] = buf[j]
+
+
+@numba.njit(cache=True, nogil=True)
+def _or_rows(dst, a, b):
+    for j in range(dst.size):
+        dst[j] = a[j] | b[j]
+
+
+@numba.njit(cache=True, nogil=True)
+def _fill(dst, value):
+    for j in range(dst.size):
+        dst[j] = value
+
+
+@numba.njit(cache=True, nogil=True)
+def _put(dst, a):
+    for j in range(dst.size):
+        dst[j] = a[j]
+
+
+@numba.njit(cache=True, nogil=True)
+def _row_or(pieces, pitch, present, ey, ex, r, c0, kx, nx, buf, t1, t2, dest, fill):
+    """Row ``r`` ORed along x over runs of ``kx`` into ``dest``; False (``dest`` untouched) for a zero row."""
+    if not _fetch_row(pieces, pitch, present, ey, ex, r, c0, nx + kx - 1, buf, fill):
+        return False
+    _run_or(buf, kx, nx, dest, t1, t2)
+    return True
+
+
+@numba.njit(cache=True, nogil=True)
+def _or_box(pieces, pitch, present, ey, ex, off, ny, nx, v0, v1, u0, u1, fill):
+    """OR over the rectangle ``[v0, v1) x [u0, u1)`` of kernel taps: ``out[i, j]`` is the OR of the
+    halo'd block at rows ``off + i + v0 ... off + i + v1 - 1``, columns ``off + j + u0 ... off + j + u1 - 1``.
+
+    Separable: every input row is ORed along x over runs of ``u1 - u0`` (:func:`_run_or`), then the
+    rows along y with van Herk/Gil-Werman segments of ``v1 - v0`` rows (a suffix OR inside the
+    segment, a running prefix OR in the next one: 3 ORs per pixel whatever the height). Only two
+    segments of row results live at a time (in cache); rows known to be zero are skipped, so the
+    empty parts of a mask cost a read and a write.
+    """
+    ky, kx = v1 - v0, u1 - u0
+    dt = buf_dtype = pieces[4].dtype
+    out = np.empty((ny, nx), dtype=dt)
+    width = nx + kx - 1
+    buf, t1, t2 = np.empty(width, buf_dtype), np.empty(width, dt), np.empty(width, dt)
+    seg, nxt = np.empty((ky, nx), dt), np.empty((ky, nx), dt)
+    seg_nz, nxt_nz = np.zeros(ky, np.bool_), np.zeros(ky, np.bool_)
+    pre = np.empty(nx, dt)
+    zero = fill ^ fill
+    r0, c0 = off + v0, off + u0
+    for a in range(ky):
+        seg_nz[a] = _row_or(pieces, pitch, present, ey, ex, r0 + a, c0, kx, nx, buf, t1, t2, seg[a], fill)
+    s0 = 0
+    while True:
+        for a in range(ky - 2, -1, -1):
+            if seg_nz[a + 1]:
+                if seg_nz[a]:
+                    _or_rows(seg[a], seg[a], seg[a + 1])
+                else:
+                    _put(seg[a], seg[a + 1])
+                    seg_nz[a] = True
+        if seg_nz[0]:
+            _put(out[s0], seg[0])
+        else:
+            _fill(out[s0], zero)
+        cnt = min(ky, ny - s0)
+        pre_nz = False
+        for a in range(1, cnt):
+            row = nxt[a - 1]
+            nz = _row_or(pieces, pitch, present, ey, ex, r0 + s0 + ky + a - 1, c0, kx, nx, buf, t1, t2, row, fill)
+            nxt_nz[a - 1] = nz
+            if nz:
+                if pre_nz:
+                    _or_rows(pre, pre, row)
+                else:
+                    _put(pre, row)
+                    pre_nz = True
+            o = out[s0 + a]
+            if seg_nz[a] and pre_nz:
+                _or_rows(o, seg[a], pre)
+            elif seg_nz[a]:
+                _put(o, seg[a])
+            elif pre_nz:
+                _put(o, pre)
+            else:
+                _fill(o, zero)
+        s0 += ky
+        if s0 >= ny:
+            return out
+        for a in range(cnt - 1, ky):
+            nxt_nz[a] = _row_or(pieces, pitch, present, ey, ex, r0 + s0 + a, c0, kx, nx, buf, t1, t2, nxt[a], fill)
+        seg, nxt = nxt, seg
+        seg_nz, nxt_nz = nxt_nz, seg_nz
+
+
+@numba.njit(cache=True, nogil=True)
+def _or_footprint(pieces, pitch, present, ey, ex, off, ny, nx, k, run_v, run_u, run_w, fill):
+    """OR over runs of taps ``(v, u .. u + w - 1)`` of a ``k x k`` footprint, each input row read once.
+
+    Every non-zero input row gets its doubled runs (widths 1, 2, 4, ...) once; each run then ORs
+    two of them into the output row it feeds (2 ORs per run and pixel); zero rows are skipped.
+    """
+    dt = pieces[4].dtype
+    out = np.zeros((ny, nx), dtype=dt)
+    width = nx + k - 1
+    top = 1
+    for n in range(run_w.size):
+        while 2 * top <= run_w[n]:
+            top *= 2
+    nlev = 1
+    while (1 << nlev) <= top:
+        nlev += 1
+    lev = np.empty((nlev, width), dt)
+    for r in range(ny + k - 1):
+        if not _fetch_row(pieces, pitch, present, ey, ex, off + r, off, width, lev[0], fill):
+            continue
+        for q in range(1, nlev):
+            d = 1 << (q - 1)
+            src, dst = lev[q - 1], lev[q]
+            ahead = src[d:]
+            for j in range(width - 2 * d + 1):
+                dst[j] = src[j] | ahead[j]
+        for n in range(run_v.size):
+            i = r - run_v[n]
+            if i < 0 or i >= ny:
+                continue
+            w, u = run_w[n], run_u[n]
+            q = 0
+            while (2 << q) <= w:
+                q += 1
+            first, second = lev[q, u:], lev[q, u + w - (1 << q):]
+            o = out[i]
             for j in range(nx):
-                out[i, j] |= ext[i + v, j + u]
+                o[j] |= first[j] | second[j]
     return out
+
+
+def _footprint_runs(footprint: np.ndarray):
+    """The non-zero taps as horizontal runs ``(v, u, width)`` and, when they fill their bounding
+    rectangle, that rectangle ``(v0, v1, u0, u1)`` (else None)."""
+    fp = np.asarray(footprint) != 0
+    rows, cols = np.nonzero(fp)
+    rect = None
+    if rows.size and fp[rows.min():rows.max() + 1, cols.min():cols.max() + 1].all():
+        rect = (int(rows.min()), int(rows.max()) + 1, int(cols.min()), int(cols.max()) + 1)
+    padded = np.zeros((fp.shape[0], fp.shape[1] + 2), np.int8)
+    padded[:, 1:-1] = fp
+    step = np.diff(padded, axis=1)
+    sv, su = np.nonzero(step == 1)
+    _, eu = np.nonzero(step == -1)
+    return (sv.astype(np.int64), su.astype(np.int64), (eu - su).astype(np.int64)), rect
+
+
+def _flat(piece: np.ndarray | None, dtype) -> tuple[np.ndarray, int]:
+    """A 2-D piece as a read-only flat unit-stride view of its memory and its row pitch (no copy
+    when its rows are contiguous); one zero for a missing or empty piece (never read)."""
+    if piece is None or piece.size == 0:
+        piece = np.zeros((1, 1), dtype)
+    if piece.dtype != dtype:
+        piece = piece.astype(dtype)
+    item = piece.itemsize
+    if piece.strides[1] != item or piece.strides[0] % item or piece.strides[0] < 0:
+        piece = np.ascontiguousarray(piece)
+    pitch = piece.strides[0] // item if piece.shape[0] > 1 else piece.shape[1]
+    span = (piece.shape[0] - 1) * pitch + piece.shape[1]
+    return np.lib.stride_tricks.as_strided(piece, shape=(span,), strides=(item,), writeable=False), pitch
+
+
+def _dilate(pieces, ey, ex, off, shape, footprint, fill, dtype):
+    """OR-dilate the halo'd block given by its nine pieces (row-major, None where missing)."""
+    k = footprint.shape[0]
+    ny, nx = shape
+    (run_v, run_u, run_w), rect = _footprint_runs(footprint)
+    if ny <= 0 or nx <= 0 or run_v.size == 0:
+        return np.zeros((max(ny, 0), max(nx, 0)), dtype=dtype)
+    flat = [_flat(p, dtype) for p in pieces]
+    args = (tuple(f for f, _ in flat), np.array([p for _, p in flat], np.int64),
+            np.array([p is not None for p in pieces], np.bool_),
+            np.asarray(ey, np.int64), np.asarray(ex, np.int64), off, ny, nx)
+    fill = dtype.type(fill)
+    if rect is not None:
+        return _or_box(*args, *rect, fill)
+    return _or_footprint(*args, k, run_v, run_u, run_w, fill)
+
+
+def _check_footprint(footprint: np.ndarray) -> int:
+    k = footprint.shape[0]
+    if footprint.ndim != 2 or footprint.shape[1] != k or k % 2 == 0:
+        raise ValueError(f"the footprint must be square and odd, got shape {footprint.shape}")
+    return k // 2
 
 
 def or_dilate(ext: np.ndarray, footprint: np.ndarray) -> np.ndarray:
     """Bitwise OR of ``ext`` over the non-zero taps of ``footprint`` (odd, square), valid region.
 
-    Integer or boolean arrays; a full footprint takes a separable path.
+    ``out[i, j] = OR ext[i + v, j + u]`` over the taps ``(v, u)``; integer or boolean arrays. A
+    footprint whose taps fill a rectangle (the full box, a bar, one pixel) takes the separable
+    path (``ceil(log4(width)) + 3`` ORs per pixel); any other goes by horizontal runs.
     """
-    k = footprint.shape[0]
-    h = k // 2
+    h = _check_footprint(footprint)
     is_bool = ext.dtype == np.bool_
     arr = ext.view(np.uint8) if is_bool else ext
-    arr = np.ascontiguousarray(arr)
-    if np.all(footprint):
-        out = _or_box(arr, h)
-    else:
-        vv, uu = np.nonzero(footprint)
-        out = _or_footprint(arr, vv.astype(np.int64), uu.astype(np.int64), h)
+    ny, nx = arr.shape[0] - 2 * h, arr.shape[1] - 2 * h
+    pieces = (None,) * 4 + (arr,) + (None,) * 4
+    out = _dilate(pieces, (0, 0, arr.shape[0], arr.shape[0]), (0, 0, arr.shape[1], arr.shape[1]), 0, (ny, nx),
+                  footprint, 0, arr.dtype)
     return out.view(np.bool_) if is_bool else out
+
+
+def or_dilate_halo(halo: Halo, footprint: np.ndarray, *, crop: int = 0, fill=0, dtype=None) -> np.ndarray:
+    """:func:`or_dilate` of a :class:`Halo` without assembling it (the pieces are read row by row).
+
+    ``crop`` pixels are dropped on every side of the halo'd block first (a halo deeper than the
+    footprint's radius); missing pieces read as ``fill``; the pieces are read as ``dtype``
+    (default: the block's own).
+    """
+    h = _check_footprint(footprint)
+    dt = np.dtype(halo.pieces[1][1].dtype if dtype is None else dtype)
+    ey, ex = halo.edges_y, halo.edges_x
+    ny, nx = ey[3] - 2 * (h + crop), ex[3] - 2 * (h + crop)
+    pieces = tuple(halo.pieces[i][j] for i in range(3) for j in range(3))
+    return _dilate(pieces, ey, ex, crop, (ny, nx), footprint, fill, dt)
