@@ -495,42 +495,91 @@ def correlate_direct(ext: np.ndarray, kernel: np.ndarray) -> np.ndarray:
     return out
 
 
+_SCAN = 64  # elements per chunk when looking for the non-zero span of a row
+
+
+@numba.njit(cache=True, nogil=True)
+def _span(src):
+    """First and end index of the chunks of ``src`` holding a non-zero value (``(0, 0)``: none)."""
+    m = src.size
+    first, last = -1, 0
+    for c in range(0, m, _SCAN):
+        acc = src[c] ^ src[c]
+        part = src[c:min(c + _SCAN, m)]
+        for q in range(part.size):
+            acc |= part[q]
+        if acc != 0:
+            if first < 0:
+                first = c
+            last = min(c + _SCAN, m)
+    return (first, last) if first >= 0 else (0, 0)
+
+
+@numba.njit(cache=True, nogil=True)
+def _piece_span(pieces, pitch, present, ex, i, j, rr, c0, n, buf, fill):
+    """Copy the non-zero span of piece ``(i, j)`` on row ``rr`` (columns ``c0:c0 + n`` of the
+    block) into ``buf``; returns that span in ``buf`` coordinates (``(0, 0)``: none)."""
+    a = max(c0, ex[j]) - c0
+    b = min(c0 + n, ex[j + 1]) - c0
+    if a >= b:
+        return 0, 0
+    k = 3 * i + j
+    if not present[k]:
+        if fill == 0:
+            return 0, 0
+        _fill(buf[a:b], fill)
+        return a, b
+    start = rr * pitch[k] - ex[j] + c0
+    src = pieces[k][start + a:start + b]
+    f, e = _span(src)
+    if e <= f:
+        return 0, 0
+    _put(buf[a + f:a + e], src[f:e])
+    return a + f, a + e
+
+
+@numba.njit(cache=True, nogil=True)
+def _zero_gap(buf, ex, j, c0, n, lo, hi, f, e):
+    """Zeros on the part of piece ``j``'s columns inside ``[lo, hi)`` that its span ``[f, e)`` left unwritten."""
+    a = max(max(c0, ex[j]) - c0, lo)
+    b = min(min(c0 + n, ex[j + 1]) - c0, hi)
+    if a >= b:
+        return
+    zero = buf[0] ^ buf[0]
+    if e <= f:
+        _fill(buf[a:b], zero)
+    else:
+        _fill(buf[a:max(a, f)], zero)
+        _fill(buf[min(b, e):b], zero)
+
+
 @numba.njit(cache=True, nogil=True)
 def _fetch_row(pieces, pitch, present, ey, ex, r, c0, n, buf, fill):
-    """``buf[:n]`` = row ``r``, columns ``c0:c0 + n``, of the halo'd block laid out by ``ey``/``ex``;
-    True when any of it is non-zero.
+    """The non-zero span ``[lo, hi)`` of row ``r``, columns ``c0:c0 + n``, of the halo'd block laid
+    out by ``ey``/``ex``, with ``buf[lo:hi]`` holding those values (``(0, 0)``: an all-zero row; the
+    rest of ``buf`` is not written).
 
     ``pieces`` are the nine pieces (row-major) as flat arrays with row pitch ``pitch[k]``;
     ``present[k]`` is False where piece ``k`` lies outside the exposure (read as ``fill``).
     """
     i = 0 if r < ey[1] else (1 if r < ey[2] else 2)
     rr = r - ey[i]
-    c1 = c0 + n
-    acc = fill ^ fill
-    for j in range(3):
-        a = max(c0, ex[j])
-        b = min(c1, ex[j + 1])
-        if a >= b:
-            continue
-        k = 3 * i + j
-        dst = buf[a - c0:b - c0]
-        if present[k]:
-            start = rr * pitch[k] - ex[j]
-            acc |= _copy_any(dst, pieces[k][start + a:start + b])
-        else:
-            _fill(dst, fill)
-            acc |= fill
-    return acc != 0
-
-
-@numba.njit(cache=True, nogil=True)
-def _copy_any(dst, src):
-    acc = src[0] ^ src[0]
-    for q in range(dst.size):
-        v = src[q]
-        dst[q] = v
-        acc |= v
-    return acc
+    f0, e0 = _piece_span(pieces, pitch, present, ex, i, 0, rr, c0, n, buf, fill)
+    f1, e1 = _piece_span(pieces, pitch, present, ex, i, 1, rr, c0, n, buf, fill)
+    f2, e2 = _piece_span(pieces, pitch, present, ex, i, 2, rr, c0, n, buf, fill)
+    lo, hi = n, 0
+    if e0 > f0:
+        lo, hi = f0, e0
+    if e1 > f1:
+        lo, hi = min(lo, f1), max(hi, e1)
+    if e2 > f2:
+        lo, hi = min(lo, f2), max(hi, e2)
+    if lo >= hi:
+        return 0, 0
+    _zero_gap(buf, ex, 0, c0, n, lo, hi, f0, e0)
+    _zero_gap(buf, ex, 1, c0, n, lo, hi, f1, e1)
+    _zero_gap(buf, ex, 2, c0, n, lo, hi, f2, e2)
+    return lo, hi
 
 
 @numba.njit(cache=True, nogil=True)
@@ -564,8 +613,7 @@ def _run_or(buf, w, n, dest, t1, t2):
         d = t
         level += 1
     if w == 1:
-        for j in range(n):
-            dest[j] = buf[j]
+        _put(dest[:n], buf[:n])
 
 
 @numba.njit(cache=True, nogil=True)
@@ -587,12 +635,59 @@ def _put(dst, a):
 
 
 @numba.njit(cache=True, nogil=True)
+def _merge(dst, a, alo, ahi, b, blo, bhi, whole, dst_is_a):
+    """``dst = a | b`` where ``a`` is zero outside ``[alo, ahi)`` and ``b`` outside ``[blo, bhi)``;
+    written on the hull of both spans (and zeros on the rest of ``dst`` when ``whole``).
+
+    ``dst`` may be ``a`` (say so with ``dst_is_a``: its own span is then left as it is) or ``b``.
+    Returns the hull (``(0, 0)`` when both are empty).
+    """
+    if ahi <= alo:
+        alo, ahi = blo, blo
+    if bhi <= blo:
+        blo, bhi = alo, alo
+    lo, hi = min(alo, blo), max(ahi, bhi)
+    if hi <= lo:
+        lo, hi = 0, 0
+    if whole:
+        _fill(dst[:lo], dst[0] ^ dst[0])
+        _fill(dst[hi:], dst[0] ^ dst[0])
+    if alo == blo and ahi == bhi:
+        _or_rows(dst[lo:hi], a[lo:hi], b[lo:hi])
+        return lo, hi
+    c0, c1, c2, c3 = min(alo, blo), max(alo, blo), min(ahi, bhi), max(ahi, bhi)
+    c1, c2 = min(c1, c2), max(c1, c2)
+    for c in range(3):
+        x, y = (c0, c1) if c == 0 else ((c1, c2) if c == 1 else (c2, c3))
+        if y <= x:
+            continue
+        in_a = alo <= x and x < ahi
+        in_b = blo <= x and x < bhi
+        if in_a and in_b:
+            _or_rows(dst[x:y], a[x:y], b[x:y])
+        elif in_a:
+            if not dst_is_a:
+                _put(dst[x:y], a[x:y])
+        elif in_b:
+            _put(dst[x:y], b[x:y])
+        else:
+            _fill(dst[x:y], dst[0] ^ dst[0])
+    return lo, hi
+
+
+@numba.njit(cache=True, nogil=True)
 def _row_or(pieces, pitch, present, ey, ex, r, c0, kx, nx, buf, t1, t2, dest, fill):
-    """Row ``r`` ORed along x over runs of ``kx`` into ``dest``; False (``dest`` untouched) for a zero row."""
-    if not _fetch_row(pieces, pitch, present, ey, ex, r, c0, nx + kx - 1, buf, fill):
-        return False
-    _run_or(buf, kx, nx, dest, t1, t2)
-    return True
+    """Row ``r`` ORed along x over runs of ``kx`` into ``dest``, on the span of outputs it can
+    reach; returns that span (``(0, 0)``, ``dest`` untouched, for a zero row)."""
+    width = nx + kx - 1
+    blo, bhi = _fetch_row(pieces, pitch, present, ey, ex, r, c0, width, buf, fill)
+    if bhi <= blo:
+        return 0, 0
+    lo, hi = max(0, blo - kx + 1), min(nx, bhi)
+    _fill(buf[lo:blo], fill ^ fill)
+    _fill(buf[bhi:hi + kx - 1], fill ^ fill)
+    _run_or(buf[lo:], kx, hi - lo, dest[lo:], t1, t2)
+    return lo, hi
 
 
 @numba.njit(cache=True, nogil=True)
@@ -603,62 +698,45 @@ def _or_box(pieces, pitch, present, ey, ex, off, ny, nx, v0, v1, u0, u1, fill):
     Separable: every input row is ORed along x over runs of ``u1 - u0`` (:func:`_run_or`), then the
     rows along y with van Herk/Gil-Werman segments of ``v1 - v0`` rows (a suffix OR inside the
     segment, a running prefix OR in the next one: 3 ORs per pixel whatever the height). Only two
-    segments of row results live at a time (in cache); rows known to be zero are skipped, so the
-    empty parts of a mask cost a read and a write.
+    segments of row results live at a time (in cache). Each row result carries the span of columns
+    where it can be non-zero, and every pass works on spans only: the empty parts of a mask cost
+    a read and a write.
     """
     ky, kx = v1 - v0, u1 - u0
-    dt = buf_dtype = pieces[4].dtype
+    dt = pieces[4].dtype
     out = np.empty((ny, nx), dtype=dt)
     width = nx + kx - 1
-    buf, t1, t2 = np.empty(width, buf_dtype), np.empty(width, dt), np.empty(width, dt)
+    buf, t1, t2 = np.empty(width, dt), np.empty(width, dt), np.empty(width, dt)
     seg, nxt = np.empty((ky, nx), dt), np.empty((ky, nx), dt)
-    seg_nz, nxt_nz = np.zeros(ky, np.bool_), np.zeros(ky, np.bool_)
+    seg_s, nxt_s = np.zeros((ky, 2), np.int64), np.zeros((ky, 2), np.int64)
     pre = np.empty(nx, dt)
-    zero = fill ^ fill
     r0, c0 = off + v0, off + u0
     for a in range(ky):
-        seg_nz[a] = _row_or(pieces, pitch, present, ey, ex, r0 + a, c0, kx, nx, buf, t1, t2, seg[a], fill)
+        seg_s[a, 0], seg_s[a, 1] = _row_or(pieces, pitch, present, ey, ex, r0 + a, c0, kx, nx, buf, t1, t2,
+                                           seg[a], fill)
     s0 = 0
     while True:
         for a in range(ky - 2, -1, -1):
-            if seg_nz[a + 1]:
-                if seg_nz[a]:
-                    _or_rows(seg[a], seg[a], seg[a + 1])
-                else:
-                    _put(seg[a], seg[a + 1])
-                    seg_nz[a] = True
-        if seg_nz[0]:
-            _put(out[s0], seg[0])
-        else:
-            _fill(out[s0], zero)
+            seg_s[a, 0], seg_s[a, 1] = _merge(seg[a], seg[a], seg_s[a, 0], seg_s[a, 1],
+                                              seg[a + 1], seg_s[a + 1, 0], seg_s[a + 1, 1], False, True)
+        _merge(out[s0], seg[0], seg_s[0, 0], seg_s[0, 1], seg[0], 0, 0, True, False)
         cnt = min(ky, ny - s0)
-        pre_nz = False
+        plo, phi = 0, 0
         for a in range(1, cnt):
             row = nxt[a - 1]
-            nz = _row_or(pieces, pitch, present, ey, ex, r0 + s0 + ky + a - 1, c0, kx, nx, buf, t1, t2, row, fill)
-            nxt_nz[a - 1] = nz
-            if nz:
-                if pre_nz:
-                    _or_rows(pre, pre, row)
-                else:
-                    _put(pre, row)
-                    pre_nz = True
-            o = out[s0 + a]
-            if seg_nz[a] and pre_nz:
-                _or_rows(o, seg[a], pre)
-            elif seg_nz[a]:
-                _put(o, seg[a])
-            elif pre_nz:
-                _put(o, pre)
-            else:
-                _fill(o, zero)
+            rlo, rhi = _row_or(pieces, pitch, present, ey, ex, r0 + s0 + ky + a - 1, c0, kx, nx, buf, t1, t2,
+                               row, fill)
+            nxt_s[a - 1, 0], nxt_s[a - 1, 1] = rlo, rhi
+            plo, phi = _merge(pre, pre, plo, phi, row, rlo, rhi, False, True)
+            _merge(out[s0 + a], seg[a], seg_s[a, 0], seg_s[a, 1], pre, plo, phi, True, False)
         s0 += ky
         if s0 >= ny:
             return out
         for a in range(cnt - 1, ky):
-            nxt_nz[a] = _row_or(pieces, pitch, present, ey, ex, r0 + s0 + a, c0, kx, nx, buf, t1, t2, nxt[a], fill)
+            nxt_s[a, 0], nxt_s[a, 1] = _row_or(pieces, pitch, present, ey, ex, r0 + s0 + a, c0, kx, nx, buf, t1,
+                                               t2, nxt[a], fill)
         seg, nxt = nxt, seg
-        seg_nz, nxt_nz = nxt_nz, seg_nz
+        seg_s, nxt_s = nxt_s, seg_s
 
 
 @numba.njit(cache=True, nogil=True)
@@ -680,8 +758,12 @@ def _or_footprint(pieces, pitch, present, ey, ex, off, ny, nx, k, run_v, run_u, 
         nlev += 1
     lev = np.empty((nlev, width), dt)
     for r in range(ny + k - 1):
-        if not _fetch_row(pieces, pitch, present, ey, ex, off + r, off, width, lev[0], fill):
+        row = lev[0]
+        lo, hi = _fetch_row(pieces, pitch, present, ey, ex, off + r, off, width, row, fill)
+        if hi <= lo:
             continue
+        _fill(row[:lo], fill ^ fill)
+        _fill(row[hi:], fill ^ fill)
         for q in range(1, nlev):
             d = 1 << (q - 1)
             src, dst = lev[q - 1], lev[q]
