@@ -497,60 +497,74 @@ def correlate_direct(ext: np.ndarray, kernel: np.ndarray) -> np.ndarray:
 
 _SCAN = 64  # elements per chunk when looking for the non-zero span of a row
 
+# The row helpers below take flat arrays with start offsets and lengths instead of slices (a slice
+# costs about 10 ns, many times per row) and index with unsigned integers, which numba does not
+# wrap around, so the loops vectorise. Offsets and lengths are never negative.
+
 
 @numba.njit(cache=True, nogil=True)
-def _span(src):
-    """First and end index of the chunks of ``src`` holding a non-zero value (``(0, 0)``: none)."""
-    m = src.size
+def _fill(dst, d0, n, value):
+    if n > 0:
+        d0 = numba.uint64(d0)
+        for j in range(numba.uint64(n)):
+            dst[d0 + j] = value
+
+
+@numba.njit(cache=True, nogil=True)
+def _put(dst, d0, src, s0, n):
+    if n > 0:
+        d0, s0 = numba.uint64(d0), numba.uint64(s0)
+        for j in range(numba.uint64(n)):
+            dst[d0 + j] = src[s0 + j]
+
+
+@numba.njit(cache=True, nogil=True)
+def _or_rows(dst, d0, a, a0, b, b0, n):
+    if n > 0:
+        d0, a0, b0 = numba.uint64(d0), numba.uint64(a0), numba.uint64(b0)
+        for j in range(numba.uint64(n)):
+            dst[d0 + j] = a[a0 + j] | b[b0 + j]
+
+
+@numba.njit(cache=True, nogil=True)
+def _any(src, s0, n):
+    acc = src[0] ^ src[0]
+    s0 = numba.uint64(s0)
+    for q in range(numba.uint64(n)):
+        acc |= src[s0 + q]
+    return acc != 0
+
+
+@numba.njit(cache=True, nogil=True)
+def _span(src, s0, m):
+    """First and end index (relative to ``s0``) of the chunks of ``src[s0:s0 + m]`` holding a
+    non-zero value (``(0, 0)``: none). One streaming pass decides a zero row; only a non-zero row
+    is looked at chunk by chunk."""
+    if m <= 0 or not _any(src, s0, m):
+        return 0, 0
     first, last = -1, 0
     for c in range(0, m, _SCAN):
-        acc = src[c] ^ src[c]
-        part = src[c:min(c + _SCAN, m)]
-        for q in range(part.size):
-            acc |= part[q]
-        if acc != 0:
+        if _any(src, s0 + c, min(_SCAN, m - c)):
             if first < 0:
                 first = c
             last = min(c + _SCAN, m)
-    return (first, last) if first >= 0 else (0, 0)
+    return first, last
 
 
 @numba.njit(cache=True, nogil=True)
-def _piece_span(pieces, pitch, present, ex, i, j, rr, c0, n, buf, fill):
-    """Copy the non-zero span of piece ``(i, j)`` on row ``rr`` (columns ``c0:c0 + n`` of the
-    block) into ``buf``; returns that span in ``buf`` coordinates (``(0, 0)``: none)."""
-    a = max(c0, ex[j]) - c0
-    b = min(c0 + n, ex[j + 1]) - c0
-    if a >= b:
-        return 0, 0
-    k = 3 * i + j
-    if not present[k]:
-        if fill == 0:
-            return 0, 0
-        _fill(buf[a:b], fill)
-        return a, b
-    start = rr * pitch[k] - ex[j] + c0
-    src = pieces[k][start + a:start + b]
-    f, e = _span(src)
-    if e <= f:
-        return 0, 0
-    _put(buf[a + f:a + e], src[f:e])
-    return a + f, a + e
-
-
-@numba.njit(cache=True, nogil=True)
-def _zero_gap(buf, ex, j, c0, n, lo, hi, f, e):
-    """Zeros on the part of piece ``j``'s columns inside ``[lo, hi)`` that its span ``[f, e)`` left unwritten."""
-    a = max(max(c0, ex[j]) - c0, lo)
-    b = min(min(c0 + n, ex[j + 1]) - c0, hi)
+def _zero_gap(buf, a, b, lo, hi, f, e):
+    """Zeros on the part of ``[a, b)`` inside ``[lo, hi)`` that the span ``[f, e)`` left unwritten."""
+    a, b = max(a, lo), min(b, hi)
     if a >= b:
         return
     zero = buf[0] ^ buf[0]
     if e <= f:
-        _fill(buf[a:b], zero)
-    else:
-        _fill(buf[a:max(a, f)], zero)
-        _fill(buf[min(b, e):b], zero)
+        _fill(buf, a, b - a, zero)
+        return
+    if a < f:
+        _fill(buf, a, f - a, zero)
+    if e < b:
+        _fill(buf, e, b - e, zero)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -564,96 +578,115 @@ def _fetch_row(pieces, pitch, present, ey, ex, r, c0, n, buf, fill):
     """
     i = 0 if r < ey[1] else (1 if r < ey[2] else 2)
     rr = r - ey[i]
-    f0, e0 = _piece_span(pieces, pitch, present, ex, i, 0, rr, c0, n, buf, fill)
-    f1, e1 = _piece_span(pieces, pitch, present, ex, i, 1, rr, c0, n, buf, fill)
-    f2, e2 = _piece_span(pieces, pitch, present, ex, i, 2, rr, c0, n, buf, fill)
     lo, hi = n, 0
-    if e0 > f0:
-        lo, hi = f0, e0
-    if e1 > f1:
-        lo, hi = min(lo, f1), max(hi, e1)
-    if e2 > f2:
-        lo, hi = min(lo, f2), max(hi, e2)
+    f0, e0, f1, e1, f2, e2 = 0, 0, 0, 0, 0, 0
+    for j in range(3):
+        a = max(c0, ex[j]) - c0
+        b = min(c0 + n, ex[j + 1]) - c0
+        if a >= b:
+            continue
+        k = 3 * i + j
+        f, e = 0, 0
+        if present[k]:
+            src = pieces[k]
+            start = rr * pitch[k] - ex[j] + c0 + a
+            f, e = _span(src, start, b - a)
+            if e > f:
+                _put(buf, a + f, src, start + f, e - f)
+                f, e = f + a, e + a
+        elif fill != 0:
+            _fill(buf, a, b - a, fill)
+            f, e = a, b
+        if e > f:
+            lo, hi = min(lo, f), max(hi, e)
+        if j == 0:
+            f0, e0 = f, e
+        elif j == 1:
+            f1, e1 = f, e
+        else:
+            f2, e2 = f, e
     if lo >= hi:
         return 0, 0
-    _zero_gap(buf, ex, 0, c0, n, lo, hi, f0, e0)
-    _zero_gap(buf, ex, 1, c0, n, lo, hi, f1, e1)
-    _zero_gap(buf, ex, 2, c0, n, lo, hi, f2, e2)
+    if (e0 > f0) + (e1 > f1) + (e2 > f2) > 1:  # zeros between the spans of different pieces
+        _zero_gap(buf, max(c0, ex[0]) - c0, min(c0 + n, ex[1]) - c0, lo, hi, f0, e0)
+        _zero_gap(buf, max(c0, ex[1]) - c0, min(c0 + n, ex[2]) - c0, lo, hi, f1, e1)
+        _zero_gap(buf, max(c0, ex[2]) - c0, min(c0 + n, ex[3]) - c0, lo, hi, f2, e2)
     return lo, hi
 
 
 @numba.njit(cache=True, nogil=True)
-def _run_or(buf, w, n, dest, t1, t2):
-    """``dest[j] = buf[j] | ... | buf[j + w - 1]`` for ``j < n``.
+def _or_pass(dst, d0, src, s0, n, d1, d2, d3):
+    """``dst[d0 + j] = src[s0 + j] | src[s0 + j + d1] | src[s0 + j + d2] | src[s0 + j + d3]`` for ``j < n``."""
+    d0, s0, d1, d2, d3 = numba.uint64(d0), numba.uint64(s0), numba.uint64(d1), numba.uint64(d2), numba.uint64(d3)
+    for j in range(numba.uint64(n)):
+        q = s0 + j
+        dst[d0 + j] = src[q] | src[q + d1] | src[q + d2] | src[q + d3]
+
+
+@numba.njit(cache=True, nogil=True)
+def _or_pass2(dst, d0, src, s0, n, d1):
+    """``dst[d0 + j] = src[s0 + j] | src[s0 + j + d1]`` for ``j < n``."""
+    d0, s0, d1 = numba.uint64(d0), numba.uint64(s0), numba.uint64(d1)
+    for j in range(numba.uint64(n)):
+        dst[d0 + j] = src[s0 + j] | src[s0 + j + d1]
+
+
+@numba.njit(cache=True, nogil=True)
+def _run_or(buf, s0, w, n, dest, d0, t1, t2):
+    """``dest[d0 + j] = buf[s0 + j] | ... | buf[s0 + j + w - 1]`` for ``j < n``.
 
     Each pass widens the runs up to four times (``W'[j] = W[j] | W[j + d] | W[j + 2d] | W[j + e]``,
     the last shift chosen so the runs end exactly at the target width, overlaps being harmless
     for an OR): ``ceil(log4(w))`` passes over the row, e.g. 3 for ``w = 21`` (4, 16, 21).
     """
-    src = buf
+    if n <= 0:
+        return
+    if w == 1:
+        _put(dest, d0, buf, s0, n)
+        return
+    src, start = buf, s0
     d = 1
     level = 0
     while d < w:
         t = min(4 * d, w)
-        dst = dest if t == w else (t1 if level % 2 == 0 else t2)
         m = n + w - t
-        if t <= 2 * d:
-            s1 = src[t - d:]
-            for j in range(m):
-                dst[j] = src[j] | s1[j]
-        elif t <= 3 * d:
-            s1, s2 = src[d:], src[t - d:]
-            for j in range(m):
-                dst[j] = src[j] | s1[j] | s2[j]
-        else:
-            s1, s2, s3 = src[d:], src[2 * d:], src[t - d:]
-            for j in range(m):
-                dst[j] = src[j] | s1[j] | s2[j] | s3[j]
-        src = dst
+        if t == w and t <= 2 * d:
+            _or_pass2(dest, d0, src, start, n, t - d)
+            return
+        if t == w:
+            _or_pass(dest, d0, src, start, n, min(d, t - d), min(2 * d, t - d), t - d)
+            return
+        dst = t1 if level % 2 == 0 else t2
+        _or_pass(dst, 0, src, start, m, min(d, t - d), min(2 * d, t - d), t - d)
+        src, start = dst, 0
         d = t
         level += 1
-    if w == 1:
-        _put(dest[:n], buf[:n])
 
 
 @numba.njit(cache=True, nogil=True)
-def _or_rows(dst, a, b):
-    for j in range(dst.size):
-        dst[j] = a[j] | b[j]
-
-
-@numba.njit(cache=True, nogil=True)
-def _fill(dst, value):
-    for j in range(dst.size):
-        dst[j] = value
-
-
-@numba.njit(cache=True, nogil=True)
-def _put(dst, a):
-    for j in range(dst.size):
-        dst[j] = a[j]
-
-
-@numba.njit(cache=True, nogil=True)
-def _merge(dst, a, alo, ahi, b, blo, bhi, whole, dst_is_a):
-    """``dst = a | b`` where ``a`` is zero outside ``[alo, ahi)`` and ``b`` outside ``[blo, bhi)``;
-    written on the hull of both spans (and zeros on the rest of ``dst`` when ``whole``).
+def _merge(dst, d0, a, a0, alo, ahi, b, b0, blo, bhi, n, whole, dst_is_a):
+    """Row ``dst[d0:d0 + n] = a | b`` (rows at ``a0``, ``b0``) where ``a`` is zero outside
+    ``[alo, ahi)`` and ``b`` outside ``[blo, bhi)``; written on the hull of both spans (and zeros on
+    the rest of the row when ``whole``).
 
     ``dst`` may be ``a`` (say so with ``dst_is_a``: its own span is then left as it is) or ``b``.
     Returns the hull (``(0, 0)`` when both are empty).
     """
+    zero = dst[0] ^ dst[0]
     if ahi <= alo:
         alo, ahi = blo, blo
     if bhi <= blo:
         blo, bhi = alo, alo
     lo, hi = min(alo, blo), max(ahi, bhi)
     if hi <= lo:
-        lo, hi = 0, 0
+        if whole:
+            _fill(dst, d0, n, zero)
+        return 0, 0
     if whole:
-        _fill(dst[:lo], dst[0] ^ dst[0])
-        _fill(dst[hi:], dst[0] ^ dst[0])
+        _fill(dst, d0, lo, zero)
+        _fill(dst, d0 + hi, n - hi, zero)
     if alo == blo and ahi == bhi:
-        _or_rows(dst[lo:hi], a[lo:hi], b[lo:hi])
+        _or_rows(dst, d0 + lo, a, a0 + lo, b, b0 + lo, hi - lo)
         return lo, hi
     c0, c1, c2, c3 = min(alo, blo), max(alo, blo), min(ahi, bhi), max(ahi, bhi)
     c1, c2 = min(c1, c2), max(c1, c2)
@@ -664,29 +697,29 @@ def _merge(dst, a, alo, ahi, b, blo, bhi, whole, dst_is_a):
         in_a = alo <= x and x < ahi
         in_b = blo <= x and x < bhi
         if in_a and in_b:
-            _or_rows(dst[x:y], a[x:y], b[x:y])
+            _or_rows(dst, d0 + x, a, a0 + x, b, b0 + x, y - x)
         elif in_a:
             if not dst_is_a:
-                _put(dst[x:y], a[x:y])
+                _put(dst, d0 + x, a, a0 + x, y - x)
         elif in_b:
-            _put(dst[x:y], b[x:y])
+            _put(dst, d0 + x, b, b0 + x, y - x)
         else:
-            _fill(dst[x:y], dst[0] ^ dst[0])
+            _fill(dst, d0 + x, y - x, zero)
     return lo, hi
 
 
 @numba.njit(cache=True, nogil=True)
-def _row_or(pieces, pitch, present, ey, ex, r, c0, kx, nx, buf, t1, t2, dest, fill):
-    """Row ``r`` ORed along x over runs of ``kx`` into ``dest``, on the span of outputs it can
-    reach; returns that span (``(0, 0)``, ``dest`` untouched, for a zero row)."""
-    width = nx + kx - 1
-    blo, bhi = _fetch_row(pieces, pitch, present, ey, ex, r, c0, width, buf, fill)
+def _row_or(pieces, pitch, present, ey, ex, r, c0, kx, nx, buf, t1, t2, dest, d0, fill):
+    """Row ``r`` ORed along x over runs of ``kx`` into ``dest[d0:d0 + nx]``, on the span of outputs
+    it can reach; returns that span (``(0, 0)``, ``dest`` untouched, for a zero row)."""
+    blo, bhi = _fetch_row(pieces, pitch, present, ey, ex, r, c0, nx + kx - 1, buf, fill)
     if bhi <= blo:
         return 0, 0
     lo, hi = max(0, blo - kx + 1), min(nx, bhi)
-    _fill(buf[lo:blo], fill ^ fill)
-    _fill(buf[bhi:hi + kx - 1], fill ^ fill)
-    _run_or(buf[lo:], kx, hi - lo, dest[lo:], t1, t2)
+    zero = fill ^ fill
+    _fill(buf, lo, blo - lo, zero)
+    _fill(buf, bhi, hi + kx - 1 - bhi, zero)
+    _run_or(buf, lo, kx, hi - lo, dest, d0 + lo, t1, t2)
     return lo, hi
 
 
@@ -704,37 +737,39 @@ def _or_box(pieces, pitch, present, ey, ex, off, ny, nx, v0, v1, u0, u1, fill):
     """
     ky, kx = v1 - v0, u1 - u0
     dt = pieces[4].dtype
-    out = np.empty((ny, nx), dtype=dt)
+    out = np.empty(ny * nx, dtype=dt)
     width = nx + kx - 1
     buf, t1, t2 = np.empty(width, dt), np.empty(width, dt), np.empty(width, dt)
-    seg, nxt = np.empty((ky, nx), dt), np.empty((ky, nx), dt)
+    seg, nxt = np.empty(ky * nx, dt), np.empty(ky * nx, dt)
     seg_s, nxt_s = np.zeros((ky, 2), np.int64), np.zeros((ky, 2), np.int64)
     pre = np.empty(nx, dt)
+    zero = fill ^ fill
     r0, c0 = off + v0, off + u0
     for a in range(ky):
         seg_s[a, 0], seg_s[a, 1] = _row_or(pieces, pitch, present, ey, ex, r0 + a, c0, kx, nx, buf, t1, t2,
-                                           seg[a], fill)
+                                           seg, a * nx, fill)
     s0 = 0
     while True:
-        for a in range(ky - 2, -1, -1):
-            seg_s[a, 0], seg_s[a, 1] = _merge(seg[a], seg[a], seg_s[a, 0], seg_s[a, 1],
-                                              seg[a + 1], seg_s[a + 1, 0], seg_s[a + 1, 1], False, True)
-        _merge(out[s0], seg[0], seg_s[0, 0], seg_s[0, 1], seg[0], 0, 0, True, False)
+        for a in range(ky - 2, -1, -1):  # suffix ORs (empty spans: nothing to do)
+            if seg_s[a + 1, 1] > seg_s[a + 1, 0]:
+                seg_s[a, 0], seg_s[a, 1] = _merge(seg, a * nx, seg, a * nx, seg_s[a, 0], seg_s[a, 1],
+                                                  seg, (a + 1) * nx, seg_s[a + 1, 0], seg_s[a + 1, 1], nx, False, True)
+        _merge(out, s0 * nx, seg, 0, seg_s[0, 0], seg_s[0, 1], seg, 0, 0, 0, nx, True, False)
         cnt = min(ky, ny - s0)
         plo, phi = 0, 0
         for a in range(1, cnt):
-            row = nxt[a - 1]
             rlo, rhi = _row_or(pieces, pitch, present, ey, ex, r0 + s0 + ky + a - 1, c0, kx, nx, buf, t1, t2,
-                               row, fill)
+                               nxt, (a - 1) * nx, fill)
             nxt_s[a - 1, 0], nxt_s[a - 1, 1] = rlo, rhi
-            plo, phi = _merge(pre, pre, plo, phi, row, rlo, rhi, False, True)
-            _merge(out[s0 + a], seg[a], seg_s[a, 0], seg_s[a, 1], pre, plo, phi, True, False)
+            if rhi > rlo:  # running prefix OR
+                plo, phi = _merge(pre, 0, pre, 0, plo, phi, nxt, (a - 1) * nx, rlo, rhi, nx, False, True)
+            _merge(out, (s0 + a) * nx, seg, a * nx, seg_s[a, 0], seg_s[a, 1], pre, 0, plo, phi, nx, True, False)
         s0 += ky
         if s0 >= ny:
-            return out
+            return out.reshape((ny, nx))
         for a in range(cnt - 1, ky):
             nxt_s[a, 0], nxt_s[a, 1] = _row_or(pieces, pitch, present, ey, ex, r0 + s0 + a, c0, kx, nx, buf, t1,
-                                               t2, nxt[a], fill)
+                                               t2, nxt, a * nx, fill)
         seg, nxt = nxt, seg
         seg_s, nxt_s = nxt_s, seg_s
 
@@ -747,7 +782,7 @@ def _or_footprint(pieces, pitch, present, ey, ex, off, ny, nx, k, run_v, run_u, 
     two of them into the output row it feeds (2 ORs per run and pixel); zero rows are skipped.
     """
     dt = pieces[4].dtype
-    out = np.zeros((ny, nx), dtype=dt)
+    out = np.zeros(ny * nx, dtype=dt)
     width = nx + k - 1
     top = 1
     for n in range(run_w.size):
@@ -756,20 +791,17 @@ def _or_footprint(pieces, pitch, present, ey, ex, off, ny, nx, k, run_v, run_u, 
     nlev = 1
     while (1 << nlev) <= top:
         nlev += 1
-    lev = np.empty((nlev, width), dt)
+    lev = np.empty(nlev * width, dt)
+    zero = fill ^ fill
     for r in range(ny + k - 1):
-        row = lev[0]
-        lo, hi = _fetch_row(pieces, pitch, present, ey, ex, off + r, off, width, row, fill)
+        lo, hi = _fetch_row(pieces, pitch, present, ey, ex, off + r, off, width, lev, fill)
         if hi <= lo:
             continue
-        _fill(row[:lo], fill ^ fill)
-        _fill(row[hi:], fill ^ fill)
+        _fill(lev, 0, lo, zero)
+        _fill(lev, hi, width - hi, zero)
         for q in range(1, nlev):
             d = 1 << (q - 1)
-            src, dst = lev[q - 1], lev[q]
-            ahead = src[d:]
-            for j in range(width - 2 * d + 1):
-                dst[j] = src[j] | ahead[j]
+            _or_pass2(lev, q * width, lev, (q - 1) * width, width - 2 * d + 1, d)
         for n in range(run_v.size):
             i = r - run_v[n]
             if i < 0 or i >= ny:
@@ -778,11 +810,16 @@ def _or_footprint(pieces, pitch, present, ey, ex, off, ny, nx, k, run_v, run_u, 
             q = 0
             while (2 << q) <= w:
                 q += 1
-            first, second = lev[q, u:], lev[q, u + w - (1 << q):]
-            o = out[i]
-            for j in range(nx):
-                o[j] |= first[j] | second[j]
-    return out
+            _or_into(out, i * nx, lev, q * width + u, w - (1 << q), nx)
+    return out.reshape((ny, nx))
+
+
+@numba.njit(cache=True, nogil=True)
+def _or_into(dst, d0, src, s0, sh, n):
+    """``dst[d0 + j] |= src[s0 + j] | src[s0 + j + sh]`` for ``j < n``."""
+    d0, s0, sh = numba.uint64(d0), numba.uint64(s0), numba.uint64(sh)
+    for j in range(numba.uint64(n)):
+        dst[d0 + j] |= src[s0 + j] | src[s0 + j + sh]
 
 
 def _footprint_runs(footprint: np.ndarray):
