@@ -568,13 +568,14 @@ def _zero_gap(buf, a, b, lo, hi, f, e):
 
 
 @numba.njit(cache=True, nogil=True)
-def _fetch_row(pieces, pitch, present, ey, ex, r, c0, n, buf, fill):
+def _fetch_row(center, strips, base, pitch, present, ey, ex, r, c0, n, buf, fill):
     """The non-zero span ``[lo, hi)`` of row ``r``, columns ``c0:c0 + n``, of the halo'd block laid
     out by ``ey``/``ex``, with ``buf[lo:hi]`` holding those values (``(0, 0)``: an all-zero row; the
     rest of ``buf`` is not written).
 
-    ``pieces`` are the nine pieces (row-major) as flat arrays with row pitch ``pitch[k]``;
-    ``present[k]`` is False where piece ``k`` lies outside the exposure (read as ``fill``).
+    Piece ``k`` (row-major over the nine) is ``center`` for ``k = 4``, else the part of ``strips``
+    from ``base[k]`` on; rows ``pitch[k]`` apart. ``present[k]`` is False where piece ``k`` lies
+    outside the exposure (read as ``fill``).
     """
     i = 0 if r < ey[1] else (1 if r < ey[2] else 2)
     rr = r - ey[i]
@@ -588,8 +589,8 @@ def _fetch_row(pieces, pitch, present, ey, ex, r, c0, n, buf, fill):
         k = 3 * i + j
         f, e = 0, 0
         if present[k]:
-            src = pieces[k]
-            start = rr * pitch[k] - ex[j] + c0 + a
+            src = center if k == 4 else strips
+            start = base[k] + rr * pitch[k] - ex[j] + c0 + a
             f, e = _span(src, start, b - a)
             if e > f:
                 _put(buf, a + f, src, start + f, e - f)
@@ -709,10 +710,10 @@ def _merge(dst, d0, a, a0, alo, ahi, b, b0, blo, bhi, n, whole, dst_is_a):
 
 
 @numba.njit(cache=True, nogil=True)
-def _row_or(pieces, pitch, present, ey, ex, r, c0, kx, nx, buf, t1, t2, dest, d0, fill):
+def _row_or(center, strips, base, pitch, present, ey, ex, r, c0, kx, nx, buf, t1, t2, dest, d0, fill):
     """Row ``r`` ORed along x over runs of ``kx`` into ``dest[d0:d0 + nx]``, on the span of outputs
     it can reach; returns that span (``(0, 0)``, ``dest`` untouched, for a zero row)."""
-    blo, bhi = _fetch_row(pieces, pitch, present, ey, ex, r, c0, nx + kx - 1, buf, fill)
+    blo, bhi = _fetch_row(center, strips, base, pitch, present, ey, ex, r, c0, nx + kx - 1, buf, fill)
     if bhi <= blo:
         return 0, 0
     lo, hi = max(0, blo - kx + 1), min(nx, bhi)
@@ -724,7 +725,7 @@ def _row_or(pieces, pitch, present, ey, ex, r, c0, kx, nx, buf, t1, t2, dest, d0
 
 
 @numba.njit(cache=True, nogil=True)
-def _or_box(pieces, pitch, present, ey, ex, off, ny, nx, v0, v1, u0, u1, fill):
+def _or_box(center, strips, base, pitch, present, ey, ex, off, ny, nx, v0, v1, u0, u1, fill):
     """OR over the rectangle ``[v0, v1) x [u0, u1)`` of kernel taps: ``out[i, j]`` is the OR of the
     halo'd block at rows ``off + i + v0 ... off + i + v1 - 1``, columns ``off + j + u0 ... off + j + u1 - 1``.
 
@@ -736,7 +737,7 @@ def _or_box(pieces, pitch, present, ey, ex, off, ny, nx, v0, v1, u0, u1, fill):
     a read and a write.
     """
     ky, kx = v1 - v0, u1 - u0
-    dt = pieces[4].dtype
+    dt = center.dtype
     out = np.empty(ny * nx, dtype=dt)
     width = nx + kx - 1
     buf, t1, t2 = np.empty(width, dt), np.empty(width, dt), np.empty(width, dt)
@@ -746,7 +747,7 @@ def _or_box(pieces, pitch, present, ey, ex, off, ny, nx, v0, v1, u0, u1, fill):
     zero = fill ^ fill
     r0, c0 = off + v0, off + u0
     for a in range(ky):
-        seg_s[a, 0], seg_s[a, 1] = _row_or(pieces, pitch, present, ey, ex, r0 + a, c0, kx, nx, buf, t1, t2,
+        seg_s[a, 0], seg_s[a, 1] = _row_or(center, strips, base, pitch, present, ey, ex, r0 + a, c0, kx, nx, buf, t1, t2,
                                            seg, a * nx, fill)
     s0 = 0
     while True:
@@ -758,7 +759,7 @@ def _or_box(pieces, pitch, present, ey, ex, off, ny, nx, v0, v1, u0, u1, fill):
         cnt = min(ky, ny - s0)
         plo, phi = 0, 0
         for a in range(1, cnt):
-            rlo, rhi = _row_or(pieces, pitch, present, ey, ex, r0 + s0 + ky + a - 1, c0, kx, nx, buf, t1, t2,
+            rlo, rhi = _row_or(center, strips, base, pitch, present, ey, ex, r0 + s0 + ky + a - 1, c0, kx, nx, buf, t1, t2,
                                nxt, (a - 1) * nx, fill)
             nxt_s[a - 1, 0], nxt_s[a - 1, 1] = rlo, rhi
             if rhi > rlo:  # running prefix OR
@@ -768,20 +769,20 @@ def _or_box(pieces, pitch, present, ey, ex, off, ny, nx, v0, v1, u0, u1, fill):
         if s0 >= ny:
             return out.reshape((ny, nx))
         for a in range(cnt - 1, ky):
-            nxt_s[a, 0], nxt_s[a, 1] = _row_or(pieces, pitch, present, ey, ex, r0 + s0 + a, c0, kx, nx, buf, t1,
+            nxt_s[a, 0], nxt_s[a, 1] = _row_or(center, strips, base, pitch, present, ey, ex, r0 + s0 + a, c0, kx, nx, buf, t1,
                                                t2, nxt, a * nx, fill)
         seg, nxt = nxt, seg
         seg_s, nxt_s = nxt_s, seg_s
 
 
 @numba.njit(cache=True, nogil=True)
-def _or_footprint(pieces, pitch, present, ey, ex, off, ny, nx, k, run_v, run_u, run_w, fill):
+def _or_footprint(center, strips, base, pitch, present, ey, ex, off, ny, nx, k, run_v, run_u, run_w, fill):
     """OR over runs of taps ``(v, u .. u + w - 1)`` of a ``k x k`` footprint, each input row read once.
 
     Every non-zero input row gets its doubled runs (widths 1, 2, 4, ...) once; each run then ORs
     two of them into the output row it feeds (2 ORs per run and pixel); zero rows are skipped.
     """
-    dt = pieces[4].dtype
+    dt = center.dtype
     out = np.zeros(ny * nx, dtype=dt)
     width = nx + k - 1
     top = 1
@@ -794,7 +795,7 @@ def _or_footprint(pieces, pitch, present, ey, ex, off, ny, nx, k, run_v, run_u, 
     lev = np.empty(nlev * width, dt)
     zero = fill ^ fill
     for r in range(ny + k - 1):
-        lo, hi = _fetch_row(pieces, pitch, present, ey, ex, off + r, off, width, lev, fill)
+        lo, hi = _fetch_row(center, strips, base, pitch, present, ey, ex, off + r, off, width, lev, fill)
         if hi <= lo:
             continue
         _fill(lev, 0, lo, zero)
@@ -860,9 +861,16 @@ def _dilate(pieces, ey, ex, off, shape, footprint, fill, dtype):
     (run_v, run_u, run_w), rect = _footprint_runs(footprint)
     if ny <= 0 or nx <= 0 or run_v.size == 0:
         return np.zeros((max(ny, 0), max(nx, 0)), dtype=dtype)
-    flat = [_flat(p, dtype) for p in pieces]
-    args = (tuple(f for f, _ in flat), np.array([p for _, p in flat], np.int64),
-            np.array([p is not None for p in pieces], np.bool_),
+    center, pitch4 = _flat(pieces[4], dtype)
+    # the eight edge strips, small, copied into one buffer (each read as one contiguous run)
+    strips = [np.ascontiguousarray(p, dtype) if p is not None and p.size else np.zeros((1, 1), dtype)
+              for k, p in enumerate(pieces) if k != 4]
+    sizes = np.array([s.size for s in strips])
+    base = np.insert(np.concatenate([[0], np.cumsum(sizes)[:-1]]), 4, 0).astype(np.int64)
+    pitch = np.array([s.shape[1] for s in strips[:4]] + [pitch4] + [s.shape[1] for s in strips[4:]], np.int64)
+    flat_strips = np.concatenate([s.ravel() for s in strips])
+    flat_strips.flags.writeable = False
+    args = (center, flat_strips, base, pitch, np.array([p is not None for p in pieces], np.bool_),
             np.asarray(ey, np.int64), np.asarray(ex, np.int64), off, ny, nx)
     fill = dtype.type(fill)
     if rect is not None:
