@@ -495,55 +495,423 @@ def correlate_direct(ext: np.ndarray, kernel: np.ndarray) -> np.ndarray:
     return out
 
 
-@numba.njit(cache=True, nogil=True)
-def _or_box(ext, h):
-    """Separable OR over a full ``(2h+1)²`` box: along x per row, then along y (both contiguous in x)."""
-    ny, nx = ext.shape[0] - 2 * h, ext.shape[1] - 2 * h
-    rows = np.empty((ext.shape[0], nx), dtype=ext.dtype)
-    for i in range(ext.shape[0]):
-        acc = rows[i]
-        src = ext[i]
-        acc[:] = src[:nx]
-        for u in range(1, 2 * h + 1):
-            part = src[u:u + nx]
-            for j in range(nx):
-                acc[j] |= part[j]
-    out = np.empty((ny, nx), dtype=ext.dtype)
-    for i in range(ny):
-        acc = out[i]
-        acc[:] = rows[i]
-        for v in range(1, 2 * h + 1):
-            part = rows[i + v]
-            for j in range(nx):
-                acc[j] |= part[j]
-    return out
+_SCAN = 64  # elements per chunk when looking for the non-zero span of a row
+
+# The row helpers below take flat arrays with start offsets and lengths instead of slices (a slice
+# costs about 10 ns, many times per row) and index with unsigned integers, which numba does not
+# wrap around, so the loops vectorise. Offsets and lengths are never negative.
 
 
 @numba.njit(cache=True, nogil=True)
-def _or_footprint(ext, offsets_v, offsets_u, h):
-    ny, nx = ext.shape[0] - 2 * h, ext.shape[1] - 2 * h
-    out = np.zeros((ny, nx), dtype=ext.dtype)
-    for n in range(offsets_v.size):
-        v, u = offsets_v[n], offsets_u[n]
-        for i in range(ny):
-            for j in range(nx):
-                out[i, j] |= ext[i + v, j + u]
-    return out
+def _fill(dst, d0, n, value):
+    if n > 0:
+        d0 = numba.uint64(d0)
+        for j in range(numba.uint64(n)):
+            dst[d0 + j] = value
+
+
+@numba.njit(cache=True, nogil=True)
+def _put(dst, d0, src, s0, n):
+    if n > 0:
+        d0, s0 = numba.uint64(d0), numba.uint64(s0)
+        for j in range(numba.uint64(n)):
+            dst[d0 + j] = src[s0 + j]
+
+
+@numba.njit(cache=True, nogil=True)
+def _or_rows(dst, d0, a, a0, b, b0, n):
+    if n > 0:
+        d0, a0, b0 = numba.uint64(d0), numba.uint64(a0), numba.uint64(b0)
+        for j in range(numba.uint64(n)):
+            dst[d0 + j] = a[a0 + j] | b[b0 + j]
+
+
+@numba.njit(cache=True, nogil=True)
+def _any(src, s0, n):
+    acc = src[0] ^ src[0]
+    s0 = numba.uint64(s0)
+    for q in range(numba.uint64(n)):
+        acc |= src[s0 + q]
+    return acc != 0
+
+
+@numba.njit(cache=True, nogil=True)
+def _span(src, s0, m):
+    """First and end index (relative to ``s0``) of the chunks of ``src[s0:s0 + m]`` holding a
+    non-zero value (``(0, 0)``: none). One streaming pass decides a zero row; only a non-zero row
+    is looked at chunk by chunk."""
+    if m <= 0 or not _any(src, s0, m):
+        return 0, 0
+    first, last = -1, 0
+    for c in range(0, m, _SCAN):
+        if _any(src, s0 + c, min(_SCAN, m - c)):
+            if first < 0:
+                first = c
+            last = min(c + _SCAN, m)
+    return first, last
+
+
+@numba.njit(cache=True, nogil=True)
+def _zero_gap(buf, a, b, lo, hi, f, e):
+    """Zeros on the part of ``[a, b)`` inside ``[lo, hi)`` that the span ``[f, e)`` left unwritten."""
+    a, b = max(a, lo), min(b, hi)
+    if a >= b:
+        return
+    zero = buf[0] ^ buf[0]
+    if e <= f:
+        _fill(buf, a, b - a, zero)
+        return
+    if a < f:
+        _fill(buf, a, f - a, zero)
+    if e < b:
+        _fill(buf, e, b - e, zero)
+
+
+@numba.njit(cache=True, nogil=True)
+def _fetch_row(center, strips, base, pitch, present, ey, ex, r, c0, n, buf, fill):
+    """The non-zero span ``[lo, hi)`` of row ``r``, columns ``c0:c0 + n``, of the halo'd block laid
+    out by ``ey``/``ex``, with ``buf[lo:hi]`` holding those values (``(0, 0)``: an all-zero row; the
+    rest of ``buf`` is not written).
+
+    Piece ``k`` (row-major over the nine) is ``center`` for ``k = 4``, else the part of ``strips``
+    from ``base[k]`` on; rows ``pitch[k]`` apart. ``present[k]`` is False where piece ``k`` lies
+    outside the exposure (read as ``fill``).
+    """
+    i = 0 if r < ey[1] else (1 if r < ey[2] else 2)
+    rr = r - ey[i]
+    lo, hi = n, 0
+    f0, e0, f1, e1, f2, e2 = 0, 0, 0, 0, 0, 0
+    for j in range(3):
+        a = max(c0, ex[j]) - c0
+        b = min(c0 + n, ex[j + 1]) - c0
+        if a >= b:
+            continue
+        k = 3 * i + j
+        f, e = 0, 0
+        if present[k]:
+            src = center if k == 4 else strips
+            start = base[k] + rr * pitch[k] - ex[j] + c0 + a
+            f, e = _span(src, start, b - a)
+            if e > f:
+                _put(buf, a + f, src, start + f, e - f)
+                f, e = f + a, e + a
+        elif fill != 0:
+            _fill(buf, a, b - a, fill)
+            f, e = a, b
+        if e > f:
+            lo, hi = min(lo, f), max(hi, e)
+        if j == 0:
+            f0, e0 = f, e
+        elif j == 1:
+            f1, e1 = f, e
+        else:
+            f2, e2 = f, e
+    if lo >= hi:
+        return 0, 0
+    if (e0 > f0) + (e1 > f1) + (e2 > f2) > 1:  # zeros between the spans of different pieces
+        _zero_gap(buf, max(c0, ex[0]) - c0, min(c0 + n, ex[1]) - c0, lo, hi, f0, e0)
+        _zero_gap(buf, max(c0, ex[1]) - c0, min(c0 + n, ex[2]) - c0, lo, hi, f1, e1)
+        _zero_gap(buf, max(c0, ex[2]) - c0, min(c0 + n, ex[3]) - c0, lo, hi, f2, e2)
+    return lo, hi
+
+
+@numba.njit(cache=True, nogil=True)
+def _or_pass(dst, d0, src, s0, n, d1, d2, d3):
+    """``dst[d0 + j] = src[s0 + j] | src[s0 + j + d1] | src[s0 + j + d2] | src[s0 + j + d3]`` for ``j < n``."""
+    d0, s0, d1, d2, d3 = numba.uint64(d0), numba.uint64(s0), numba.uint64(d1), numba.uint64(d2), numba.uint64(d3)
+    for j in range(numba.uint64(n)):
+        q = s0 + j
+        dst[d0 + j] = src[q] | src[q + d1] | src[q + d2] | src[q + d3]
+
+
+@numba.njit(cache=True, nogil=True)
+def _or_pass2(dst, d0, src, s0, n, d1):
+    """``dst[d0 + j] = src[s0 + j] | src[s0 + j + d1]`` for ``j < n``."""
+    d0, s0, d1 = numba.uint64(d0), numba.uint64(s0), numba.uint64(d1)
+    for j in range(numba.uint64(n)):
+        dst[d0 + j] = src[s0 + j] | src[s0 + j + d1]
+
+
+@numba.njit(cache=True, nogil=True)
+def _run_or(buf, s0, w, n, dest, d0, t1, t2):
+    """``dest[d0 + j] = buf[s0 + j] | ... | buf[s0 + j + w - 1]`` for ``j < n``.
+
+    Each pass widens the runs up to four times (``W'[j] = W[j] | W[j + d] | W[j + 2d] | W[j + e]``,
+    the last shift chosen so the runs end exactly at the target width, overlaps being harmless
+    for an OR): ``ceil(log4(w))`` passes over the row, e.g. 3 for ``w = 21`` (4, 16, 21).
+    """
+    if n <= 0:
+        return
+    if w == 1:
+        _put(dest, d0, buf, s0, n)
+        return
+    src, start = buf, s0
+    d = 1
+    level = 0
+    while d < w:
+        t = min(4 * d, w)
+        m = n + w - t
+        if t == w and t <= 2 * d:
+            _or_pass2(dest, d0, src, start, n, t - d)
+            return
+        if t == w:
+            _or_pass(dest, d0, src, start, n, min(d, t - d), min(2 * d, t - d), t - d)
+            return
+        dst = t1 if level % 2 == 0 else t2
+        _or_pass(dst, 0, src, start, m, min(d, t - d), min(2 * d, t - d), t - d)
+        src, start = dst, 0
+        d = t
+        level += 1
+
+
+@numba.njit(cache=True, nogil=True)
+def _merge(dst, d0, a, a0, alo, ahi, b, b0, blo, bhi, n, whole, dst_is_a):
+    """Row ``dst[d0:d0 + n] = a | b`` (rows at ``a0``, ``b0``) where ``a`` is zero outside
+    ``[alo, ahi)`` and ``b`` outside ``[blo, bhi)``; written on the hull of both spans (and zeros on
+    the rest of the row when ``whole``).
+
+    ``dst`` may be ``a`` (say so with ``dst_is_a``: its own span is then left as it is) or ``b``.
+    Returns the hull (``(0, 0)`` when both are empty).
+    """
+    zero = dst[0] ^ dst[0]
+    if ahi <= alo:
+        alo, ahi = blo, blo
+    if bhi <= blo:
+        blo, bhi = alo, alo
+    lo, hi = min(alo, blo), max(ahi, bhi)
+    if hi <= lo:
+        if whole:
+            _fill(dst, d0, n, zero)
+        return 0, 0
+    if whole:
+        _fill(dst, d0, lo, zero)
+        _fill(dst, d0 + hi, n - hi, zero)
+    if alo == blo and ahi == bhi:
+        _or_rows(dst, d0 + lo, a, a0 + lo, b, b0 + lo, hi - lo)
+        return lo, hi
+    c0, c1, c2, c3 = min(alo, blo), max(alo, blo), min(ahi, bhi), max(ahi, bhi)
+    c1, c2 = min(c1, c2), max(c1, c2)
+    for c in range(3):
+        x, y = (c0, c1) if c == 0 else ((c1, c2) if c == 1 else (c2, c3))
+        if y <= x:
+            continue
+        in_a = alo <= x and x < ahi
+        in_b = blo <= x and x < bhi
+        if in_a and in_b:
+            _or_rows(dst, d0 + x, a, a0 + x, b, b0 + x, y - x)
+        elif in_a:
+            if not dst_is_a:
+                _put(dst, d0 + x, a, a0 + x, y - x)
+        elif in_b:
+            _put(dst, d0 + x, b, b0 + x, y - x)
+        else:
+            _fill(dst, d0 + x, y - x, zero)
+    return lo, hi
+
+
+@numba.njit(cache=True, nogil=True)
+def _row_or(center, strips, base, pitch, present, ey, ex, r, c0, kx, nx, buf, t1, t2, dest, d0, fill):
+    """Row ``r`` ORed along x over runs of ``kx`` into ``dest[d0:d0 + nx]``, on the span of outputs
+    it can reach; returns that span (``(0, 0)``, ``dest`` untouched, for a zero row)."""
+    blo, bhi = _fetch_row(center, strips, base, pitch, present, ey, ex, r, c0, nx + kx - 1, buf, fill)
+    if bhi <= blo:
+        return 0, 0
+    lo, hi = max(0, blo - kx + 1), min(nx, bhi)
+    zero = fill ^ fill
+    _fill(buf, lo, blo - lo, zero)
+    _fill(buf, bhi, hi + kx - 1 - bhi, zero)
+    _run_or(buf, lo, kx, hi - lo, dest, d0 + lo, t1, t2)
+    return lo, hi
+
+
+@numba.njit(cache=True, nogil=True)
+def _or_box(center, strips, base, pitch, present, ey, ex, off, ny, nx, v0, v1, u0, u1, fill):
+    """OR over the rectangle ``[v0, v1) x [u0, u1)`` of kernel taps: ``out[i, j]`` is the OR of the
+    halo'd block at rows ``off + i + v0 ... off + i + v1 - 1``, columns ``off + j + u0 ... off + j + u1 - 1``.
+
+    Separable: every input row is ORed along x over runs of ``u1 - u0`` (:func:`_run_or`), then the
+    rows along y with van Herk/Gil-Werman segments of ``v1 - v0`` rows (a suffix OR inside the
+    segment, a running prefix OR in the next one: 3 ORs per pixel whatever the height). Only two
+    segments of row results live at a time (in cache). Each row result carries the span of columns
+    where it can be non-zero, and every pass works on spans only: the empty parts of a mask cost
+    a read and a write.
+    """
+    ky, kx = v1 - v0, u1 - u0
+    dt = center.dtype
+    out = np.empty(ny * nx, dtype=dt)
+    width = nx + kx - 1
+    buf, t1, t2 = np.empty(width, dt), np.empty(width, dt), np.empty(width, dt)
+    seg, nxt = np.empty(ky * nx, dt), np.empty(ky * nx, dt)
+    seg_s, nxt_s = np.zeros((ky, 2), np.int64), np.zeros((ky, 2), np.int64)
+    pre = np.empty(nx, dt)
+    zero = fill ^ fill
+    r0, c0 = off + v0, off + u0
+    for a in range(ky):
+        seg_s[a, 0], seg_s[a, 1] = _row_or(center, strips, base, pitch, present, ey, ex, r0 + a, c0, kx, nx, buf, t1, t2,
+                                           seg, a * nx, fill)
+    s0 = 0
+    while True:
+        for a in range(ky - 2, -1, -1):  # suffix ORs (empty spans: nothing to do)
+            if seg_s[a + 1, 1] > seg_s[a + 1, 0]:
+                seg_s[a, 0], seg_s[a, 1] = _merge(seg, a * nx, seg, a * nx, seg_s[a, 0], seg_s[a, 1],
+                                                  seg, (a + 1) * nx, seg_s[a + 1, 0], seg_s[a + 1, 1], nx, False, True)
+        _merge(out, s0 * nx, seg, 0, seg_s[0, 0], seg_s[0, 1], seg, 0, 0, 0, nx, True, False)
+        cnt = min(ky, ny - s0)
+        plo, phi = 0, 0
+        for a in range(1, cnt):
+            rlo, rhi = _row_or(center, strips, base, pitch, present, ey, ex, r0 + s0 + ky + a - 1, c0, kx, nx, buf, t1, t2,
+                               nxt, (a - 1) * nx, fill)
+            nxt_s[a - 1, 0], nxt_s[a - 1, 1] = rlo, rhi
+            if rhi > rlo:  # running prefix OR
+                plo, phi = _merge(pre, 0, pre, 0, plo, phi, nxt, (a - 1) * nx, rlo, rhi, nx, False, True)
+            _merge(out, (s0 + a) * nx, seg, a * nx, seg_s[a, 0], seg_s[a, 1], pre, 0, plo, phi, nx, True, False)
+        s0 += ky
+        if s0 >= ny:
+            return out.reshape((ny, nx))
+        for a in range(cnt - 1, ky):
+            nxt_s[a, 0], nxt_s[a, 1] = _row_or(center, strips, base, pitch, present, ey, ex, r0 + s0 + a, c0, kx, nx, buf, t1,
+                                               t2, nxt, a * nx, fill)
+        seg, nxt = nxt, seg
+        seg_s, nxt_s = nxt_s, seg_s
+
+
+@numba.njit(cache=True, nogil=True)
+def _or_footprint(center, strips, base, pitch, present, ey, ex, off, ny, nx, k, run_v, run_u, run_w, fill):
+    """OR over runs of taps ``(v, u .. u + w - 1)`` of a ``k x k`` footprint, each input row read once.
+
+    Every non-zero input row gets its doubled runs (widths 1, 2, 4, ...) once; each run then ORs
+    two of them into the output row it feeds (2 ORs per run and pixel); zero rows are skipped.
+    """
+    dt = center.dtype
+    out = np.zeros(ny * nx, dtype=dt)
+    width = nx + k - 1
+    top = 1
+    for n in range(run_w.size):
+        while 2 * top <= run_w[n]:
+            top *= 2
+    nlev = 1
+    while (1 << nlev) <= top:
+        nlev += 1
+    lev = np.empty(nlev * width, dt)
+    zero = fill ^ fill
+    for r in range(ny + k - 1):
+        lo, hi = _fetch_row(center, strips, base, pitch, present, ey, ex, off + r, off, width, lev, fill)
+        if hi <= lo:
+            continue
+        _fill(lev, 0, lo, zero)
+        _fill(lev, hi, width - hi, zero)
+        for q in range(1, nlev):
+            d = 1 << (q - 1)
+            _or_pass2(lev, q * width, lev, (q - 1) * width, width - 2 * d + 1, d)
+        for n in range(run_v.size):
+            i = r - run_v[n]
+            if i < 0 or i >= ny:
+                continue
+            w, u = run_w[n], run_u[n]
+            q = 0
+            while (2 << q) <= w:
+                q += 1
+            _or_into(out, i * nx, lev, q * width + u, w - (1 << q), nx)
+    return out.reshape((ny, nx))
+
+
+@numba.njit(cache=True, nogil=True)
+def _or_into(dst, d0, src, s0, sh, n):
+    """``dst[d0 + j] |= src[s0 + j] | src[s0 + j + sh]`` for ``j < n``."""
+    d0, s0, sh = numba.uint64(d0), numba.uint64(s0), numba.uint64(sh)
+    for j in range(numba.uint64(n)):
+        dst[d0 + j] |= src[s0 + j] | src[s0 + j + sh]
+
+
+def _footprint_runs(footprint: np.ndarray):
+    """The non-zero taps as horizontal runs ``(v, u, width)`` and, when they fill their bounding
+    rectangle, that rectangle ``(v0, v1, u0, u1)`` (else None)."""
+    fp = np.asarray(footprint) != 0
+    rows, cols = np.nonzero(fp)
+    rect = None
+    if rows.size and fp[rows.min():rows.max() + 1, cols.min():cols.max() + 1].all():
+        rect = (int(rows.min()), int(rows.max()) + 1, int(cols.min()), int(cols.max()) + 1)
+    padded = np.zeros((fp.shape[0], fp.shape[1] + 2), np.int8)
+    padded[:, 1:-1] = fp
+    step = np.diff(padded, axis=1)
+    sv, su = np.nonzero(step == 1)
+    _, eu = np.nonzero(step == -1)
+    return (sv.astype(np.int64), su.astype(np.int64), (eu - su).astype(np.int64)), rect
+
+
+def _flat(piece: np.ndarray | None, dtype) -> tuple[np.ndarray, int]:
+    """A 2-D piece as a read-only flat unit-stride view of its memory and its row pitch (no copy
+    when its rows are contiguous); one zero for a missing or empty piece (never read)."""
+    if piece is None or piece.size == 0:
+        piece = np.zeros((1, 1), dtype)
+    if piece.dtype != dtype:
+        piece = piece.astype(dtype)
+    item = piece.itemsize
+    if piece.strides[1] != item or piece.strides[0] % item or piece.strides[0] < 0:
+        piece = np.ascontiguousarray(piece)
+    pitch = piece.strides[0] // item if piece.shape[0] > 1 else piece.shape[1]
+    span = (piece.shape[0] - 1) * pitch + piece.shape[1]
+    return np.lib.stride_tricks.as_strided(piece, shape=(span,), strides=(item,), writeable=False), pitch
+
+
+def _dilate(pieces, ey, ex, off, shape, footprint, fill, dtype):
+    """OR-dilate the halo'd block given by its nine pieces (row-major, None where missing)."""
+    k = footprint.shape[0]
+    ny, nx = shape
+    (run_v, run_u, run_w), rect = _footprint_runs(footprint)
+    if ny <= 0 or nx <= 0 or run_v.size == 0:
+        return np.zeros((max(ny, 0), max(nx, 0)), dtype=dtype)
+    center, pitch4 = _flat(pieces[4], dtype)
+    # the eight edge strips, small, copied into one buffer (each read as one contiguous run)
+    strips = [np.ascontiguousarray(p, dtype) if p is not None and p.size else np.zeros((1, 1), dtype)
+              for k, p in enumerate(pieces) if k != 4]
+    sizes = np.array([s.size for s in strips])
+    base = np.insert(np.concatenate([[0], np.cumsum(sizes)[:-1]]), 4, 0).astype(np.int64)
+    pitch = np.array([s.shape[1] for s in strips[:4]] + [pitch4] + [s.shape[1] for s in strips[4:]], np.int64)
+    flat_strips = np.concatenate([s.ravel() for s in strips])
+    flat_strips.flags.writeable = False
+    args = (center, flat_strips, base, pitch, np.array([p is not None for p in pieces], np.bool_),
+            np.asarray(ey, np.int64), np.asarray(ex, np.int64), off, ny, nx)
+    fill = dtype.type(fill)
+    if rect is not None:
+        return _or_box(*args, *rect, fill)
+    return _or_footprint(*args, k, run_v, run_u, run_w, fill)
+
+
+def _check_footprint(footprint: np.ndarray) -> int:
+    k = footprint.shape[0]
+    if footprint.ndim != 2 or footprint.shape[1] != k or k % 2 == 0:
+        raise ValueError(f"the footprint must be square and odd, got shape {footprint.shape}")
+    return k // 2
 
 
 def or_dilate(ext: np.ndarray, footprint: np.ndarray) -> np.ndarray:
     """Bitwise OR of ``ext`` over the non-zero taps of ``footprint`` (odd, square), valid region.
 
-    Integer or boolean arrays; a full footprint takes a separable path.
+    ``out[i, j] = OR ext[i + v, j + u]`` over the taps ``(v, u)``; integer or boolean arrays. A
+    footprint whose taps fill a rectangle (the full box, a bar, one pixel) takes the separable
+    path (``ceil(log4(width)) + 3`` ORs per pixel); any other goes by horizontal runs.
     """
-    k = footprint.shape[0]
-    h = k // 2
+    h = _check_footprint(footprint)
     is_bool = ext.dtype == np.bool_
     arr = ext.view(np.uint8) if is_bool else ext
-    arr = np.ascontiguousarray(arr)
-    if np.all(footprint):
-        out = _or_box(arr, h)
-    else:
-        vv, uu = np.nonzero(footprint)
-        out = _or_footprint(arr, vv.astype(np.int64), uu.astype(np.int64), h)
+    ny, nx = arr.shape[0] - 2 * h, arr.shape[1] - 2 * h
+    pieces = (None,) * 4 + (arr,) + (None,) * 4
+    out = _dilate(pieces, (0, 0, arr.shape[0], arr.shape[0]), (0, 0, arr.shape[1], arr.shape[1]), 0, (ny, nx),
+                  footprint, 0, arr.dtype)
     return out.view(np.bool_) if is_bool else out
+
+
+def or_dilate_halo(halo: Halo, footprint: np.ndarray, *, crop: int = 0, fill=0, dtype=None) -> np.ndarray:
+    """:func:`or_dilate` of a :class:`Halo` without assembling it (the pieces are read row by row).
+
+    ``crop`` pixels are dropped on every side of the halo'd block first (a halo deeper than the
+    footprint's radius); missing pieces read as ``fill``; the pieces are read as ``dtype``
+    (default: the block's own).
+    """
+    h = _check_footprint(footprint)
+    dt = np.dtype(halo.pieces[1][1].dtype if dtype is None else dtype)
+    ey, ex = halo.edges_y, halo.edges_x
+    ny, nx = ey[3] - 2 * (h + crop), ex[3] - 2 * (h + crop)
+    pieces = tuple(halo.pieces[i][j] for i in range(3) for j in range(3))
+    return _dilate(pieces, ey, ex, crop, (ny, nx), footprint, fill, dt)

@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from scipy import fft as sfft
 
 from ._kernels_convolve import Halo, correlate_direct, correlate_lowrank, correlate_varying, or_dilate
+from ._kernels_convolve import or_dilate_halo
 from .errors import PsfMatchError, SchemaError
 from .model.geometry import Box
 from .model.masks import bitmask
@@ -1110,8 +1111,12 @@ def _variance_block(ext, *, geom, kern, block_info=None, loc=None):
 
 
 def _mask_block(ext, *, geom, kern, block_info=None, loc=None):
-    loc, ext = _prepare(ext, geom, kern, block_info, loc, fill=0)
-    out = or_dilate(np.ascontiguousarray(ext, dtype=np.uint32), kern["footprint"])
+    if isinstance(ext, Halo) and loc is not None:
+        # the pieces are read row by row where they are: no assembled copy of the halo'd block
+        out = or_dilate_halo(ext, kern["footprint"], crop=geom["depth"] - kern["h"], fill=0, dtype=np.uint32)
+    else:
+        loc, ext = _prepare(ext, geom, kern, block_info, loc, fill=0)
+        out = or_dilate(ext.astype(np.uint32, copy=False), kern["footprint"])
     return _set_border(out, loc, geom["shape"], kern["h"], np.uint32(geom["no_data"]))
 
 
