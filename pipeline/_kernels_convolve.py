@@ -16,7 +16,8 @@ import numba
 import numpy as np
 import scipy.fft as sfft
 
-__all__ = ["Halo", "correlate_varying", "correlate_lowrank", "or_dilate", "correlate_direct", "plan_tiles"]
+__all__ = ["Halo", "correlate_varying", "correlate_lowrank", "kernel_spectra", "or_dilate", "correlate_direct",
+           "plan_tiles"]
 
 
 class Halo(NamedTuple):
@@ -264,6 +265,8 @@ def correlate_lowrank(
     dtype=np.float32,
     valid: tuple[int, int, int, int] | None = None,
     check: bool = False,
+    rect: tuple[int, int, int, int] | None = None,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """Spatially varying correlation through a few fixed kernel images, in float32 transforms.
 
@@ -282,23 +285,28 @@ def correlate_lowrank(
     cheapest measured plan (:func:`plan_tiles`). Input pixels outside ``valid`` (rows ``r0:r1``,
     columns ``c0:c1`` of ``ext``; default all) and, with ``check``, non-finite ones enter as the tile
     constant ``c``: outputs that do not reach them are unchanged, the others are the caller's to
-    replace.
+    replace. ``rect`` (rows ``y0:y1``, columns ``x0:x1`` of the output; default all) limits the
+    work to that part, written into ``out`` (a float32 array of the output's shape, default new zeros).
     """
     n_r, k, k2 = basis.shape
     if k != k2 or k % 2 == 0:
         raise ValueError(f"kernels must be square and odd, got {k}x{k2}")
     h = k // 2
     ny, nx = ext.shape[0] - 2 * h, ext.shape[1] - 2 * h
-    out = np.zeros((max(ny, 0), max(nx, 0)), dtype=np.float32)
-    if ny <= 0 or nx <= 0:
+    if out is None:
+        out = np.zeros((max(ny, 0), max(nx, 0)), dtype=np.float32)
+    elif out.shape != (max(ny, 0), max(nx, 0)) or out.dtype != np.float32:
+        raise ValueError(f"out must be float32 of shape {(max(ny, 0), max(nx, 0))}, got {out.dtype} {out.shape}")
+    ry0, ry1, rx0, rx1 = (0, ny, 0, nx) if rect is None else rect
+    if not (0 <= ry0 <= ry1 <= max(ny, 0) and 0 <= rx0 <= rx1 <= max(nx, 0)):
+        raise ValueError(f"rect {rect} is not inside the output ({ny}, {nx})")
+    if ry1 <= ry0 or rx1 <= rx0:
         return out
     if tile is None:
-        ty, fy, tx, fx = plan_tiles(ny, nx, h)
+        ty, fy, tx, fx = plan_tiles(ry1 - ry0, rx1 - rx0, h)
     else:
-        (ty, fy), (tx, fx) = _tiles(ny, tile, h), _tiles(nx, tile, h)
-    padded = np.zeros((n_r, fy, fx), dtype=dtype)
-    padded[:, :k, :k] = basis[:, ::-1, ::-1]
-    spectra = sfft.rfft2(padded, axes=(-2, -1), workers=1)
+        (ty, fy), (tx, fx) = _tiles(ry1 - ry0, tile, h), _tiles(rx1 - rx0, tile, h)
+    spectra = kernel_spectra(basis, fy, fx, dtype)
     buf = np.zeros((fy, fx), dtype=dtype)
     prod = np.empty(spectra.shape[1:], dtype=spectra.dtype)
     if row_weights.shape[0] != n_r + 1:
@@ -313,10 +321,10 @@ def correlate_lowrank(
     halo = isinstance(ext, Halo)
     if halo and check:
         raise ValueError("a Halo input must be finite (assemble it to skip non-finite pixels)")
-    for y0 in range(0, ny, ty):
-        y1 = min(y0 + ty, ny)
-        for x0 in range(0, nx, tx):
-            x1 = min(x0 + tx, nx)
+    for y0 in range(ry0, ry1, ty):
+        y1 = min(y0 + ty, ry1)
+        for x0 in range(rx0, rx1, tx):
+            x1 = min(x0 + tx, rx1)
             # what lies past a short edge window never reaches a valid output (no wrap-around)
             if halo:
                 c = _load_halo(buf, ext, y0, y1 + 2 * h, x0, x1 + 2 * h)
@@ -324,12 +332,25 @@ def correlate_lowrank(
                 c = _load_centred(buf, ext, y0, y1 + 2 * h, x0, x1 + 2 * h, r0, r1, c0, c1, check)
             spec = sfft.rfft2(buf, workers=1)
             convs = []
+            # one image at a time: a spectrum and its transform stay in cache (a batched call is slower)
             for r in range(n_r):
                 np.multiply(spectra[r], spec, out=prod)
                 convs.append(sfft.irfft2(prod, s=(fy, fx), workers=1, overwrite_x=True))
             _combine_lowrank(out, tuple(convs), c, dep_rows, dep_cols, const_rows, norm_rows, col_terms, power,
                              y0, y1, x0, x1, 2 * h)
     return out
+
+
+def kernel_spectra(kernels: np.ndarray, fy: int, fx: int, dtype=np.float64) -> np.ndarray:
+    """``rfft2`` of each kernel flipped (correlation) into the corner of an ``fy x fx`` array, in ``dtype``.
+
+    Only the first ``k`` rows are non-zero: the transform along x runs on those rows alone, then the
+    one along y (zero-padded to ``fy``), about half the work of transforming the padded stack.
+    """
+    n_r, k = kernels.shape[0], kernels.shape[1]
+    rows = np.zeros((n_r, k, fx), dtype=dtype)
+    rows[:, :, :k] = kernels[:, ::-1, ::-1]
+    return sfft.fft(sfft.rfft(rows, axis=-1, workers=1), n=fy, axis=-2, workers=1)
 
 
 def _load_halo(buf, halo, ya, yb, xa, xb):

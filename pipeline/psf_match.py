@@ -23,7 +23,7 @@ import dask
 import dask.array as da
 import numpy as np
 import xarray as xr
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from scipy import fft as sfft
 
 from ._kernels_convolve import Halo, correlate_direct, correlate_lowrank, correlate_varying, or_dilate
@@ -131,6 +131,20 @@ class ModelPsfMatchConfig(BaseModel):
         2e-2, gt=0, le=0.1,
         description="low-rank: largest L1 norm of the error of K² relative to sum(K²) at every pixel "
         "(relative variance error <= this x max/min variance under the kernel)")
+    low_rank_region: int = Field(
+        1000, ge=0, le=1_000_000,
+        description="low-rank: side in pixels of the square regions (a fixed grid from the exposure's first "
+        "pixel) over whose own pixels the kernel images are chosen; smaller regions see less of the "
+        "kernel's variation and need fewer images, at a fixed cost per region. Results do not depend on the "
+        "chunking; chunks that are multiples of it cost least. 0: one set for the whole exposure")
+
+    @field_validator("low_rank_region")
+    @classmethod
+    def _check_region(cls, v: int) -> int:
+        if 0 < v < 64:
+            raise ValueError(f"low_rank_region must be 0 (whole exposure) or at least 64 px, got {v}")
+        return v
+
     solve_tolerance: float = Field(
         5e-4, ge=0, le=0.1,
         description="truncated-SVD solve (per cell and spatial fit): use the fewest singular directions of the "
@@ -1059,12 +1073,45 @@ def _halo_finite(ext, geom, kern) -> bool:
     return True
 
 
+def _regions(box: Box, kern: dict):
+    """The low-rank regions that meet ``box``: ``(region, part of box inside it)`` pairs.
+
+    Regions are squares of ``kern["region"]`` pixels on a grid anchored at the exposure's first
+    pixel (one region, the exposure, when 0), so which images serve a pixel does not depend on the
+    chunking.
+    """
+    ebox, size = kern["exposure_box"], kern["region"]
+    if not size or (size >= ebox.width and size >= ebox.height):
+        return [(ebox, box)]
+    out = []
+    for ry in range((box.y0 - ebox.y0) // size, (box.y1 - 1 - ebox.y0) // size + 1):
+        for rx in range((box.x0 - ebox.x0) // size, (box.x1 - 1 - ebox.x0) // size + 1):
+            region = Box(ebox.x0 + rx * size, ebox.y0 + ry * size,
+                         min(ebox.x0 + (rx + 1) * size, ebox.x1), min(ebox.y0 + (ry + 1) * size, ebox.y1))
+            out.append((region, region.intersect(box)))
+    return out
+
+
 def _lowrank_plane(ext, loc, geom, kern, plane: str, check: bool = False):
-    """The low-rank correlation of one block of ``plane`` (image: kernel, variance: squared kernel)."""
-    part = kern[plane]
+    """The low-rank correlation of one block of ``plane`` (image: kernel, variance: squared kernel).
+
+    Each low-rank region the block meets is correlated with its own images (chosen over the whole
+    region, sampled at least as densely as the exposure-wide choice), on FFT tiles of that part.
+    """
+    (ya, yb), (xa, xb) = loc
+    block = Box(geom["x0"] + xa, geom["y0"] + ya, geom["x0"] + xb, geom["y0"] + yb)
     power = 1 if plane == "image" else 2
-    return correlate_lowrank(ext, part["basis"], *_lowrank_rows(loc, geom, kern, part), power, tile=kern["tile"],
-                             dtype=kern["fft_dtype"], valid=_valid_rect(loc, geom, kern["h"], ext.shape), check=check)
+    valid = _valid_rect(loc, geom, kern["h"], ext.shape)
+    out = None
+    for region, part_box in _regions(block, kern):
+        if region == kern["exposure_box"]:
+            part = kern[plane]
+        else:
+            part = _low_rank_part(plane, kern, region, _sample_counts(region, kern["spacing"]))
+        rect = (part_box.y0 - block.y0, part_box.y1 - block.y0, part_box.x0 - block.x0, part_box.x1 - block.x0)
+        out = correlate_lowrank(ext, part["basis"], *_lowrank_rows(loc, geom, kern, part), power, tile=kern["tile"],
+                                dtype=kern["fft_dtype"], valid=valid, check=check, rect=rect, out=out)
+    return out
 
 
 def _image_block(ext, *, geom, kern, block_info=None, loc=None):
@@ -1115,24 +1162,26 @@ def _mask_block(ext, *, geom, kern, block_info=None, loc=None):
     return _set_border(out, loc, geom["shape"], kern["h"], np.uint32(geom["no_data"]))
 
 
-_ERROR_SAMPLES = 65  # sample positions per axis where the low-rank kernel error is evaluated
+_ERROR_SAMPLES = 65  # sample positions per axis where the exposure-wide low-rank kernel error is evaluated
 _LOWRANK_TILE = None  # FFT tiles of the low-rank path: the cheapest measured plan per block (plan_tiles)
 
 
-def _low_rank(kernels: np.ndarray, g: np.ndarray, scale: np.ndarray, tol: float):
+def _low_rank(kernels: np.ndarray, g: np.ndarray, scale: np.ndarray, tol: float, sampled: np.ndarray | None = None):
     """Fewest kernel images spanning ``sum_m g_m K_m`` within ``tol`` (L1, relative to ``scale``).
 
     ``kernels`` ``(M, k, k)``; ``g`` ``(n_pos, M)`` the spatial functions at sample positions;
-    ``scale`` ``(n_pos,)`` positive. The images are the leading right singular vectors of the
-    kernel family sampled at the positions (each divided by its scale); each ``K_m`` is projected
-    on them and its lost sum put back on the first image, so every approximate kernel keeps the
-    exact sum (the result then does not depend on the constant taken out of each tile). The rank
-    is the smallest whose largest sampled L1 error is at most ``tol / 2`` (the half keeps the
-    bound between samples). Returns the images ``(R, k, k)``, the mixing matrix ``(M, R)``
+    ``scale`` ``(n_pos,)`` positive; ``sampled`` ``(n_pos, k * k)``, if given, the family
+    ``g @ kernels`` itself (computed otherwise). The images are the leading right singular vectors
+    of the kernel family sampled at the positions (each divided by its scale); each ``K_m`` is
+    projected on them and its lost sum put back on the first image, so every approximate kernel
+    keeps the exact sum (the result then does not depend on the constant taken out of each tile).
+    The rank is the smallest whose largest sampled L1 error is at most ``tol / 2`` (the half keeps
+    the bound between samples). Returns the images ``(R, k, k)``, the mixing matrix ``(M, R)``
     (``K_m ~ sum_r mix[m, r] V_r``) and the largest sampled relative error.
     """
     m, k = kernels.shape[0], kernels.shape[1]
     flat = kernels.reshape(m, -1)
+    family = g @ flat if sampled is None else sampled
     # the family (g / scale) @ flat has the right singular vectors of r @ flat, (g / scale) = q r
     r = np.linalg.qr(g / scale[:, None], mode="r")
     _, sv, vt = np.linalg.svd(r @ flat, full_matrices=False)
@@ -1144,8 +1193,8 @@ def _low_rank(kernels: np.ndarray, g: np.ndarray, scale: np.ndarray, tol: float)
         first = v[0].sum()
         if abs(first) > 1e-6 * np.abs(v[0]).sum():
             mix[:, 0] += (sums - mix @ v.sum(axis=1)) / first
-        resid = flat - mix @ v
-        err = float((np.abs(g @ resid).sum(axis=1) / scale).max())
+        # the sampled approximate family is (g @ mix) @ v: rank x k² per position, not M x k²
+        err = float((np.abs(family - (g @ mix) @ v).sum(axis=1) / scale).max())
         best = (v, mix, err)
         if err <= tol / 2 or not sv[rank - 1] > 0:
             break
@@ -1161,29 +1210,56 @@ def _axis_coefficients(weights: np.ndarray, terms, n_axis: int) -> np.ndarray:
     return out
 
 
-def _low_rank_arrays(comps, sums, square_terms, square_kernels, kernel_model, box: Box, config) -> dict:
-    order, kind, cbox = kernel_model.order, kernel_model.spatial_model_type, kernel_model.box
-    xs = np.linspace(box.x0, box.x1 - 1, min(_ERROR_SAMPLES, box.width))
-    ys = np.linspace(box.y0, box.y1 - 1, min(_ERROR_SAMPLES, box.height))
-    tx = _axis_terms(_scaled(xs, cbox[0], cbox[2]), 2 * order, kind)
-    ty = _axis_terms(_scaled(ys, cbox[1], cbox[3]), 2 * order, kind)
+def _sample_counts(box: Box, spacing: tuple[float, float]) -> tuple[int, int]:
+    """Sample positions per axis over ``box`` spaced at most ``spacing`` apart (ends included)."""
+    return tuple(n if n <= 2 else min(n, math.ceil((n - 1) / s - 1e-9) + 1)
+                 for n, s in ((box.width, spacing[0]), (box.height, spacing[1])))
+
+
+def _low_rank_part(plane: str, kern: dict, box: Box, counts: tuple[int, int]) -> dict:
+    """The low-rank images and weights of ``plane`` over the output pixels of ``box``.
+
+    ``kern`` holds the component kernels (``comps``, ``sums``), the squared model (``square_terms``,
+    ``square_kernels``), the spatial model (``box``, ``order``, ``kind``) and the tolerances. The
+    kernel family is sampled on ``counts`` positions per axis; the squared family is the square of
+    the sampled kernels (``K² = sum_q g_q Q_q`` exactly).
+    """
+    order, kind, cbox = kern["order"], kern["kind"], kern["box"]
+    comps, sums = kern["comps"], kern["sums"]
+    xs = np.linspace(box.x0, box.x1 - 1, counts[0])
+    ys = np.linspace(box.y0, box.y1 - 1, counts[1])
+    top = 2 * order if plane == "variance" else order
+    tx = _axis_terms(_scaled(xs, cbox[0], cbox[2]), top, kind)
+    ty = _axis_terms(_scaled(ys, cbox[1], cbox[3]), top, kind)
 
     def at_samples(terms):
-        return np.array([np.outer(ty[b], tx[a]).ravel() for a, b in terms]).T
+        a, b = np.array([t[0] for t in terms]), np.array([t[1] for t in terms])
+        return (ty[b][:, :, None] * tx[a][:, None, :]).reshape(len(terms), -1).T
 
     pairs = _spatial_pairs(order)
     f = at_samples(pairs)
-    basis, mix, err = _low_rank(comps, f, np.abs(f @ sums), config.max_kernel_error)
-    image = {"basis": basis, "error": err,
-             "coef": _axis_coefficients(np.column_stack([mix, sums]), pairs, order + 1),
-             "norm": _axis_coefficients(sums[:, None], pairs, order + 1)[0]}
-    q = at_samples(square_terms)
-    qsums = square_kernels.sum(axis=(1, 2))
-    vbasis, vmix, verr = _low_rank(square_kernels, q, np.abs(q @ qsums), config.max_variance_kernel_error)
-    variance = {"basis": vbasis, "error": verr,
-                "coef": _axis_coefficients(np.column_stack([vmix, qsums]), square_terms, 2 * order + 1),
-                "norm": _axis_coefficients(sums[:, None], pairs, 2 * order + 1)[0]}
-    return {"image": image, "variance": variance}
+    family = f @ comps.reshape(comps.shape[0], -1)
+    if plane == "image":
+        basis, mix, err = _low_rank(comps, f, np.abs(f @ sums), kern["tol"], sampled=family)
+        return {"basis": basis, "error": err,
+                "coef": _axis_coefficients(np.column_stack([mix, sums]), pairs, order + 1),
+                "norm": _axis_coefficients(sums[:, None], pairs, order + 1)[0]}
+    terms, squares = kern["square_terms"], kern["square_kernels"]
+    q = at_samples(terms)
+    qsums = squares.sum(axis=(1, 2))
+    basis, mix, err = _low_rank(squares, q, np.abs(q @ qsums), kern["variance_tol"], sampled=family * family)
+    return {"basis": basis, "error": err,
+            "coef": _axis_coefficients(np.column_stack([mix, qsums]), terms, 2 * order + 1),
+            "norm": _axis_coefficients(sums[:, None], pairs, 2 * order + 1)[0]}
+
+
+def _low_rank_arrays(comps, sums, square_terms, square_kernels, kernel_model, box: Box, config) -> dict:
+    """The exposure-wide low-rank parts (``image``, ``variance``) over ``box``, 65 samples per axis."""
+    kern = {"comps": comps, "sums": sums, "square_terms": square_terms, "square_kernels": square_kernels,
+            "order": kernel_model.order, "kind": kernel_model.spatial_model_type, "box": kernel_model.box,
+            "tol": config.max_kernel_error, "variance_tol": config.max_variance_kernel_error}
+    counts = (min(_ERROR_SAMPLES, box.width), min(_ERROR_SAMPLES, box.height))
+    return {plane: _low_rank_part(plane, kern, box, counts) for plane in ("image", "variance")}
 
 
 def _kernel_arrays(kernel_model: KernelModel, box: Box | None = None, config: ModelPsfMatchConfig | None = None) -> dict:
@@ -1198,11 +1274,14 @@ def _kernel_arrays(kernel_model: KernelModel, box: Box | None = None, config: Mo
         "fft_dtype": np.dtype(config.fft_precision),
         "footprint": np.any(kernel_model.basis[used] != 0, axis=0),
         "box": kernel_model.box, "order": kernel_model.order, "kind": kernel_model.spatial_model_type,
+        "comps": comps, "sums": sums, "square_terms": square_terms, "square_kernels": square_kernels,
     }
-    if config.convolution == "exact":
-        out.update(comps=comps, sums=sums, square_terms=square_terms, square_kernels=square_kernels)
-    else:
+    if config.convolution == "low-rank":
         out.update(_low_rank_arrays(comps, sums, square_terms, square_kernels, kernel_model, box, config))
+        # regions are sampled at least as densely as the exposure (the margin argument carries over)
+        out.update(region=config.low_rank_region, exposure_box=box, tol=config.max_kernel_error,
+                   variance_tol=config.max_variance_kernel_error,
+                   spacing=tuple(max(n - 1, 1) / max(min(_ERROR_SAMPLES, n) - 1, 1) for n in (box.width, box.height)))
     return out
 
 
