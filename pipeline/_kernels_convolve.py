@@ -317,6 +317,13 @@ def correlate_lowrank(
     dep_rows = np.ascontiguousarray(row_weights[:n_r], dtype=dtype)
     dep_cols = np.ascontiguousarray(col_terms, dtype=dtype)
     const_rows = np.ascontiguousarray(row_weights[n_r], dtype=np.float64)
+    # axis terms the normaliser does not use (the variance pads N to the order of K²) are skipped
+    used = np.flatnonzero(np.any(norm_rows != 0, axis=1))
+    norm_rows = norm_rows[: used[-1] + 1 if used.size else 1]
+    # the constant's weight is often the normaliser itself (the image: sum of K = N); then the
+    # constant term is c / N**(power - 1) without evaluating a second field
+    const_is_norm = bool(const_rows.shape[0] >= norm_rows.shape[0] and not np.any(const_rows[norm_rows.shape[0]:])
+                         and np.allclose(const_rows[: norm_rows.shape[0]], norm_rows, rtol=1e-13, atol=0))
     r0, r1, c0, c1 = (0, ext.shape[0], 0, ext.shape[1]) if valid is None else valid
     halo = isinstance(ext, Halo)
     if halo and check:
@@ -337,7 +344,7 @@ def correlate_lowrank(
                 np.multiply(spectra[r], spec, out=prod)
                 convs.append(sfft.irfft2(prod, s=(fy, fx), workers=1, overwrite_x=True))
             _combine_lowrank(out, tuple(convs), c, dep_rows, dep_cols, const_rows, norm_rows, col_terms, power,
-                             y0, y1, x0, x1, 2 * h)
+                             y0, y1, x0, x1, 2 * h, const_is_norm)
     return out
 
 
@@ -447,19 +454,24 @@ def _load_centred(buf, ext, ya, yb, xa, xb, r0, r1, c0, c1, check):
 
 
 @numba.njit(cache=True, nogil=True, fastmath=True)
-def _combine_lowrank(out, convs, c, dep_rows, dep_cols, const_rows, norm_rows, col_terms, power, y0, y1, x0, x1, off):
+def _combine_lowrank(out, convs, c, dep_rows, dep_cols, const_rows, norm_rows, col_terms, power, y0, y1, x0, x1, off,
+                     const_is_norm):
     """``out[y, x] = (sum_r W_r convs[r] + c W_R) / N**power`` over the tile (see ``correlate_lowrank``).
 
     The departures ``sum_r W_r convs[r]`` are summed in the transforms' precision (``dep_rows``,
-    ``dep_cols`` of that dtype); the constant term ``c W_R`` and the normaliser ``N`` in float64.
+    ``dep_cols`` of that dtype); the constant term ``c W_R`` and the normaliser ``N`` in float64
+    (``norm_rows`` may use fewer axis terms than the others). With ``const_is_norm`` (``W_R = N``) the
+    constant term is ``c / N**(power - 1)``.
     """
     n_r = len(convs)
     n_a = col_terms.shape[0]
+    n_n = norm_rows.shape[0]
     nx = x1 - x0
     w = np.zeros(nx, dtype=dep_cols.dtype)
     acc = np.zeros(nx, dtype=dep_cols.dtype)
     base = np.empty(nx)
     nrm = np.empty(nx)
+    nrmt = np.empty(nx, dtype=dep_cols.dtype)
     for i in range(y0, y1):
         ci = off + i - y0
         for r in range(n_r):
@@ -479,23 +491,39 @@ def _combine_lowrank(out, convs, c, dep_rows, dep_cols, const_rows, norm_rows, c
             else:
                 for j in range(nx):
                     acc[j] += w[j] * cr[j]
-        cb = const_rows[0, i] * c
-        cn = norm_rows[0, i]
-        cta64 = col_terms[0, x0:x1]
-        for j in range(nx):
-            base[j] = cb * cta64[j]
-            nrm[j] = cn * cta64[j]
-        for a in range(1, n_a):
-            cb = const_rows[a, i] * c
-            cn = norm_rows[a, i]
-            cta64 = col_terms[a, x0:x1]
-            for j in range(nx):
-                base[j] += cb * cta64[j]
-                nrm[j] += cn * cta64[j]
-        o = out[i, x0:x1]
         if n_r == 0:
             for j in range(nx):
                 acc[j] = 0.0
+        cn = norm_rows[0, i]
+        cta64 = col_terms[0, x0:x1]
+        for j in range(nx):
+            nrm[j] = cn * cta64[j]
+        for a in range(1, n_n):
+            cn = norm_rows[a, i]
+            cta64 = col_terms[a, x0:x1]
+            for j in range(nx):
+                nrm[j] += cn * cta64[j]
+        o = out[i, x0:x1]
+        if const_is_norm:
+            # only the departures are divided, in their own precision; c is added after
+            for j in range(nx):
+                nrmt[j] = nrm[j]
+            if power == 2:
+                for j in range(nx):
+                    o[j] = (acc[j] / nrmt[j] + c) / nrm[j]
+            else:
+                for j in range(nx):
+                    o[j] = acc[j] / nrmt[j] + c
+            continue
+        cb = const_rows[0, i] * c
+        cta64 = col_terms[0, x0:x1]
+        for j in range(nx):
+            base[j] = cb * cta64[j]
+        for a in range(1, n_a):
+            cb = const_rows[a, i] * c
+            cta64 = col_terms[a, x0:x1]
+            for j in range(nx):
+                base[j] += cb * cta64[j]
         if power == 2:
             for j in range(nx):
                 o[j] = (acc[j] + base[j]) / (nrm[j] * nrm[j])

@@ -1182,12 +1182,28 @@ def _low_rank(kernels: np.ndarray, g: np.ndarray, scale: np.ndarray, tol: float,
     m, k = kernels.shape[0], kernels.shape[1]
     flat = kernels.reshape(m, -1)
     family = g @ flat if sampled is None else sampled
-    # the family (g / scale) @ flat has the right singular vectors of r @ flat, (g / scale) = q r
-    r = np.linalg.qr(g / scale[:, None], mode="r")
-    _, sv, vt = np.linalg.svd(r @ flat, full_matrices=False)
+    # the family (g / scale) @ flat has the right singular vectors of c = r @ flat, (g / scale) = q r;
+    # they come from the small Gram matrix c c^T (M x M) rather than an SVD of c (M x k²): the
+    # directions the tolerances need lie far above its rounding, and the error below is measured
+    # on the images as they are
+    c = np.linalg.qr(g / scale[:, None], mode="r") @ flat
+    lam, u = np.linalg.eigh(c @ c.T)
+    order = np.argsort(lam)[::-1]
+    lam, u = lam[order], u[:, order]
+    keep = lam > max(lam[0], 0.0) * 1e-24
+    if not keep.any():
+        keep[0] = True
+    sv = np.sqrt(np.maximum(lam[keep], 0.0))
+    vt = (u[:, keep].T @ c) / np.where(sv > 0, sv, 1.0)[:, None]
     sums = flat.sum(axis=1)
+    # L1 >= L2 >= the orthogonal projection's L2 error: ranks whose projection already misses the
+    # tolerance at some sample are skipped without forming their images' error
+    coef = g @ (flat @ vt.T)
+    tail = np.maximum((family * family).sum(axis=1)[:, None] - np.cumsum(coef * coef, axis=1), 0.0)
+    lower = (np.sqrt(tail) / scale[:, None]).max(axis=0)
+    start = int(np.argmax(lower <= tol / 2)) + 1 if np.any(lower <= tol / 2) else vt.shape[0]
     best = None
-    for rank in range(1, min(m, vt.shape[0]) + 1):
+    for rank in range(min(start, vt.shape[0]), min(m, vt.shape[0]) + 1):
         v = vt[:rank]
         mix = flat @ v.T
         first = v[0].sum()
