@@ -16,8 +16,15 @@ import numba
 import numpy as np
 import scipy.fft as sfft
 
-__all__ = ["Halo", "correlate_varying", "correlate_lowrank", "kernel_spectra", "or_dilate", "correlate_direct",
-           "plan_tiles"]
+try:  # optional: the same pocketfft algorithms, vectorised over several 1-D transforms (~20% faster here)
+    import ducc0.fft as _ducc_fft
+except ImportError:  # pragma: no cover - depends on the environment
+    _ducc_fft = None
+
+FFT_BACKENDS = ("scipy", "ducc0") if _ducc_fft is not None else ("scipy",)
+
+__all__ = ["Halo", "FFT_BACKENDS", "correlate_varying", "correlate_lowrank", "kernel_spectra", "or_dilate",
+           "correlate_direct", "plan_tiles"]
 
 
 class Halo(NamedTuple):
@@ -267,6 +274,7 @@ def correlate_lowrank(
     check: bool = False,
     rect: tuple[int, int, int, int] | None = None,
     out: np.ndarray | None = None,
+    backend: str | None = None,
 ) -> np.ndarray:
     """Spatially varying correlation through a few fixed kernel images, in float32 transforms.
 
@@ -287,7 +295,12 @@ def correlate_lowrank(
     constant ``c``: outputs that do not reach them are unchanged, the others are the caller's to
     replace. ``rect`` (rows ``y0:y1``, columns ``x0:x1`` of the output; default all) limits the
     work to that part, written into ``out`` (a float32 array of the output's shape, default new zeros).
+    ``backend``: the tile transforms' library, ``'scipy'`` or ``'ducc0'`` (when installed; the
+    default then), equal to rounding.
     """
+    backend = FFT_BACKENDS[-1] if backend is None else backend
+    if backend not in FFT_BACKENDS:
+        raise ValueError(f"FFT backend {backend!r} is not available (have {', '.join(FFT_BACKENDS)})")
     n_r, k, k2 = basis.shape
     if k != k2 or k % 2 == 0:
         raise ValueError(f"kernels must be square and odd, got {k}x{k2}")
@@ -328,6 +341,10 @@ def correlate_lowrank(
     halo = isinstance(ext, Halo)
     if halo and check:
         raise ValueError("a Halo input must be finite (assemble it to skip non-finite pixels)")
+    ducc = backend == "ducc0"
+    if ducc:
+        spec_buf = np.empty(spectra.shape[1:], dtype=spectra.dtype)
+        stack = np.empty((n_r, fy, fx), dtype=dtype)
     for y0 in range(ry0, ry1, ty):
         y1 = min(y0 + ty, ry1)
         for x0 in range(rx0, rx1, tx):
@@ -337,13 +354,22 @@ def correlate_lowrank(
                 c = _load_halo(buf, ext, y0, y1 + 2 * h, x0, x1 + 2 * h)
             else:
                 c = _load_centred(buf, ext, y0, y1 + 2 * h, x0, x1 + 2 * h, r0, r1, c0, c1, check)
-            spec = sfft.rfft2(buf, workers=1)
-            convs = []
             # one image at a time: a spectrum and its transform stay in cache (a batched call is slower)
-            for r in range(n_r):
-                np.multiply(spectra[r], spec, out=prod)
-                convs.append(sfft.irfft2(prod, s=(fy, fx), workers=1, overwrite_x=True))
-            _combine_lowrank(out, tuple(convs), c, dep_rows, dep_cols, const_rows, norm_rows, col_terms, power,
+            if ducc:
+                spec = _ducc_fft.r2c(buf, axes=(0, 1), nthreads=1, out=spec_buf)
+                for r in range(n_r):
+                    np.multiply(spectra[r], spec, out=prod)
+                    _ducc_fft.c2r(prod, axes=(0, 1), lastsize=fx, forward=False, inorm=2, nthreads=1,
+                                  out=stack[r], allow_overwriting_input=True)
+                convs = stack
+            else:
+                spec = sfft.rfft2(buf, workers=1)
+                convs = []
+                for r in range(n_r):
+                    np.multiply(spectra[r], spec, out=prod)
+                    convs.append(sfft.irfft2(prod, s=(fy, fx), workers=1, overwrite_x=True))
+                convs = tuple(convs)
+            _combine_lowrank(out, convs, c, dep_rows, dep_cols, const_rows, norm_rows, col_terms, power,
                              y0, y1, x0, x1, 2 * h, const_is_norm)
     return out
 
@@ -380,7 +406,10 @@ def _load_halo(buf, halo, ya, yb, xa, xb):
             if p is None:
                 buf[ra - ya:rb - ya, qa - xa:qb - xa] = 0
             else:
-                _copy_minus(buf, p, ra - ya, qa - xa, ra - ey[i], rb - ey[i], qa - ex[j], qb - ex[j], cb)
+                # numpy's strided loop copies rows of a piece (a view into its chunk) faster than a numba
+                # loop on a non-contiguous array
+                np.subtract(p[ra - ey[i]:rb - ey[i], qa - ex[j]:qb - ex[j]], cb,
+                            out=buf[ra - ya:rb - ya, qa - xa:qb - xa], casting="unsafe")
     return c
 
 
@@ -406,16 +435,6 @@ def _window_mean(arr, ra, rb, ca, cb, check):
             count += max(cb - ca, 0)
         total += row
     return total / count if count > 0 else 0.0
-
-
-@numba.njit(cache=True, nogil=True)
-def _copy_minus(buf, src, r, q, ra, rb, ca, cb, c):
-    """``buf[r:, q:]`` (the first ``rb - ra`` rows, ``cb - ca`` columns) = ``src[ra:rb, ca:cb] - c``."""
-    for i in range(rb - ra):
-        s = src[ra + i]
-        d = buf[r + i]
-        for j in range(cb - ca):
-            d[q + j] = s[ca + j] - c
 
 
 @numba.njit(cache=True, nogil=True)

@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 
 from pydantic import ValidationError
 
-from pipeline._kernels_convolve import (Halo, _smooth_length, correlate_direct, correlate_lowrank, kernel_spectra,
-                                        plan_tiles)
+from pipeline._kernels_convolve import (FFT_BACKENDS, Halo, _smooth_length, correlate_direct, correlate_lowrank,
+                                        kernel_spectra, plan_tiles)
 from pipeline.model.geometry import Box
 from pipeline.psf import GaussianPsf, GridPsf
 from pipeline.psf_match import (ModelPsfMatchConfig, _axis_terms, _kernel_arrays, _low_rank_part, _regions,
@@ -394,3 +394,35 @@ def test_kernel_spectra_equal_padded_transform(rng):
         got = kernel_spectra(kernels, fy, fx, dtype)
         assert got.shape == want.shape and got.dtype == (np.complex128 if dtype == np.float64 else np.complex64)
         np.testing.assert_allclose(got, want, rtol=0, atol=(1e-12 if dtype == np.float64 else 1e-5) * np.abs(want).max())
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_fft_backends_agree(rng, dtype):
+    """Every available tile-transform library gives the same correlation (to the transforms' rounding)."""
+    ext, basis, rows, col, norm, want = _lowrank_case(rng)
+    tol = (1e-12 if dtype == np.float64 else 1e-6) * np.abs(want).max() + 1.2e-7 * np.abs(want).max()
+    for backend in FFT_BACKENDS:
+        for tile in (None, 16):
+            got = correlate_lowrank(ext, basis, rows, col, norm, 2, tile=tile, dtype=dtype, backend=backend)
+            np.testing.assert_allclose(got, want / 2.0, rtol=0, atol=tol)
+    with pytest.raises(ValueError, match="FFT backend 'fftw' is not available"):
+        correlate_lowrank(ext, basis, rows, col, norm, 1, backend="fftw")
+
+
+@pytest.mark.skipif("ducc0" not in FFT_BACKENDS, reason="ducc0 not installed")
+def test_task_with_each_fft_backend_within_bound(monkeypatch):
+    """The task's default (ducc0 when installed) and scipy agree within twice the float32 rounding bound."""
+    import pipeline._kernels_convolve as kc
+
+    ds, km = _region_case()
+    got = {}
+    for backend in ("scipy", "ducc0"):
+        monkeypatch.setattr(kc, "FFT_BACKENDS", (backend,))
+        got[backend] = convolve_kernel_model(ds, km, config=REGION)
+    for name in ("image", "variance"):
+        a, b = got["scipy"][name].values, got["ducc0"][name].values
+        ok = np.isfinite(a)
+        np.testing.assert_array_equal(ok, np.isfinite(b))
+        atol = 2 * F32 * _kernel_l1(km, ds, name == "variance") * float(np.ptp(ds[name].values))
+        np.testing.assert_allclose(a[ok], b[ok], rtol=2.4e-7, atol=atol)
+        assert np.abs(a[ok] - b[ok]).max() > 0  # two libraries really ran
