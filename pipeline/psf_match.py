@@ -1075,40 +1075,37 @@ def _halo_finite(ext, geom, kern) -> bool:
 
 
 def _regions(box: Box, kern: dict):
-    """The low-rank regions that meet ``box``: ``(region, part of box inside it)`` pairs.
+    """The low-rank regions that meet ``box``: ``(key, region, part of box inside it)`` triples.
 
     Regions are squares of ``kern["region"]`` pixels on a grid anchored at the exposure's first
-    pixel (one region, the exposure, when 0), so which images serve a pixel does not depend on the
-    chunking.
+    pixel, keyed by their grid row and column; one region (the exposure, key ``None``) when the
+    size is 0 or covers the exposure. Which images serve a pixel does not depend on the chunking.
     """
     ebox, size = kern["exposure_box"], kern["region"]
     if not size or (size >= ebox.width and size >= ebox.height):
-        return [(ebox, box)]
+        return [(None, ebox, box)]
     out = []
     for ry in range((box.y0 - ebox.y0) // size, (box.y1 - 1 - ebox.y0) // size + 1):
         for rx in range((box.x0 - ebox.x0) // size, (box.x1 - 1 - ebox.x0) // size + 1):
             region = Box(ebox.x0 + rx * size, ebox.y0 + ry * size,
                          min(ebox.x0 + (rx + 1) * size, ebox.x1), min(ebox.y0 + (ry + 1) * size, ebox.y1))
-            out.append((region, region.intersect(box)))
+            out.append(((ry, rx), region, region.intersect(box)))
     return out
 
 
 def _lowrank_plane(ext, loc, geom, kern, plane: str, check: bool = False):
     """The low-rank correlation of one block of ``plane`` (image: kernel, variance: squared kernel).
 
-    Each low-rank region the block meets is correlated with its own images (chosen over the whole
-    region, sampled at least as densely as the exposure-wide choice), on FFT tiles of that part.
+    Each low-rank region the block meets is correlated with its own images (chosen once per kernel
+    model, see :func:`_kernel_arrays`), on FFT tiles of that part of the block.
     """
     (ya, yb), (xa, xb) = loc
     block = Box(geom["x0"] + xa, geom["y0"] + ya, geom["x0"] + xb, geom["y0"] + yb)
     power = 1 if plane == "image" else 2
     valid = _valid_rect(loc, geom, kern["h"], ext.shape)
     out = None
-    for region, part_box in _regions(block, kern):
-        if region == kern["exposure_box"]:
-            part = kern[plane]
-        else:
-            part = _low_rank_part(plane, kern, region, _sample_counts(region, kern["spacing"]))
+    for key, _, part_box in _regions(block, kern):
+        part = kern[plane] if key is None else kern["regions"][key][plane]
         rect = (part_box.y0 - block.y0, part_box.y1 - block.y0, part_box.x0 - block.x0, part_box.x1 - block.x0)
         out = correlate_lowrank(ext, part["basis"], *_lowrank_rows(loc, geom, kern, part), power, tile=kern["tile"],
                                 dtype=kern["fft_dtype"], valid=valid, check=check, rect=rect, out=out)
@@ -1294,11 +1291,16 @@ def _kernel_arrays(kernel_model: KernelModel, box: Box | None = None, config: Mo
         "comps": comps, "sums": sums, "square_terms": square_terms, "square_kernels": square_kernels,
     }
     if config.convolution == "low-rank":
-        out.update(_low_rank_arrays(comps, sums, square_terms, square_kernels, kernel_model, box, config))
         # regions are sampled at least as densely as the exposure (the margin argument carries over)
         out.update(region=config.low_rank_region, exposure_box=box, tol=config.max_kernel_error,
                    variance_tol=config.max_variance_kernel_error,
                    spacing=tuple(max(n - 1, 1) / max(min(_ERROR_SAMPLES, n) - 1, 1) for n in (box.width, box.height)))
+        regions = _regions(box, out)
+        if regions[0][0] is None:
+            out.update(_low_rank_arrays(comps, sums, square_terms, square_kernels, kernel_model, box, config))
+        else:  # chosen once here, not in every block task that needs them
+            out["regions"] = {key: {plane: _low_rank_part(plane, out, region, _sample_counts(region, out["spacing"]))
+                                    for plane in ("image", "variance")} for key, region, _ in regions}
     return out
 
 
@@ -1329,7 +1331,8 @@ def _halo_blocks(arr, func, geom, kern, dtype):
     token = dask.base.tokenize(arr, func.__name__, geom, kern)
     strip, name = f"psf-match-halo-{token}", f"psf-match{func.__name__}-{token}"
     lazy_kern = dask.is_dask_collection(kern)
-    call = functools.partial(_on_halo, func=func, depth=depth, geom=geom, kern=None if lazy_kern else kern)
+    shared = not lazy_kern and "regions" not in kern
+    call = functools.partial(_on_halo, func=func, depth=depth, geom=geom, kern=kern if shared else None)
     nby, nbx = arr.numblocks
     ys = np.concatenate([[0], np.cumsum(arr.chunks[0])]).tolist()
     xs = np.concatenate([[0], np.cumsum(arr.chunks[1])]).tolist()
@@ -1353,11 +1356,19 @@ def _halo_blocks(arr, func, geom, kern, dtype):
             loc = ((ys[i], ys[i + 1]), (xs[j], xs[j + 1]))
             if lazy_kern:
                 dsk[(name, i, j)] = (_apply_kern, call, pieces, loc, kern.key)
+            elif "regions" in kern:  # each task carries the low-rank images of its own regions only
+                dsk[(name, i, j)] = (functools.partial(call, kern=_block_kern(kern, loc, geom)), pieces, loc)
             else:
                 dsk[(name, i, j)] = (call, pieces, loc)
     deps = [arr, kern] if lazy_kern else [arr]
     graph = da.core.HighLevelGraph.from_collections(name, dsk, dependencies=deps)
     return da.Array(graph, name, arr.chunks, dtype=dtype, meta=np.empty((0, 0), dtype=dtype))
+
+
+def _block_kern(kern: dict, loc, geom) -> dict:
+    (ya, yb), (xa, xb) = loc
+    block = Box(geom["x0"] + xa, geom["y0"] + ya, geom["x0"] + xb, geom["y0"] + yb)
+    return {**kern, "regions": {key: kern["regions"][key] for key, _, _ in _regions(block, kern)}}
 
 
 def _apply_kern(call, pieces, loc, kern):

@@ -15,8 +15,8 @@ from pipeline._kernels_convolve import (FFT_BACKENDS, Halo, _smooth_length, corr
                                         kernel_spectra, plan_tiles)
 from pipeline.model.geometry import Box
 from pipeline.psf import GaussianPsf, GridPsf
-from pipeline.psf_match import (ModelPsfMatchConfig, _axis_terms, _kernel_arrays, _low_rank_part, _regions,
-                                _sample_counts, _scaled, convolve_kernel_model, model_psf_match, solve_kernel_model)
+from pipeline.psf_match import (ModelPsfMatchConfig, _axis_terms, _kernel_arrays, _regions, _sample_counts, _scaled,
+                                convolve_kernel_model, model_psf_match, solve_kernel_model)
 from pipeline.testing import assert_lazy, graph_size, raise_if_dask_computes
 from tests.conftest import make_tan_wcs
 from tests.test_psf_match import F32, _chunk, _exposure, _kernel_l1, _lowrank_atol, _stars
@@ -247,15 +247,16 @@ def test_region_grid_is_anchored_and_covers_the_block():
     ebox = Box(7, -5, 237, 195)
     kern = {"exposure_box": ebox, "region": 64}
     got = _regions(Box(40, 50, 120, 58), kern)
-    assert [r for r, _ in got] == [Box(7, -5, 71, 59), Box(71, -5, 135, 59)]
-    assert [p for _, p in got] == [Box(40, 50, 71, 58), Box(71, 50, 120, 58)]
+    assert [(k, r) for k, r, _ in got] == [((0, 0), Box(7, -5, 71, 59)), ((0, 1), Box(71, -5, 135, 59))]
+    assert [p for _, _, p in got] == [Box(40, 50, 71, 58), Box(71, 50, 120, 58)]
     got = _regions(Box(40, 50, 120, 60), kern)  # row 59 starts the next row of regions
-    assert [r for r, _ in got] == [Box(7, -5, 71, 59), Box(71, -5, 135, 59), Box(7, 59, 71, 123), Box(71, 59, 135, 123)]
-    assert sum(p.width * p.height for _, p in got) == 80 * 10
+    assert [r for _, r, _ in got] == [Box(7, -5, 71, 59), Box(71, -5, 135, 59), Box(7, 59, 71, 123),
+                                      Box(71, 59, 135, 123)]
+    assert sum(p.width * p.height for _, _, p in got) == 80 * 10
     # tail regions end with the exposure; one region (the exposure) when it is no larger than a region
-    assert _regions(Box(230, 190, 237, 195), kern) == [(Box(199, 187, 237, 195), Box(230, 190, 237, 195))]
-    assert _regions(Box(40, 50, 120, 60), {"exposure_box": ebox, "region": 0}) == [(ebox, Box(40, 50, 120, 60))]
-    assert _regions(Box(40, 50, 120, 60), {"exposure_box": ebox, "region": 240}) == [(ebox, Box(40, 50, 120, 60))]
+    assert _regions(Box(230, 190, 237, 195), kern) == [((3, 3), Box(199, 187, 237, 195), Box(230, 190, 237, 195))]
+    assert _regions(Box(40, 50, 120, 60), {"exposure_box": ebox, "region": 0}) == [(None, ebox, Box(40, 50, 120, 60))]
+    assert _regions(Box(40, 50, 120, 60), {"exposure_box": ebox, "region": 240}) == [(None, ebox, Box(40, 50, 120, 60))]
     # samples at most the exposure-wide spacing apart
     assert _sample_counts(Box(0, 0, 1000, 500), ((4000 - 1) / 64, (4000 - 1) / 64)) == (17, 9)
     assert _sample_counts(Box(0, 0, 4000, 2), ((4000 - 1) / 64, 1.0)) == (65, 2)
@@ -268,13 +269,11 @@ def test_region_kernels_within_tolerance_at_every_pixel_and_keep_sums():
     box = Box.of(ds)
     kern = _kernel_arrays(km, box, REGION)
     ranks = {"image": [], "variance": []}
-    for region, _ in _regions(box, kern):
+    for key, region, _ in _regions(box, kern):
         ys, xs = np.mgrid[region.y0:region.y1:3, region.x0:region.x1:3]  # every third pixel of every region
         xs, ys = xs.ravel().astype(float), ys.ravel().astype(float)
         exact = np.array([km.kernel_image(x, y) for x, y in zip(xs, ys)])
-        counts = _sample_counts(region, kern["spacing"])
-        img = _low_rank_part("image", kern, region, counts)
-        var = _low_rank_part("variance", kern, region, counts)
+        img, var = kern["regions"][key]["image"], kern["regions"][key]["variance"]
         assert img["error"] <= REGION.max_kernel_error / 2 and var["error"] <= REGION.max_variance_kernel_error / 2
         got = _region_kernels_at(km, kern, img, xs, ys)
         assert np.abs(got - exact).sum(axis=(1, 2)).max() <= REGION.max_kernel_error
@@ -286,7 +285,9 @@ def test_region_kernels_within_tolerance_at_every_pixel_and_keep_sums():
         ranks["image"].append(img["basis"].shape[0])
         ranks["variance"].append(var["basis"].shape[0])
     # measured: exposure-wide 8 / 7 images, per 64-px region 5..7 / 4..6
-    assert kern["image"]["basis"].shape[0] == 8 and kern["variance"]["basis"].shape[0] == 7
+    whole = _kernel_arrays(km, box, REGION.model_copy(update={"low_rank_region": 0}))
+    assert "regions" not in whole and whole["image"]["basis"].shape[0] == 8 and whole["variance"]["basis"].shape[0] == 7
+    assert "image" not in kern and len(kern["regions"]) == 16
     assert max(ranks["image"]) <= 8 and np.mean(ranks["image"]) < 7
     assert max(ranks["variance"]) <= 7 and np.mean(ranks["variance"]) < 6
 
@@ -296,11 +297,9 @@ def test_region_constant_kernel_has_rank_one_everywhere(tan_wcs):
     km, _ = solve_kernel_model(GridPsf.from_dataset(ds), GaussianPsf(2.5), Box.of(ds),
                                config=ModelPsfMatchConfig(spatial_kernel_order=0))
     kern = _kernel_arrays(km, Box.of(ds), REGION)
-    regions = _regions(Box.of(ds), kern)
-    assert len(regions) == 9
-    for region, _ in regions:
-        for plane in ("image", "variance"):
-            part = _low_rank_part(plane, kern, region, _sample_counts(region, kern["spacing"]))
+    assert len(kern["regions"]) == 9
+    for parts in kern["regions"].values():
+        for part in parts.values():
             assert part["basis"].shape[0] == 1 and part["error"] < 1e-12
 
 
