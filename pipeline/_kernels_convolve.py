@@ -472,7 +472,7 @@ def _load_centred(buf, ext, ya, yb, xa, xb, r0, r1, c0, c1, check):
     return c
 
 
-@numba.njit(cache=True, nogil=True, fastmath=True)
+@numba.njit(cache=True, nogil=True, fastmath=True, error_model="numpy")  # no zero-divisor branch: loops vectorise
 def _combine_lowrank(out, convs, c, dep_rows, dep_cols, const_rows, norm_rows, col_terms, power, y0, y1, x0, x1, off,
                      const_is_norm):
     """``out[y, x] = (sum_r W_r convs[r] + c W_R) / N**power`` over the tile (see ``correlate_lowrank``).
@@ -480,7 +480,8 @@ def _combine_lowrank(out, convs, c, dep_rows, dep_cols, const_rows, norm_rows, c
     The departures ``sum_r W_r convs[r]`` are summed in the transforms' precision (``dep_rows``,
     ``dep_cols`` of that dtype); the constant term ``c W_R`` and the normaliser ``N`` in float64
     (``norm_rows`` may use fewer axis terms than the others). With ``const_is_norm`` (``W_R = N``) the
-    constant term is ``c / N**(power - 1)``.
+    constant term is ``c / N**(power - 1)``. Division by a zero normaliser gives inf or NaN (numpy's
+    rule), which keeps the loops free of a zero-divisor branch and lets them vectorise.
     """
     n_r = len(convs)
     n_a = col_terms.shape[0]
