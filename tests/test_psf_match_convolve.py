@@ -321,7 +321,7 @@ def test_regions_within_bound_of_exact_and_chunk_invariant(precision):
         assert np.all(np.abs(a - b) <= bound), (name, float((np.abs(a - b) / bound).max()))
         # the regions change the result (the truncation differs from the exposure-wide one)
         assert np.abs(a - whole[name].values[h:-h, h:-h]).max() > 1e-3 * np.abs(b).max() * 1e-3
-    for chunks in [(37, 41), (64, 64), (100, 230)]:
+    for chunks in [(37, 41), (64, 64), (100, 230), (7, 9)]:  # (7, 9): below the kernel radius, map_overlap
         dsk = _chunk(ds, chunks)
         with raise_if_dask_computes():
             lazy = convolve_kernel_model(dsk, km, config=cfg)
@@ -425,3 +425,21 @@ def test_task_with_each_fft_backend_within_bound(monkeypatch):
         atol = 2 * F32 * _kernel_l1(km, ds, name == "variance") * float(np.ptp(ds[name].values))
         np.testing.assert_allclose(a[ok], b[ok], rtol=2.4e-7, atol=atol)
         assert np.abs(a[ok] - b[ok]).max() > 0  # two libraries really ran
+
+
+@functools.lru_cache(maxsize=1)
+def _region_eager():
+    ds, km = _region_case()
+    return convolve_kernel_model(ds, km, config=REGION)
+
+
+@settings(max_examples=8, deadline=None)
+@given(cy=st.integers(6, 200), cx=st.integers(6, 230))  # below the radius (10): map_overlap blocks
+def test_property_region_results_do_not_depend_on_chunks(cy, cx):
+    ds, km = _region_case()
+    eager = _region_eager()
+    got = convolve_kernel_model(_chunk(ds, (cy, cx)), km, config=REGION).compute()
+    for name in ("image", "variance"):
+        atol = 2 * F32 * _kernel_l1(km, ds, name == "variance") * float(np.ptp(ds[name].values))
+        np.testing.assert_allclose(got[name].values, eager[name].values, rtol=2.4e-7, atol=atol, equal_nan=True)
+    np.testing.assert_array_equal(got["mask"].values, eager["mask"].values)
