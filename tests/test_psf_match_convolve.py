@@ -9,13 +9,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline._kernels_convolve import Halo, _smooth_length, correlate_direct, correlate_lowrank, plan_tiles
+from pydantic import ValidationError
+
+from pipeline._kernels_convolve import (FFT_BACKENDS, Halo, _smooth_length, correlate_direct, correlate_lowrank,
+                                        kernel_spectra, plan_tiles)
 from pipeline.model.geometry import Box
 from pipeline.psf import GaussianPsf, GridPsf
-from pipeline.psf_match import ModelPsfMatchConfig, convolve_kernel_model, model_psf_match, solve_kernel_model
+from pipeline.psf_match import (ModelPsfMatchConfig, _axis_terms, _kernel_arrays, _regions, _sample_counts, _scaled,
+                                convolve_kernel_model, model_psf_match, solve_kernel_model)
 from pipeline.testing import assert_lazy, graph_size, raise_if_dask_computes
 from tests.conftest import make_tan_wcs
-from tests.test_psf_match import F32, _chunk, _exposure, _kernel_l1
+from tests.test_psf_match import F32, _chunk, _exposure, _kernel_l1, _lowrank_atol, _stars
 
 F64 = ModelPsfMatchConfig(fft_precision="float64")
 
@@ -206,3 +210,236 @@ def test_halo_graph_size_and_lazy_kernel(tan_wcs):
     got = dask.compute(lazy["image"].data, lazy["variance"].data, lazy["mask"].data)
     for a, name in zip(got, ("image", "variance", "mask")):
         np.testing.assert_allclose(a, eager[name].values, rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
+# ---------------------------------------------------------------------------------------------- regions
+
+
+REGION = ModelPsfMatchConfig(low_rank_region=64)
+EXACT = ModelPsfMatchConfig(convolution="exact")
+
+
+@functools.lru_cache(maxsize=1)
+def _region_case():
+    """A strongly varying match (sigma 1.0 .. 2.8 over 200 x 230 px, spatial order 4) with stars on a sky."""
+    sci = GaussianPsf(1.9, gradient=(0.005, -0.004), center=(110, 100))
+    shape, x0, y0 = (200, 230), 7, -5
+    rng = np.random.default_rng(21)
+    stars = [(40, 30), (150, 60), (200, 170), (90, 120), (60, 165)]
+    img = rng.normal(size=shape) * 5.0 + 300.0 + _stars(shape, sci, stars, 3e4, x0, y0)
+    var = rng.uniform(0.5, 2.0, size=shape) + img / 100.0
+    ds = _exposure(make_tan_wcs(), sci, shape=shape, x0=x0, y0=y0, image=img, variance=var)
+    km, _ = solve_kernel_model(GridPsf.from_dataset(ds), GaussianPsf(3.2), Box.of(ds))
+    return ds, km
+
+
+def _region_kernels_at(km, kern, part, xs, ys, square=False):
+    """The kernels the low-rank path applies at parent pixels (xs, ys) with images ``part``."""
+    box, kind, top = kern["box"], kern["kind"], part["coef"].shape[1] - 1
+    tx = _axis_terms(_scaled(xs, box[0], box[2]), top, kind)
+    ty = _axis_terms(_scaled(ys, box[1], box[3]), top, kind)
+    w = np.einsum("rab,ap,bp->rp", part["coef"], tx, ty)
+    n = np.einsum("ab,ap,bp->p", part["norm"], tx, ty)
+    return np.tensordot(w[:-1].T, part["basis"], axes=1) / (n * n if square else n)[:, None, None]
+
+
+def test_region_grid_is_anchored_and_covers_the_block():
+    ebox = Box(7, -5, 237, 195)
+    kern = {"exposure_box": ebox, "region": 64}
+    got = _regions(Box(40, 50, 120, 58), kern)
+    assert [(k, r) for k, r, _ in got] == [((0, 0), Box(7, -5, 71, 59)), ((0, 1), Box(71, -5, 135, 59))]
+    assert [p for _, _, p in got] == [Box(40, 50, 71, 58), Box(71, 50, 120, 58)]
+    got = _regions(Box(40, 50, 120, 60), kern)  # row 59 starts the next row of regions
+    assert [r for _, r, _ in got] == [Box(7, -5, 71, 59), Box(71, -5, 135, 59), Box(7, 59, 71, 123),
+                                      Box(71, 59, 135, 123)]
+    assert sum(p.width * p.height for _, _, p in got) == 80 * 10
+    # tail regions end with the exposure; one region (the exposure) when it is no larger than a region
+    assert _regions(Box(230, 190, 237, 195), kern) == [((3, 3), Box(199, 187, 237, 195), Box(230, 190, 237, 195))]
+    assert _regions(Box(40, 50, 120, 60), {"exposure_box": ebox, "region": 0}) == [(None, ebox, Box(40, 50, 120, 60))]
+    assert _regions(Box(40, 50, 120, 60), {"exposure_box": ebox, "region": 240}) == [(None, ebox, Box(40, 50, 120, 60))]
+    # samples at most the exposure-wide spacing apart
+    assert _sample_counts(Box(0, 0, 1000, 500), ((4000 - 1) / 64, (4000 - 1) / 64)) == (17, 9)
+    assert _sample_counts(Box(0, 0, 4000, 2), ((4000 - 1) / 64, 1.0)) == (65, 2)
+
+
+def test_region_kernels_within_tolerance_at_every_pixel_and_keep_sums():
+    """Per region: the applied kernel (and K²) within the tolerance of the exact one at every pixel, exact sums,
+    and fewer images than the exposure-wide choice where the kernel varies less."""
+    ds, km = _region_case()
+    box = Box.of(ds)
+    kern = _kernel_arrays(km, box, REGION)
+    ranks = {"image": [], "variance": []}
+    for key, region, _ in _regions(box, kern):
+        ys, xs = np.mgrid[region.y0:region.y1:3, region.x0:region.x1:3]  # every third pixel of every region
+        xs, ys = xs.ravel().astype(float), ys.ravel().astype(float)
+        exact = np.array([km.kernel_image(x, y) for x, y in zip(xs, ys)])
+        img, var = kern["regions"][key]["image"], kern["regions"][key]["variance"]
+        assert img["error"] <= REGION.max_kernel_error / 2 and var["error"] <= REGION.max_variance_kernel_error / 2
+        got = _region_kernels_at(km, kern, img, xs, ys)
+        assert np.abs(got - exact).sum(axis=(1, 2)).max() <= REGION.max_kernel_error
+        np.testing.assert_allclose(got.sum(axis=(1, 2)), 1.0, rtol=0, atol=1e-12)
+        got2 = _region_kernels_at(km, kern, var, xs, ys, square=True)
+        sq = (exact**2).sum(axis=(1, 2))
+        assert (np.abs(got2 - exact**2).sum(axis=(1, 2)) / sq).max() <= REGION.max_variance_kernel_error
+        np.testing.assert_allclose(got2.sum(axis=(1, 2)), sq, rtol=1e-12)
+        ranks["image"].append(img["basis"].shape[0])
+        ranks["variance"].append(var["basis"].shape[0])
+    # measured: exposure-wide 8 / 7 images, per 64-px region 5..7 / 4..6
+    whole = _kernel_arrays(km, box, REGION.model_copy(update={"low_rank_region": 0}))
+    assert "regions" not in whole and whole["image"]["basis"].shape[0] == 8 and whole["variance"]["basis"].shape[0] == 7
+    assert "image" not in kern and len(kern["regions"]) == 16
+    assert max(ranks["image"]) <= 8 and np.mean(ranks["image"]) < 7
+    assert max(ranks["variance"]) <= 7 and np.mean(ranks["variance"]) < 6
+
+
+def test_region_constant_kernel_has_rank_one_everywhere(tan_wcs):
+    ds = _exposure(tan_wcs, GaussianPsf(1.6), shape=(150, 170))
+    km, _ = solve_kernel_model(GridPsf.from_dataset(ds), GaussianPsf(2.5), Box.of(ds),
+                               config=ModelPsfMatchConfig(spatial_kernel_order=0))
+    kern = _kernel_arrays(km, Box.of(ds), REGION)
+    assert len(kern["regions"]) == 9
+    for parts in kern["regions"].values():
+        for part in parts.values():
+            assert part["basis"].shape[0] == 1 and part["error"] < 1e-12
+
+
+@pytest.mark.parametrize("precision", ["float32", "float64"])
+def test_regions_within_bound_of_exact_and_chunk_invariant(precision):
+    """|regions - exact| <= (tol + F32 L1(K)) x max|I - tile mean| at every pixel, in memory and on chunks that
+    do not divide the image or the regions; chunked = in memory to the transforms' rounding (the images
+    serving a pixel depend on its region only)."""
+    ds, km = _region_case()
+    cfg = REGION.model_copy(update={"fft_precision": precision})
+    exact = convolve_kernel_model(ds, km, config=EXACT)
+    eager = convolve_kernel_model(ds, km, config=cfg)
+    whole = convolve_kernel_model(ds, km, config=cfg.model_copy(update={"low_rank_region": 0}))
+    h = km.radius
+    for name in ("image", "variance"):
+        a = eager[name].values[h:-h, h:-h].astype(float)
+        b = exact[name].values[h:-h, h:-h].astype(float)
+        bound = _lowrank_atol(km, ds, name, cfg) + 2e-7 * np.abs(b)
+        assert np.all(np.abs(a - b) <= bound), (name, float((np.abs(a - b) / bound).max()))
+        # the regions change the result (the truncation differs from the exposure-wide one)
+        assert np.abs(a - whole[name].values[h:-h, h:-h]).max() > 1e-3 * np.abs(b).max() * 1e-3
+    for chunks in [(37, 41), (64, 64), (100, 230), (7, 9)]:  # (7, 9): below the kernel radius, map_overlap
+        dsk = _chunk(ds, chunks)
+        with raise_if_dask_computes():
+            lazy = convolve_kernel_model(dsk, km, config=cfg)
+        got = lazy.compute()
+        for name in ("image", "variance"):
+            a, b = got[name].values, eager[name].values
+            np.testing.assert_array_equal(np.isnan(a), np.isnan(b))
+            ok = np.isfinite(b)
+            if precision == "float64":
+                np.testing.assert_allclose(a[ok], b[ok], rtol=2.4e-7, atol=0)
+            else:
+                atol = 2 * F32 * _kernel_l1(km, ds, name == "variance") * float(np.ptp(ds[name].values))
+                np.testing.assert_allclose(a[ok], b[ok], rtol=2.4e-7, atol=atol)
+        np.testing.assert_array_equal(got["mask"].values, eager["mask"].values)
+        assert_lazy(lambda: convolve_kernel_model(dsk, km, config=cfg))
+
+
+def test_region_graph_size_unchanged():
+    """Regions are chosen inside the block tasks: the graph is the one of the exposure-wide choice."""
+    ds, km = _region_case()
+    for chunks in [(100, 115), (37, 41)]:
+        nchunks = math.ceil(200 / chunks[0]) * math.ceil(230 / chunks[1])
+        a = convolve_kernel_model(_chunk(ds, chunks), km, config=REGION)
+        b = convolve_kernel_model(_chunk(ds, chunks), km, config=REGION.model_copy(update={"low_rank_region": 0}))
+        for name in ("image", "variance", "mask"):
+            assert graph_size(a[name].data) == graph_size(b[name].data) <= 10 * nchunks
+
+
+@pytest.mark.parametrize("update, message", [
+    ({"low_rank_region": 10}, "low_rank_region must be 0 .whole exposure. or at least 64 px, got 10"),
+    ({"low_rank_region": -1}, "greater than or equal to 0"),
+    ({"low_rank_region": 2_000_000}, "less than or equal to 1000000"),
+])
+def test_region_config_validation(update, message):
+    with pytest.raises(ValidationError, match=message):
+        ModelPsfMatchConfig(**update)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_lowrank_rect_fills_only_its_part(rng, dtype):
+    """``rect`` computes that part of the output (its own tiles), equal to the full call there; ``out`` is filled."""
+    ext, basis, rows, col, norm, want = _lowrank_case(rng)
+    full = correlate_lowrank(ext, basis, rows, col, norm, 1, dtype=dtype)
+    out = np.full(want.shape, -7.0, np.float32)
+    got = correlate_lowrank(ext, basis, rows, col, norm, 1, dtype=dtype, rect=(10, 47, 5, 60), out=out)
+    assert got is out
+    tol = (1e-12 if dtype == np.float64 else 1e-6) * np.abs(want).max() + 1.2e-7 * np.abs(want).max()
+    np.testing.assert_allclose(got[10:47, 5:60], full[10:47, 5:60], rtol=0, atol=tol)
+    inside = np.zeros(want.shape, bool)
+    inside[10:47, 5:60] = True
+    assert np.all(got[~inside] == -7.0)
+    # two rects tile the output: the full result
+    out = np.zeros(want.shape, np.float32)
+    correlate_lowrank(ext, basis, rows, col, norm, 1, dtype=dtype, rect=(0, 30, 0, want.shape[1]), out=out)
+    correlate_lowrank(ext, basis, rows, col, norm, 1, dtype=dtype, rect=(30, want.shape[0], 0, want.shape[1]), out=out)
+    np.testing.assert_allclose(out, want, rtol=0, atol=tol)
+    with pytest.raises(ValueError, match=r"rect \(0, 80, 0, 10\) is not inside the output \(70, 83\)"):
+        correlate_lowrank(ext, basis, rows, col, norm, 1, rect=(0, 80, 0, 10))
+    with pytest.raises(ValueError, match=r"out must be float32 of shape \(70, 83\), got float64"):
+        correlate_lowrank(ext, basis, rows, col, norm, 1, out=np.zeros(want.shape))
+
+
+def test_kernel_spectra_equal_padded_transform(rng):
+    kernels = rng.normal(size=(3, 9, 9))
+    for fy, fx, dtype in ((64, 50, np.float64), (45, 72, np.float32)):
+        padded = np.zeros((3, fy, fx))
+        padded[:, :9, :9] = kernels[:, ::-1, ::-1]
+        want = np.fft.rfft2(padded)
+        got = kernel_spectra(kernels, fy, fx, dtype)
+        assert got.shape == want.shape and got.dtype == (np.complex128 if dtype == np.float64 else np.complex64)
+        np.testing.assert_allclose(got, want, rtol=0, atol=(1e-12 if dtype == np.float64 else 1e-5) * np.abs(want).max())
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_fft_backends_agree(rng, dtype):
+    """Every available tile-transform library gives the same correlation (to the transforms' rounding)."""
+    ext, basis, rows, col, norm, want = _lowrank_case(rng)
+    tol = (1e-12 if dtype == np.float64 else 1e-6) * np.abs(want).max() + 1.2e-7 * np.abs(want).max()
+    for backend in FFT_BACKENDS:
+        for tile in (None, 16):
+            got = correlate_lowrank(ext, basis, rows, col, norm, 2, tile=tile, dtype=dtype, backend=backend)
+            np.testing.assert_allclose(got, want / 2.0, rtol=0, atol=tol)
+    with pytest.raises(ValueError, match="FFT backend 'fftw' is not available"):
+        correlate_lowrank(ext, basis, rows, col, norm, 1, backend="fftw")
+
+
+@pytest.mark.skipif("ducc0" not in FFT_BACKENDS, reason="ducc0 not installed")
+def test_task_with_each_fft_backend_within_bound(monkeypatch):
+    """The task's default (ducc0 when installed) and scipy agree within twice the float32 rounding bound."""
+    import pipeline._kernels_convolve as kc
+
+    ds, km = _region_case()
+    got = {}
+    for backend in ("scipy", "ducc0"):
+        monkeypatch.setattr(kc, "FFT_BACKENDS", (backend,))
+        got[backend] = convolve_kernel_model(ds, km, config=REGION)
+    for name in ("image", "variance"):
+        a, b = got["scipy"][name].values, got["ducc0"][name].values
+        ok = np.isfinite(a)
+        np.testing.assert_array_equal(ok, np.isfinite(b))
+        atol = 2 * F32 * _kernel_l1(km, ds, name == "variance") * float(np.ptp(ds[name].values))
+        np.testing.assert_allclose(a[ok], b[ok], rtol=2.4e-7, atol=atol)
+        assert np.abs(a[ok] - b[ok]).max() > 0  # two libraries really ran
+
+
+@functools.lru_cache(maxsize=1)
+def _region_eager():
+    ds, km = _region_case()
+    return convolve_kernel_model(ds, km, config=REGION)
+
+
+@settings(max_examples=8, deadline=None)
+@given(cy=st.integers(6, 200), cx=st.integers(6, 230))  # below the radius (10): map_overlap blocks
+def test_property_region_results_do_not_depend_on_chunks(cy, cx):
+    ds, km = _region_case()
+    eager = _region_eager()
+    got = convolve_kernel_model(_chunk(ds, (cy, cx)), km, config=REGION).compute()
+    for name in ("image", "variance"):
+        atol = 2 * F32 * _kernel_l1(km, ds, name == "variance") * float(np.ptp(ds[name].values))
+        np.testing.assert_allclose(got[name].values, eager[name].values, rtol=2.4e-7, atol=atol, equal_nan=True)
+    np.testing.assert_array_equal(got["mask"].values, eager["mask"].values)
