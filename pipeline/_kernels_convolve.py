@@ -12,16 +12,14 @@ import functools
 import math
 from typing import NamedTuple
 
+import ducc0.fft as _ducc_fft
 import numba
 import numpy as np
 import scipy.fft as sfft
 
-try:  # optional: the same pocketfft algorithms, vectorised over several 1-D transforms (~20% faster here)
-    import ducc0.fft as _ducc_fft
-except ImportError:  # pragma: no cover - depends on the environment
-    _ducc_fft = None
-
-FFT_BACKENDS = ("scipy", "ducc0") if _ducc_fft is not None else ("scipy",)
+#: libraries of the tile transforms; the last is the default (ducc0: the same pocketfft algorithms,
+#: vectorised over several 1-D transforms, about 20 % faster per transform here)
+FFT_BACKENDS = ("scipy", "ducc0")
 
 __all__ = ["Halo", "FFT_BACKENDS", "correlate_varying", "correlate_lowrank", "kernel_spectra", "or_dilate",
            "correlate_direct", "plan_tiles"]
@@ -295,8 +293,8 @@ def correlate_lowrank(
     constant ``c``: outputs that do not reach them are unchanged, the others are the caller's to
     replace. ``rect`` (rows ``y0:y1``, columns ``x0:x1`` of the output; default all) limits the
     work to that part, written into ``out`` (a float32 array of the output's shape, default new zeros).
-    ``backend``: the tile transforms' library, ``'scipy'`` or ``'ducc0'`` (when installed; the
-    default then), equal to rounding.
+    ``backend``: the tile transforms' library, ``'scipy'`` or ``'ducc0'`` (the default), equal to
+    rounding.
     """
     backend = FFT_BACKENDS[-1] if backend is None else backend
     if backend not in FFT_BACKENDS:

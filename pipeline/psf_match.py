@@ -1570,8 +1570,8 @@ def model_psf_match(
     chunkings to the float32 output's rounding. FFT tiles are sized per block from measured
     transform costs (4 x 250 px on 270-long transforms for 1000-px blocks); each block reads its
     neighbours' edge strips in place (no halo'd copy) and combines the inverse transforms as they
-    come; the tile transforms use ducc0 when it is installed (same results to rounding, ~20%
-    faster), scipy.fft otherwise. The default ``1e-3`` keeps the image error at most 0.3 sigma of
+    come; the tile transforms use ducc0 (the same results to rounding as scipy.fft, about 20%
+    faster here). The default ``1e-3`` keeps the image error at most 0.3 sigma of
     the photon noise at the peak of a star of 1e5 e- and at 1e-3 of the noise for sky pixels
     (``|I - c|`` a few sigma); ``2e-2`` on the variance is small next to the covariance the variance
     plane ignores (a factor ``1 / sum K²`` of several on sums of pixels).
