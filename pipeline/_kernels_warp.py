@@ -786,14 +786,22 @@ def _strip_weights_columns(fs, lo, hi, n, bilinear, linear, cb, sb, table, tmp, 
 
 
 def _products_source(n):
-    """Source of the straight-line per-pixel body of :func:`_strip_weights_products` for Lanczos-``n``."""
+    """Source of the straight-line per-pixel body of :func:`_strip_weights_products` for Lanczos-``n``.
+
+    One loop over the pixels that reads only ``f`` (the tables are loaded into scalars first, the sine
+    and cosine computed in the loop), so that the few runtime alias checks it needs allow it to be
+    vectorised.
+    """
     m = 2 * n
     ks = range(m)
-    lines = [f"def _weights_products_{n}(f, L, sa, ca, cb, sb, linear, wt, sums):"]
+    lines = [f"def _weights_products_{n}(f, L, cb, sb, linear, wt, sums):"]
+    lines += [f"    cb{k} = cb[{k}]" for k in ks]
+    lines += [f"    sb{k} = sb[{k}]" for k in ks]
+    lines += [f"    o{k} = wt[{k}]" for k in ks]
+    lines.append(f"    ang = -math.pi / {n}")
     lines.append("    for c in range(L):")
     lines.append("        fc = f[c]")
-    lines.append("        sac = sa[c]")
-    lines.append("        cac = ca[c]")
+    lines.append("        sac, cac = _sincos(fc * ang)")
     lines += [f"        t{k} = {k - (n - 1)}.0 - fc" for k in ks]
     # prefix products p{k} = t0 ... t{k-1} and suffix products q{k} = t{k+1} ... t{m-1}
     lines.append("        p1 = t0")
@@ -803,7 +811,7 @@ def _products_source(n):
     for k in ks:
         e = f"q{k}" if k == 0 else (f"p{k}" if k == m - 1 else f"(p{k} * q{k})")
         lines.append(f"        e{k} = {e}")
-        lines.append(f"        w{k} = (sac * cb[{k}] + cac * sb[{k}]) * (e{k} * e{k})")
+        lines.append(f"        w{k} = (sac * cb{k} + cac * sb{k}) * (e{k} * e{k})")
     lines.append("        tot = " + " + ".join(f"w{k}" for k in ks))
     lines.append("        m1 = " + " + ".join(f"w{k} * t{k}" for k in ks) + " if linear else 0.0")
     lines.append(f"        w{n - 1} += m1")
@@ -811,13 +819,13 @@ def _products_source(n):
     lines.append("        z = fc == 0.0")
     for k in ks:
         d = "1.0" if k == n - 1 else "0.0"
-        lines.append(f"        wt[{k}, c] = {d} if z else w{k}")
+        lines.append(f"        o{k}[c] = {d} if z else w{k}")
     lines.append("        sums[c] = 1.0 if z else tot")
     return "\n".join(lines) + "\n"
 
 
 def _compile_products(n):
-    ns: dict = {}
+    ns: dict = {"math": math, "_sincos": _sincos}
     exec(compile(_products_source(n), f"<lanczos{n} weights>", "exec"), ns)
     return numba.njit(inline="always", **_SUMS)(ns[f"_weights_products_{n}"])
 
@@ -843,16 +851,12 @@ def _strip_weights_products(fs, lo, hi, n, linear, cb, sb, sa, ca, wt, sums):
     """
     L = hi - lo
     f = fs[lo:hi]
-    for c in range(L):
-        s_, c_ = _sincos(-math.pi * f[c] / n)
-        sa[c] = s_
-        ca[c] = c_
     if n == 3:
-        _weights_products_3(f, L, sa, ca, cb, sb, linear, wt, sums[lo:hi])
+        _weights_products_3(f, L, cb, sb, linear, wt, sums[lo:hi])
     elif n == 4:
-        _weights_products_4(f, L, sa, ca, cb, sb, linear, wt, sums[lo:hi])
+        _weights_products_4(f, L, cb, sb, linear, wt, sums[lo:hi])
     else:
-        _weights_products_5(f, L, sa, ca, cb, sb, linear, wt, sums[lo:hi])
+        _weights_products_5(f, L, cb, sb, linear, wt, sums[lo:hi])
 
 
 @numba.njit(inline="always", **_SUMS)
