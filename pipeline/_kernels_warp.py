@@ -622,6 +622,12 @@ def _row_span(gx0, gy0, step, nodes_x, nodes_y, X0, Y, out_x, out_y, lo, hi):
         c = e
 
 
+# Compiled at import, before any caller: compiled first as the callee of a kernel that allows fused
+# multiply-adds (the warp kernel), the cached positions differed from count_blocks' in the last bit.
+_row_span.compile("void(int64, int64, int64, float64[:, ::1], float64[:, ::1], int64, int64, float64[::1], float64[::1], "
+                  "int64, int64)")
+
+
 #: pixels per strip of a row whose weights are computed together (their weights fit in L1)
 _STRIP = 128
 
