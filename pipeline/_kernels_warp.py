@@ -622,6 +622,12 @@ def _row_span(gx0, gy0, step, nodes_x, nodes_y, X0, Y, out_x, out_y, lo, hi):
         c = e
 
 
+# Compiled at import, before any caller: compiled first as the callee of a kernel that allows fused
+# multiply-adds (the warp kernel), the cached positions differed from count_blocks' in the last bit.
+_row_span.compile("void(int64, int64, int64, float64[:, ::1], float64[:, ::1], int64, int64, float64[::1], float64[::1], "
+                  "int64, int64)")
+
+
 #: pixels per strip of a row whose weights are computed together (their weights fit in L1)
 _STRIP = 128
 
@@ -785,6 +791,80 @@ def _strip_weights_columns(fs, lo, hi, n, bilinear, linear, cb, sb, table, tmp, 
         s_out[c] = 1.0 if f[c] == 0.0 else tot[c]
 
 
+def _products_source(n):
+    """Source of the straight-line per-pixel body of :func:`_strip_weights_products` for Lanczos-``n``.
+
+    One loop over the pixels that reads only ``f`` (the tables are loaded into scalars first, the sine
+    and cosine computed in the loop), so that the few runtime alias checks it needs allow it to be
+    vectorised.
+    """
+    m = 2 * n
+    ks = range(m)
+    lines = [f"def _weights_products_{n}(f, L, cb, sb, linear, wt, sums):"]
+    lines += [f"    cb{k} = cb[{k}]" for k in ks]
+    lines += [f"    sb{k} = sb[{k}]" for k in ks]
+    lines += [f"    o{k} = wt[{k}]" for k in ks]
+    lines.append(f"    ang = -math.pi / {n}")
+    lines.append("    for c in range(L):")
+    lines.append("        fc = f[c]")
+    lines.append("        sac, cac = _sincos(fc * ang)")
+    lines += [f"        t{k} = {k - (n - 1)}.0 - fc" for k in ks]
+    # prefix products p{k} = t0 ... t{k-1} and suffix products q{k} = t{k+1} ... t{m-1}
+    lines.append("        p1 = t0")
+    lines += [f"        p{k} = p{k - 1} * t{k - 1}" for k in range(2, m)]
+    lines.append(f"        q{m - 2} = t{m - 1}")
+    lines += [f"        q{k} = q{k + 1} * t{k + 1}" for k in range(m - 3, -1, -1)]
+    for k in ks:
+        e = f"q{k}" if k == 0 else (f"p{k}" if k == m - 1 else f"(p{k} * q{k})")
+        lines.append(f"        e{k} = {e}")
+        lines.append(f"        w{k} = (sac * cb{k} + cac * sb{k}) * (e{k} * e{k})")
+    lines.append("        tot = " + " + ".join(f"w{k}" for k in ks))
+    lines.append("        m1 = " + " + ".join(f"w{k} * t{k}" for k in ks) + " if linear else 0.0")
+    lines.append(f"        w{n - 1} += m1")
+    lines.append(f"        w{n} -= m1")
+    lines.append("        z = fc == 0.0")
+    for k in ks:
+        d = "1.0" if k == n - 1 else "0.0"
+        lines.append(f"        o{k}[c] = {d} if z else w{k}")
+    lines.append("        sums[c] = 1.0 if z else tot")
+    return "\n".join(lines) + "\n"
+
+
+def _compile_products(n):
+    ns: dict = {"math": math, "_sincos": _sincos}
+    exec(compile(_products_source(n), f"<lanczos{n} weights>", "exec"), ns)
+    return numba.njit(inline="always", **_SUMS)(ns[f"_weights_products_{n}"])
+
+
+_weights_products_3 = _compile_products(3)
+_weights_products_4 = _compile_products(4)
+_weights_products_5 = _compile_products(5)
+
+
+@numba.njit(inline="always", **_SUMS)
+def _strip_weights_products(fs, lo, hi, n, linear, cb, sb, sa, ca, wt, sums):
+    """Exact Lanczos-n weights of ``fs[lo:hi]`` without a division, stored as :func:`_strip_weights_columns`.
+
+    With ``t_k = k - (n-1) - f`` the taps are ``L(t_k) = c0 sin(pi t_k / n) / t_k^2``; multiplying
+    every tap of a pixel by the same positive factor ``c0^-1 prod_i t_i^2`` gives
+    ``N_k e_k^2`` with ``N_k = sin(pi t_k / n)`` (angle addition from the tables) and
+    ``e_k = prod_{i != k} t_i`` (prefix times suffix products), so the division by ``t_k^2`` of every
+    tap goes away. The warp only uses ratios of the weights of one pixel (it divides by their sum,
+    and the first-moment correction is linear in them), so the result is the same up to rounding:
+    each weight carries at most about ``2n`` roundings more, a relative error below ``2e-15``
+    (``tests/test_warp.py`` checks the normalised taps against :func:`kernel_weights`).
+    ``f == 0``: the exact delta.
+    """
+    L = hi - lo
+    f = fs[lo:hi]
+    if n == 3:
+        _weights_products_3(f, L, cb, sb, linear, wt, sums[lo:hi])
+    elif n == 4:
+        _weights_products_4(f, L, cb, sb, linear, wt, sums[lo:hi])
+    else:
+        _weights_products_5(f, L, cb, sb, linear, wt, sums[lo:hi])
+
+
 @numba.njit(inline="always", **_SUMS)
 def _strip_weights(fs, lo, hi, n, bilinear, linear, cb, sb, table, tmp, wt, sa, ca, tot, w, w2, sums):
     """:func:`_strip_weights_columns` stored pixel-major in ``w[lo:hi]``, plus ``w2 = w * w``."""
@@ -802,34 +882,48 @@ def _grow_map(msk, grow_full, span):
     """``out[r, c] = 1`` where ``msk[r : r+span, c : c+span]`` holds a ``grow_full`` bit (clipped at the end).
 
     Running ORs over contiguous rows (along columns, then along rows), so that a kernel footprint
-    whose first tap is ``(r, c)`` is known to hold no ``grow_full`` bit from one lookup.
+    whose first tap is ``(r, c)`` is known to hold no ``grow_full`` bit from one lookup. Every loop
+    runs over zero-based row views with offsets fixed per loop (the last ``span - 1`` columns apart),
+    so that they are vectorised.
     """
     ny, nx = msk.shape
-    flags = np.zeros((ny, nx), np.uint8)
+    flags = np.empty((ny, nx), np.uint8)
     for r in range(ny):
+        mr = msk[r]
+        fr = flags[r]
         for c in range(nx):
-            flags[r, c] = np.uint8((msk[r, c] & grow_full) != 0)
-    out = np.zeros((ny, nx), np.uint8)
-    v = np.zeros(nx, np.uint8)
+            fr[c] = np.uint8((mr[c] & grow_full) != 0)
+    out = np.empty((ny, nx), np.uint8)
+    v = np.empty(nx, np.uint8)
+    head = max(0, nx - span + 1)
     for r in range(ny):
+        fr = flags[r]
         for c in range(nx):
-            v[c] = flags[r, c]
+            v[c] = fr[c]
         for t in range(1, span):
             if r + t < ny:
+                ft = flags[r + t]
                 for c in range(nx):
-                    v[c] |= flags[r + t, c]
-        for c in range(nx):
+                    v[c] |= ft[c]
+        orow = out[r]
+        for c in range(head):
+            orow[c] = v[c]
+        for t in range(1, span):
+            vt = v[t:]
+            for c in range(head):
+                orow[c] |= vt[c]
+        for c in range(head, nx):
             acc = v[c]
             for t in range(1, span):
                 acc |= v[min(c + t, nx - 1)]
-            out[r, c] = acc
+            orow[c] = acc
     return out
 
 
 @numba.njit(inline="always", **_SUMS)
 def _warp_block(
     src_img, src_var, src_msk, win_x0, win_y0, valid, nodes_x, nodes_y, gx0, gy0, step, dst_x0, dst_y0,
-    out_img, out_var, out_msk, n, bilinear, linear, mask_order, grow_full, nodata, scale, table,
+    out_img, out_var, out_msk, n, bilinear, linear, mask_order, grow_full, nodata, scale, table, products,
 ):
     """Body of :func:`warp_block`, inlined into one compiled function per kernel (``n`` a constant).
 
@@ -944,8 +1038,12 @@ def _warp_block(
         # strips of the row: the weights of a strip stay in L1 while its pixels are summed
         for s0 in range(lo, hi, _STRIP):
             s1 = min(hi, s0 + _STRIP)
-            _strip_weights_columns(fxs, s0, s1, n, bilinear, linear, cb, sb, table, tmp, sa, ca, tot, wx, sxs)
-            _strip_weights_columns(fys, s0, s1, n, bilinear, linear, cb, sb, table, tmp, sa, ca, tot, wy, sys_)
+            if products and not bilinear and table.shape[0] <= 1:
+                _strip_weights_products(fxs, s0, s1, n, linear, cb, sb, sa, ca, wx, sxs)
+                _strip_weights_products(fys, s0, s1, n, linear, cb, sb, sa, ca, wy, sys_)
+            else:
+                _strip_weights_columns(fxs, s0, s1, n, bilinear, linear, cb, sb, table, tmp, sa, ca, tot, wx, sxs)
+                _strip_weights_columns(fys, s0, s1, n, bilinear, linear, cb, sb, table, tmp, sa, ca, tot, wy, sys_)
             for k in range(m):
                 for c in range(s1 - s0):
                     wx2[k, c] = wx[k, c] * wx[k, c]
@@ -1057,30 +1155,30 @@ _BLOCK = dict(cache=True, **_SUMS)
 
 @numba.njit(**_BLOCK)
 def _warp_block_bilinear(si, sv, sm, wx0, wy0, valid, nx_, ny_, gx0, gy0, step, dx0, dy0, oi, ov, om, linear, mask_order,
-                         grow, nodata, scale, table):
+                         grow, nodata, scale, table, products):
     _warp_block(si, sv, sm, wx0, wy0, valid, nx_, ny_, gx0, gy0, step, dx0, dy0, oi, ov, om, 1, True, linear,
-                mask_order, grow, nodata, scale, table)
+                mask_order, grow, nodata, scale, table, products)
 
 
 @numba.njit(**_BLOCK)
 def _warp_block_lanczos3(si, sv, sm, wx0, wy0, valid, nx_, ny_, gx0, gy0, step, dx0, dy0, oi, ov, om, linear, mask_order,
-                         grow, nodata, scale, table):
+                         grow, nodata, scale, table, products):
     _warp_block(si, sv, sm, wx0, wy0, valid, nx_, ny_, gx0, gy0, step, dx0, dy0, oi, ov, om, 3, False, linear,
-                mask_order, grow, nodata, scale, table)
+                mask_order, grow, nodata, scale, table, products)
 
 
 @numba.njit(**_BLOCK)
 def _warp_block_lanczos4(si, sv, sm, wx0, wy0, valid, nx_, ny_, gx0, gy0, step, dx0, dy0, oi, ov, om, linear, mask_order,
-                         grow, nodata, scale, table):
+                         grow, nodata, scale, table, products):
     _warp_block(si, sv, sm, wx0, wy0, valid, nx_, ny_, gx0, gy0, step, dx0, dy0, oi, ov, om, 4, False, linear,
-                mask_order, grow, nodata, scale, table)
+                mask_order, grow, nodata, scale, table, products)
 
 
 @numba.njit(**_BLOCK)
 def _warp_block_lanczos5(si, sv, sm, wx0, wy0, valid, nx_, ny_, gx0, gy0, step, dx0, dy0, oi, ov, om, linear, mask_order,
-                         grow, nodata, scale, table):
+                         grow, nodata, scale, table, products):
     _warp_block(si, sv, sm, wx0, wy0, valid, nx_, ny_, gx0, gy0, step, dx0, dy0, oi, ov, om, 5, False, linear,
-                mask_order, grow, nodata, scale, table)
+                mask_order, grow, nodata, scale, table, products)
 
 
 _BLOCK_KERNELS = {(1, True): _warp_block_bilinear, (3, False): _warp_block_lanczos3, (4, False): _warp_block_lanczos4,
@@ -1112,6 +1210,7 @@ def warp_block(
     nodata,
     scale,
     table,
+    products=True,
 ):
     """Warp one destination block (spec warping.md section 1.3, with the bad-tap rule below).
 
@@ -1120,7 +1219,9 @@ def warp_block(
     tap converted to float64 exactly; mask uint32).
     ``valid`` as in :func:`count_blocks`. ``scale`` multiplies the image (its square the variance):
     the photometric calibration. ``table`` (from :func:`kernel_table`, or an empty array for exact
-    evaluation) tabulates the Lanczos weights.
+    evaluation) tabulates the Lanczos weights. ``products``: exact Lanczos weights evaluated without
+    divisions (:func:`_strip_weights_products`, equal to the quotient form up to rounding); False: the
+    quotient form of :func:`_strip_weights_columns`.
 
     Bad taps: a source pixel whose image or variance is not finite, or whose mask has ``nodata``, is
     bad. If a bad pixel has non-zero *bilinear* weight the output pixel is no-data (NaN, +inf,
@@ -1136,7 +1237,7 @@ def warp_block(
     if kernel is None:
         raise ValueError(f"no warp kernel of order {order} (bilinear={bilinear})")
     kernel(src_img, src_var, src_msk, win_x0, win_y0, valid, nodes_x, nodes_y, gx0, gy0, step, dst_x0, dst_y0,
-           out_img, out_var, out_msk, linear, mask_order, grow_full, nodata, scale, table)
+           out_img, out_var, out_msk, linear, mask_order, grow_full, nodata, scale, table, bool(products))
 
 
 @numba.njit(**_NOGIL)

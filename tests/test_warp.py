@@ -1140,3 +1140,108 @@ def test_replan_validation_and_empty_plans(rng):
     _same_plan(off, plan_warp(ds, wcs=src_wcs, box=Box(150, 150, 200, 200), chunks=25))
     out = warp_exposure(ds, plan=off)
     assert np.isnan(out.image.values).all() and (out.mask.values == NO_DATA).all()
+
+
+# ------------------------------------------------------------------------------------------
+# Lanczos weights evaluated as products (no division): WarpConfig.lanczos_products
+
+
+@pytest.mark.parametrize("order", [3, 4, 5])
+@pytest.mark.parametrize("linear", [False, True])
+def test_product_weights_are_proportional_to_exact_lanczos(rng, order, linear):
+    import numba
+
+    from pipeline._kernels_warp import _SUMS, _strip_weights_products, kernel_weights, trig_tables
+
+    @numba.njit(**_SUMS)
+    def strip(fs, lo, hi, n, linear, cb, sb, w, s):
+        _strip_weights_products(fs, lo, hi, n, linear, cb, sb, np.empty(512), np.empty(512), w, s)
+
+    fs = np.concatenate([rng.random(400), [0.0, 1e-8, 2e-8, 0.5, 1 - 1e-8, 1 - 1e-15, 0.25, 0.0]])
+    cb, sb = trig_tables(order)
+    w = np.full((2 * order, 512), -1.0)
+    s = np.full(fs.size, -1.0)
+    strip(fs, 3, fs.size, order, linear, cb, sb, w, s)
+    assert np.all(s[:3] == -1.0)
+    ref = np.empty(2 * order)
+    for k in range(3, fs.size):
+        f = fs[k]
+        total = kernel_weights(f, order, False, linear, cb, sb, ref)
+        got = w[:, k - 3]
+        # the positive factor prod_i t_i^2 / c0 is common to all taps: equal after normalisation
+        np.testing.assert_allclose(got / s[k], ref / total, rtol=0, atol=2e-15)
+        assert s[k] > 0.0
+        if f == 0.0:
+            np.testing.assert_array_equal(got, ref)
+            assert s[k] == 1.0
+        if linear:
+            t = np.arange(2 * order) - (order - 1) - f
+            assert abs(np.dot(got, t)) <= 1e-14 * np.abs(got).sum()
+
+
+def _warp_pair(ds, dst_wcs, box, chunks, **cfg):
+    out = {}
+    for products in (True, False):
+        out[products] = warp_exposure(ds, wcs=dst_wcs, box=box, chunks=chunks,
+                                      config=WarpConfig(lanczos_products=products, **cfg))
+    return out[True], out[False]
+
+
+@pytest.mark.parametrize("kernel", ["lanczos3", "lanczos4", "lanczos5"])
+@pytest.mark.parametrize(("rotation", "scale"), [(0.0, 0.2), (7.0, 0.19), (-33.0, 0.23), (90.0, 0.2)])
+def test_product_weights_agree_with_quotient_weights_to_float32_rounding(rng, kernel, rotation, scale):
+    """Rotations, scale changes, the exposure's edges, masked / NaN / infinite / NO_DATA pixels and
+    chunkings that divide nothing: the two evaluations give the same no-data pixels and masks, and
+    images and variances equal or one float32 rounding step apart (the float64 sums differ by ~1e-15)."""
+    src_wcs = make_tan_wcs(crpix=(45.0, 40.0))
+    dst_wcs = make_tan_wcs(crpix=(47.3, 38.9), rotation_deg=rotation, scale_arcsec=scale)
+    img = rng.normal(100.0, 10.0, (80, 90)).astype(np.float32)
+    var = rng.uniform(50.0, 150.0, img.shape).astype(np.float32)
+    msk = np.zeros(img.shape, np.uint32)
+    msk[:, :2] = EDGE
+    msk[rng.random(img.shape) < 0.01] |= BAD
+    msk[30, 31] = NO_DATA
+    img[50, 52] = np.nan
+    var[20, 60] = np.inf
+    ds = exposure(img, variance=var, mask=msk, wcs=src_wcs).chunk({"y": 37, "x": 41})
+    box = Box(-7, -3, 95, 88)
+    a, b = _warp_pair(ds, dst_wcs, box, (37, 41), kernel=kernel)
+    ai, bi = a.image.values, b.image.values
+    fin = np.isfinite(ai)
+    assert fin.sum() > 3000
+    np.testing.assert_array_equal(fin, np.isfinite(bi))
+    np.testing.assert_array_equal(a.mask.values, b.mask.values)
+    np.testing.assert_array_equal(np.isfinite(a.variance.values), np.isfinite(b.variance.values))
+    for u, v in ((ai[fin], bi[fin]), (a.variance.values[fin], b.variance.values[fin])):
+        d = np.abs(u.astype(np.float64) - v)
+        assert np.all(d <= np.spacing(np.abs(u))), d.max()
+        assert (d > 0).mean() <= 1e-3
+
+
+def test_quotient_weights_numpy_dask_equal_and_lazy(rng):
+    src_wcs = make_tan_wcs(crpix=(50.0, 50.0))
+    dst_wcs = make_tan_wcs(crpix=(55.2, 47.9), rotation_deg=3.0, scale_arcsec=0.21)
+    msk = (rng.random((100, 110)) < 0.02).astype(np.uint32) * np.uint32(BAD)
+    img = rng.normal(size=(100, 110))
+    img[40, 40] = np.nan
+    ds = exposure(img, mask=msk, wcs=src_wcs)
+    cfg = WarpConfig(lanczos_products=False)
+
+    def func(d):
+        return warp_exposure(d, wcs=dst_wcs, box=Box(-5, 3, 120, 101), chunks=(23, 29), config=cfg)
+
+    assert_numpy_dask_equal(func, ds, {"y": 37, "x": 41}, rtol=0, atol=0)
+    lazy = assert_lazy(lambda: func(ds.chunk({"y": 37, "x": 41})))
+    fast = warp_exposure(ds.chunk({"y": 37, "x": 41}), wcs=dst_wcs, box=Box(-5, 3, 120, 101), chunks=(23, 29))
+    # the weight evaluation is a kernel detail: the graphs have the same size
+    assert graph_size(lazy.image.data) == graph_size(fast.image.data)
+    assert graph_size(lazy.image.data) <= 3 * 5 * 5 + 3 * 3 * 3 + 60
+
+
+def test_lanczos_products_must_be_a_boolean():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="lanczos_products"):
+        WarpConfig(lanczos_products="sometimes")
+    with pytest.raises(ValidationError, match="lanczos_product"):
+        WarpConfig(lanczos_product=True)
