@@ -831,9 +831,10 @@ def _products_source(n):
 
 
 def _compile_products(n):
-    ns: dict = {"math": math, "_sincos": _sincos}
-    exec(compile(_products_source(n), f"<lanczos{n} weights>", "exec"), ns)
-    return numba.njit(inline="always", **_SUMS)(ns[f"_weights_products_{n}"])
+    # defined in this module's namespace, so that numba's cache of the kernels that inline it refers to
+    # an importable module (a private namespace would be the unimportable module '<dynamic>')
+    exec(compile(_products_source(n), f"<lanczos{n} weights>", "exec"), globals())
+    return numba.njit(inline="always", **_SUMS)(globals()[f"_weights_products_{n}"])
 
 
 _weights_products_3 = _compile_products(3)
@@ -842,7 +843,7 @@ _weights_products_5 = _compile_products(5)
 
 
 @numba.njit(inline="always", **_SUMS)
-def _strip_weights_products(fs, lo, hi, n, linear, cb, sb, sa, ca, wt, sums):
+def _strip_weights_products(fs, lo, hi, n, linear, cb, sb, wt, sums):
     """Exact Lanczos-n weights of ``fs[lo:hi]`` without a division, stored as :func:`_strip_weights_columns`.
 
     With ``t_k = k - (n-1) - f`` the taps are ``L(t_k) = c0 sin(pi t_k / n) / t_k^2``; multiplying
@@ -1039,8 +1040,8 @@ def _warp_block(
         for s0 in range(lo, hi, _STRIP):
             s1 = min(hi, s0 + _STRIP)
             if products and not bilinear and table.shape[0] <= 1:
-                _strip_weights_products(fxs, s0, s1, n, linear, cb, sb, sa, ca, wx, sxs)
-                _strip_weights_products(fys, s0, s1, n, linear, cb, sb, sa, ca, wy, sys_)
+                _strip_weights_products(fxs, s0, s1, n, linear, cb, sb, wx, sxs)
+                _strip_weights_products(fys, s0, s1, n, linear, cb, sb, wy, sys_)
             else:
                 _strip_weights_columns(fxs, s0, s1, n, bilinear, linear, cb, sb, table, tmp, sa, ca, tot, wx, sxs)
                 _strip_weights_columns(fys, s0, s1, n, bilinear, linear, cb, sb, table, tmp, sa, ca, tot, wy, sys_)

@@ -1155,7 +1155,7 @@ def test_product_weights_are_proportional_to_exact_lanczos(rng, order, linear):
 
     @numba.njit(**_SUMS)
     def strip(fs, lo, hi, n, linear, cb, sb, w, s):
-        _strip_weights_products(fs, lo, hi, n, linear, cb, sb, np.empty(512), np.empty(512), w, s)
+        _strip_weights_products(fs, lo, hi, n, linear, cb, sb, w, s)
 
     fs = np.concatenate([rng.random(400), [0.0, 1e-8, 2e-8, 0.5, 1 - 1e-8, 1 - 1e-15, 0.25, 0.0]])
     cb, sb = trig_tables(order)
