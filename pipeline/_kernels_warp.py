@@ -831,10 +831,9 @@ def _products_source(n):
 
 
 def _compile_products(n):
-    # defined in this module's namespace, so that numba's cache of the kernels that inline it refers to
-    # an importable module (a private namespace would be the unimportable module '<dynamic>')
-    exec(compile(_products_source(n), f"<lanczos{n} weights>", "exec"), globals())
-    return numba.njit(inline="always", **_SUMS)(globals()[f"_weights_products_{n}"])
+    ns: dict = {"math": math, "_sincos": _sincos}
+    exec(compile(_products_source(n), f"<lanczos{n} weights>", "exec"), ns)
+    return numba.njit(inline="always", **_SUMS)(ns[f"_weights_products_{n}"])
 
 
 _weights_products_3 = _compile_products(3)
