@@ -811,7 +811,6 @@ def _or_box(center, strips, base, pitch, present, ey, ex, off, ny, nx, v0, v1, u
     seg, nxt = np.empty(ky * nx, dt), np.empty(ky * nx, dt)
     seg_s, nxt_s = np.zeros((ky, 2), np.int64), np.zeros((ky, 2), np.int64)
     pre = np.empty(nx, dt)
-    zero = fill ^ fill
     r0, c0 = off + v0, off + u0
     for a in range(ky):
         seg_s[a, 0], seg_s[a, 1] = _row_or(center, strips, base, pitch, present, ey, ex, r0 + a, c0, kx, nx, buf, t1, t2,

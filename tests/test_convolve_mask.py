@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from pipeline._kernels_convolve import Halo, or_dilate, or_dilate_halo
 from pipeline.model.masks import MaskPlane
 from pipeline.psf import GaussianPsf
-from pipeline.psf_match import KernelModel, ModelPsfMatchConfig, convolve_kernel_model, model_psf_match
+from pipeline.psf_match import KernelModel, convolve_kernel_model, model_psf_match
 from pipeline.testing import assert_lazy, graph_size, raise_if_dask_computes
 from tests.test_psf_match import _chunk, _exposure
 
@@ -226,7 +226,6 @@ def test_property_halo_or_equals_brute_force(h, ny, nx, cy, cx, density, kind, s
 
 def _model(footprint, box):
     """A spatially constant kernel model whose only basis image has the given non-zero taps."""
-    k = footprint.shape[0]
     basis = np.where(footprint, 1.0, 0.0)[None] / footprint.sum()
     return KernelModel(basis, np.ones((1, 1)), box, 0)
 
