@@ -525,16 +525,32 @@ def _combine_lowrank(out, convs, c, dep_rows, dep_cols, const_rows, norm_rows, c
         ci = off + i - y0
         for r in range(n_r):
             cr = convs[r][ci, off:off + nx]
-            ca = dep_rows[r, 0, i]
-            cta = dep_cols[0, x0:x1]
-            for j in range(nx):
-                w[j] = ca * cta[j]
-            for a in range(1, n_a):
-                ca = dep_rows[r, a, i]
-                cta = dep_cols[a, x0:x1]
+            # two axis terms per pass over the row, the last odd one fused with the product
+            if n_a == 1:
+                ca = dep_rows[r, 0, i]
+                cta = dep_cols[0, x0:x1]
                 for j in range(nx):
-                    w[j] += ca * cta[j]
-            if r == 0:
+                    w[j] = ca * cta[j]
+            else:
+                ca, cb = dep_rows[r, 0, i], dep_rows[r, 1, i]
+                cta, ctb = dep_cols[0, x0:x1], dep_cols[1, x0:x1]
+                for j in range(nx):
+                    w[j] = ca * cta[j] + cb * ctb[j]
+            for a in range(2, n_a - 1, 2):
+                ca, cb = dep_rows[r, a, i], dep_rows[r, a + 1, i]
+                cta, ctb = dep_cols[a, x0:x1], dep_cols[a + 1, x0:x1]
+                for j in range(nx):
+                    w[j] += ca * cta[j] + cb * ctb[j]
+            if n_a > 2 and n_a % 2 == 1:
+                ca = dep_rows[r, n_a - 1, i]
+                cta = dep_cols[n_a - 1, x0:x1]
+                if r == 0:
+                    for j in range(nx):
+                        acc[j] = (w[j] + ca * cta[j]) * cr[j]
+                else:
+                    for j in range(nx):
+                        acc[j] += (w[j] + ca * cta[j]) * cr[j]
+            elif r == 0:
                 for j in range(nx):
                     acc[j] = w[j] * cr[j]
             else:

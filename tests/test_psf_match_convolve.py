@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 
 from pydantic import ValidationError
 
-from pipeline._kernels_convolve import (FFT_BACKENDS, Halo, _load_halo, _smooth_length, correlate_direct,
+from pipeline._kernels_convolve import (FFT_BACKENDS, Halo, _combine_lowrank, _load_halo, _smooth_length,
+                                        correlate_direct,
                                         correlate_lowrank, kernel_spectra, plan_tiles)
 from pipeline.model.geometry import Box
 from pipeline.psf import GaussianPsf, GridPsf
@@ -521,3 +522,60 @@ def test_halo_path_within_float32_bound_of_float64_at_block_edges(rng, power):
     reach = ny - h - 9  # outputs whose window stays above the missing bottom row of pieces
     tol = 1e-6 * np.abs(want).max() + 1.2e-7 * np.abs(want).max()
     np.testing.assert_allclose(got[:reach], want[:reach], rtol=0, atol=tol)
+
+
+# ---------------------------------------------------------------------------------------------- combine
+
+
+def _combine_reference(convs, c, dep_rows, dep_cols, const_rows, norm_rows, col_terms, power, y0, y1, x0, x1, off,
+                       const_is_norm):
+    """The combine in float64 from the same inputs, and the float32 error scale of each output."""
+    conv = np.asarray(convs, np.float64)[:, off:off + y1 - y0, off:off + x1 - x0]
+    w = np.einsum("ray,ax->ryx", dep_rows[:, :, y0:y1].astype(np.float64), dep_cols[:, x0:x1].astype(np.float64))
+    acc = (w * conv).sum(axis=0)
+    scale = (np.einsum("ray,ax->ryx", np.abs(dep_rows[:, :, y0:y1]).astype(np.float64),
+                       np.abs(dep_cols[:, x0:x1]).astype(np.float64)) * np.abs(conv)).sum(axis=0)
+    nrm = norm_rows[:, y0:y1].T @ col_terms[: norm_rows.shape[0], x0:x1]
+    if const_is_norm:
+        want = (acc / nrm + c) / nrm ** (power - 1)
+    else:
+        want = (acc + c * (const_rows[:, y0:y1].T @ col_terms[:, x0:x1])) / nrm**power
+    n_terms = dep_rows.shape[0] + dep_rows.shape[1] + 2
+    return want, n_terms * scale / np.abs(nrm) ** power + np.abs(want)
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**16), n_r=st.integers(0, 4), n_a=st.integers(1, 9), n_n=st.integers(1, 9),
+       power=st.sampled_from([1, 2]), const_is_norm=st.booleans(), as_tuple=st.booleans(), data=st.data())
+def test_property_combine_within_float32_rounding_of_float64(seed, n_r, n_a, n_n, power, const_is_norm, as_tuple,
+                                                              data):
+    """Every count of components and axis terms (odd and even: the passes take two terms at a time and
+    fuse the last odd one with the product), both powers, the constant as the normaliser or not, tiles
+    anywhere in the block (its edges included): float32 rounding of the float64 result."""
+    rng = np.random.default_rng(seed)
+    ny, nx, off = 37, 45, data.draw(st.integers(0, 4))
+    n_n = min(n_n, n_a)
+    y0 = data.draw(st.integers(0, ny - 1))
+    y1 = data.draw(st.integers(y0 + 1, ny))
+    x0 = data.draw(st.integers(0, nx - 1))
+    x1 = data.draw(st.integers(x0 + 1, nx))
+    fy, fx = y1 - y0 + 2 * off + 1, x1 - x0 + 2 * off + 3
+    convs = rng.normal(size=(n_r, fy, fx)).astype(np.float32)
+    dep_rows = rng.normal(size=(n_r, n_a, ny)).astype(np.float32)
+    col_terms = np.vstack([np.ones(nx), rng.uniform(-1, 1, size=(n_a - 1, nx))])
+    dep_cols = col_terms.astype(np.float32)
+    norm_rows = np.vstack([np.full(ny, 3.0), 0.2 * rng.normal(size=(n_n - 1, ny))])
+    const_rows = np.zeros((n_a, ny))
+    const_rows[:n_n] = norm_rows if const_is_norm else rng.normal(size=(n_n, ny))
+    c = float(np.float32(rng.normal(scale=50.0)))
+    out = np.full((ny, nx), -5.0, np.float32)
+    conv_arg = tuple(convs) if as_tuple and n_r else convs  # the scipy backend hands a tuple
+    _combine_lowrank(out, conv_arg, c, dep_rows, dep_cols, const_rows, norm_rows, col_terms, power, y0, y1, x0, x1,
+                     off, const_is_norm)
+    want, scale = _combine_reference(convs, c, dep_rows, dep_cols, const_rows, norm_rows, col_terms, power, y0, y1,
+                                     x0, x1, off, const_is_norm)
+    err = np.abs(out[y0:y1, x0:x1] - want)
+    assert (err <= 2 * np.finfo(np.float32).eps * scale).all(), float((err / scale).max())
+    rest = np.ones((ny, nx), bool)
+    rest[y0:y1, x0:x1] = False
+    assert (out[rest] == -5.0).all()
