@@ -385,13 +385,14 @@ def kernel_spectra(kernels: np.ndarray, fy: int, fx: int, dtype=np.float64) -> n
 
 
 def _load_halo(buf, halo, ya, yb, xa, xb):
-    """:func:`_load_centred` on a :class:`Halo`: missing pieces enter as the constant ``c``."""
+    """:func:`_load_centred` on a :class:`Halo`: missing pieces enter as the constant ``c``.
+
+    ``c`` is the mean of all the data in the window, summed while the pieces are copied (one
+    streaming read of each piece); the subtraction then runs on the buffer, still in cache.
+    """
     ey, ex = halo.edges_y, halo.edges_x
-    centre = halo.pieces[1][1]
-    # c in the buffer's precision, so that the subtraction is one rounding and c is returned exactly
-    c = float(buf.dtype.type(_window_mean(centre, max(ya, ey[1]) - ey[1], min(yb, ey[2]) - ey[1],
-                                           max(xa, ex[1]) - ex[1], min(xb, ex[2]) - ex[1], False)))
-    cb = buf.dtype.type(c)
+    total, count = 0.0, 0
+    missing = []
     for i in range(3):
         ra, rb = max(ya, ey[i]), min(yb, ey[i + 1])
         if ra >= rb:
@@ -402,13 +403,43 @@ def _load_halo(buf, halo, ya, yb, xa, xb):
                 continue
             p = halo.pieces[i][j]
             if p is None:
-                buf[ra - ya:rb - ya, qa - xa:qb - xa] = 0
+                missing.append((ra - ya, rb - ya, qa - xa, qb - xa))
             else:
-                # numpy's strided loop copies rows of a piece (a view into its chunk) faster than a numba
-                # loop on a non-contiguous array
-                np.subtract(p[ra - ey[i]:rb - ey[i], qa - ex[j]:qb - ex[j]], cb,
-                            out=buf[ra - ya:rb - ya, qa - xa:qb - xa], casting="unsafe")
+                total += _copy_sum(buf, ra - ya, qa - xa, p, ra - ey[i], rb - ey[i], qa - ex[j], qb - ex[j])
+                count += (rb - ra) * (qb - qa)
+    # c in the buffer's precision, so that the subtraction is one rounding and c is returned exactly
+    c = float(buf.dtype.type(total / count)) if count else 0.0
+    for da, db, ea, eb in missing:
+        buf[da:db, ea:eb] = c
+    _subtract_const(buf, yb - ya, xb - xa, c)
     return c
+
+
+@numba.njit(cache=True, nogil=True, fastmath=True)
+def _copy_sum(dst, d0, e0, src, ra, rb, ca, cb):
+    """``dst[d0 + i, e0 + j] = src[ra + i, ca + j]`` over the rectangle; returns the sum of the values."""
+    total = 0.0
+    n = cb - ca
+    for i in range(rb - ra):
+        s = src[ra + i, ca:cb]
+        d = dst[d0 + i, e0:e0 + n]
+        row = 0.0
+        for j in range(n):
+            v = s[j]
+            d[j] = v
+            row += v
+        total += row
+    return total
+
+
+@numba.njit(cache=True, nogil=True)
+def _subtract_const(buf, ny, nx, c):
+    """``buf[:ny, :nx] -= c`` in the buffer's precision."""
+    cb = buf.dtype.type(c)
+    for i in range(ny):
+        row = buf[i]
+        for j in range(nx):
+            row[j] = row[j] - cb
 
 
 @numba.njit(cache=True, nogil=True)
@@ -494,16 +525,32 @@ def _combine_lowrank(out, convs, c, dep_rows, dep_cols, const_rows, norm_rows, c
         ci = off + i - y0
         for r in range(n_r):
             cr = convs[r][ci, off:off + nx]
-            ca = dep_rows[r, 0, i]
-            cta = dep_cols[0, x0:x1]
-            for j in range(nx):
-                w[j] = ca * cta[j]
-            for a in range(1, n_a):
-                ca = dep_rows[r, a, i]
-                cta = dep_cols[a, x0:x1]
+            # two axis terms per pass over the row, the last odd one fused with the product
+            if n_a == 1:
+                ca = dep_rows[r, 0, i]
+                cta = dep_cols[0, x0:x1]
                 for j in range(nx):
-                    w[j] += ca * cta[j]
-            if r == 0:
+                    w[j] = ca * cta[j]
+            else:
+                ca, cb = dep_rows[r, 0, i], dep_rows[r, 1, i]
+                cta, ctb = dep_cols[0, x0:x1], dep_cols[1, x0:x1]
+                for j in range(nx):
+                    w[j] = ca * cta[j] + cb * ctb[j]
+            for a in range(2, n_a - 1, 2):
+                ca, cb = dep_rows[r, a, i], dep_rows[r, a + 1, i]
+                cta, ctb = dep_cols[a, x0:x1], dep_cols[a + 1, x0:x1]
+                for j in range(nx):
+                    w[j] += ca * cta[j] + cb * ctb[j]
+            if n_a > 2 and n_a % 2 == 1:
+                ca = dep_rows[r, n_a - 1, i]
+                cta = dep_cols[n_a - 1, x0:x1]
+                if r == 0:
+                    for j in range(nx):
+                        acc[j] = (w[j] + ca * cta[j]) * cr[j]
+                else:
+                    for j in range(nx):
+                        acc[j] += (w[j] + ca * cta[j]) * cr[j]
+            elif r == 0:
                 for j in range(nx):
                     acc[j] = w[j] * cr[j]
             else:

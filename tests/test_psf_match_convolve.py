@@ -11,8 +11,9 @@ from hypothesis import strategies as st
 
 from pydantic import ValidationError
 
-from pipeline._kernels_convolve import (FFT_BACKENDS, Halo, _smooth_length, correlate_direct, correlate_lowrank,
-                                        kernel_spectra, plan_tiles)
+from pipeline._kernels_convolve import (FFT_BACKENDS, Halo, _combine_lowrank, _load_halo, _smooth_length,
+                                        correlate_direct,
+                                        correlate_lowrank, kernel_spectra, plan_tiles)
 from pipeline.model.geometry import Box
 from pipeline.psf import GaussianPsf, GridPsf
 from pipeline.psf_match import (ModelPsfMatchConfig, _axis_terms, _kernel_arrays, _regions, _sample_counts, _scaled,
@@ -442,3 +443,139 @@ def test_property_region_results_do_not_depend_on_chunks(cy, cx):
         atol = 2 * F32 * _kernel_l1(km, ds, name == "variance") * float(np.ptp(ds[name].values))
         np.testing.assert_allclose(got[name].values, eager[name].values, rtol=2.4e-7, atol=atol, equal_nan=True)
     np.testing.assert_array_equal(got["mask"].values, eager["mask"].values)
+
+
+# ---------------------------------------------------------------------------------------------- tile load
+
+
+def _load_case(seed, ny, nx, cuts_y, cuts_x, missing, dtype):
+    rng = np.random.default_rng(seed)
+    ext = (300.0 + 40.0 * rng.normal(size=(ny, nx))).astype(dtype)
+    halo = _halo_of(ext, cuts_y, cuts_x, missing)
+    return ext, halo
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**16), ny=st.integers(6, 40), nx=st.integers(6, 40), dtype=st.sampled_from(["f4", "f8"]),
+       data=st.data())
+def test_property_halo_load_is_window_minus_its_mean(seed, ny, nx, dtype, data):
+    """The tile buffer holds the window minus ``c`` (one rounding), missing pieces read 0, and ``c`` is
+    the buffer dtype's rounding of the mean of the window's data; what lies past the window is untouched."""
+    dt = np.dtype(dtype)
+    cy = sorted(data.draw(st.lists(st.integers(0, ny), min_size=2, max_size=2)))
+    cx = sorted(data.draw(st.lists(st.integers(0, nx), min_size=2, max_size=2)))
+    missing = set(data.draw(st.lists(st.sampled_from([(i, j) for i in range(3) for j in range(3) if (i, j) != (1, 1)]),
+                                     max_size=4)))
+    ya, yb = sorted(data.draw(st.lists(st.integers(0, ny), min_size=2, max_size=2, unique=True)))
+    xa, xb = sorted(data.draw(st.lists(st.integers(0, nx), min_size=2, max_size=2, unique=True)))
+    ext, halo = _load_case(seed, ny, nx, cy, cx, missing, dt)
+    present = halo.assemble(np.nan, dt)[ya:yb, xa:xb]
+    is_data = np.isfinite(present)
+    buf = np.full((yb - ya + 3, xb - xa + 2), -7.0, dtype=dt)
+    c = _load_halo(buf, halo, ya, yb, xa, xb)
+    want_c = float(present[is_data].astype(np.float64).mean()) if is_data.any() else 0.0
+    assert c == float(dt.type(c))  # exactly representable: the subtraction is the only rounding
+    np.testing.assert_allclose(c, want_c, rtol=4 * np.finfo(dt).eps, atol=0)
+    win = buf[: yb - ya, : xb - xa]
+    np.testing.assert_array_equal(win[is_data], (present[is_data] - dt.type(c)).astype(dt))
+    np.testing.assert_array_equal(win[~is_data], 0)
+    assert (buf[yb - ya:] == -7.0).all() and (buf[:, xb - xa:] == -7.0).all()
+
+
+def test_halo_load_constant_input_comes_back_exactly():
+    """A constant input: ``c`` is the constant, the tile is all zeros, and the image (``W_R = N``) and
+    variance outputs are the constant and constant / N to float32 rounding on every tile (block edges
+    with missing pieces included)."""
+    rng = np.random.default_rng(3)
+    n_r, k, ny, nx = 3, 9, 70, 83
+    h = k // 2
+    ext = np.full((ny + 2 * h, nx + 2 * h), 812.25, np.float32)
+    halo = _halo_of(ext, (h, ny + h), (h, nx + h), missing={(0, 0), (0, 1), (1, 0)})
+    buf = np.full((40, 40), 5.0, np.float32)
+    assert _load_halo(buf, halo, 0, 30, 0, 35) == 812.25
+    assert not buf[:30, :35].any()
+    basis = rng.normal(size=(n_r, k, k))
+    col = np.array([np.ones(nx), np.linspace(-1, 1, nx)])
+    norm = np.array([np.full(ny, 2.0), 0.3 * np.linspace(-1, 1, ny)])
+    rows = rng.normal(size=(n_r + 1, 2, ny))
+    rows[n_r] = norm
+    nfield = np.einsum("ay,ax->yx", norm, col)
+    valid = (h, ext.shape[0], h, ext.shape[1])
+    for power, want in ((1, np.full((ny, nx), 812.25)), (2, 812.25 / nfield)):
+        got = correlate_lowrank(halo, basis, rows, col, norm, power, tile=30, valid=valid)
+        np.testing.assert_allclose(got, want, rtol=3e-7, atol=0)
+
+
+@pytest.mark.parametrize("power", [1, 2])
+def test_halo_path_within_float32_bound_of_float64_at_block_edges(rng, power):
+    """The Halo path (float32 tiles, the window mean of all pieces as ``c``) against the float64
+    direct correlation, tiles crossing the piece boundaries and missing pieces on two sides."""
+    ext, basis, rows, col, norm, want = _lowrank_case(rng)
+    if power == 2:
+        want = want / 2.0
+    h = basis.shape[1] // 2
+    ny, nx = want.shape
+    bottom = {(2, 0), (2, 1), (2, 2)}
+    halo = _halo_of(ext, (h + 17, ext.shape[0] - h - 9), (h + 5, ext.shape[1] - h - 21), missing=bottom)
+    valid = (0, ext.shape[0] - h - 9, 0, ext.shape[1])
+    got = correlate_lowrank(halo, basis, rows, col, norm, power, tile=23, valid=valid, dtype=np.float32)
+    reach = ny - h - 9  # outputs whose window stays above the missing bottom row of pieces
+    tol = 1e-6 * np.abs(want).max() + 1.2e-7 * np.abs(want).max()
+    np.testing.assert_allclose(got[:reach], want[:reach], rtol=0, atol=tol)
+
+
+# ---------------------------------------------------------------------------------------------- combine
+
+
+def _combine_reference(convs, c, dep_rows, dep_cols, const_rows, norm_rows, col_terms, power, y0, y1, x0, x1, off,
+                       const_is_norm):
+    """The combine in float64 from the same inputs, and the float32 error scale of each output."""
+    conv = np.asarray(convs, np.float64)[:, off:off + y1 - y0, off:off + x1 - x0]
+    w = np.einsum("ray,ax->ryx", dep_rows[:, :, y0:y1].astype(np.float64), dep_cols[:, x0:x1].astype(np.float64))
+    acc = (w * conv).sum(axis=0)
+    scale = (np.einsum("ray,ax->ryx", np.abs(dep_rows[:, :, y0:y1]).astype(np.float64),
+                       np.abs(dep_cols[:, x0:x1]).astype(np.float64)) * np.abs(conv)).sum(axis=0)
+    nrm = norm_rows[:, y0:y1].T @ col_terms[: norm_rows.shape[0], x0:x1]
+    if const_is_norm:
+        want = (acc / nrm + c) / nrm ** (power - 1)
+    else:
+        want = (acc + c * (const_rows[:, y0:y1].T @ col_terms[:, x0:x1])) / nrm**power
+    n_terms = dep_rows.shape[0] + dep_rows.shape[1] + 2
+    return want, n_terms * scale / np.abs(nrm) ** power + np.abs(want)
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**16), n_r=st.integers(0, 4), n_a=st.integers(1, 9), n_n=st.integers(1, 9),
+       power=st.sampled_from([1, 2]), const_is_norm=st.booleans(), as_tuple=st.booleans(), data=st.data())
+def test_property_combine_within_float32_rounding_of_float64(seed, n_r, n_a, n_n, power, const_is_norm, as_tuple,
+                                                              data):
+    """Every count of components and axis terms (odd and even: the passes take two terms at a time and
+    fuse the last odd one with the product), both powers, the constant as the normaliser or not, tiles
+    anywhere in the block (its edges included): float32 rounding of the float64 result."""
+    rng = np.random.default_rng(seed)
+    ny, nx, off = 37, 45, data.draw(st.integers(0, 4))
+    n_n = min(n_n, n_a)
+    y0 = data.draw(st.integers(0, ny - 1))
+    y1 = data.draw(st.integers(y0 + 1, ny))
+    x0 = data.draw(st.integers(0, nx - 1))
+    x1 = data.draw(st.integers(x0 + 1, nx))
+    fy, fx = y1 - y0 + 2 * off + 1, x1 - x0 + 2 * off + 3
+    convs = rng.normal(size=(n_r, fy, fx)).astype(np.float32)
+    dep_rows = rng.normal(size=(n_r, n_a, ny)).astype(np.float32)
+    col_terms = np.vstack([np.ones(nx), rng.uniform(-1, 1, size=(n_a - 1, nx))])
+    dep_cols = col_terms.astype(np.float32)
+    norm_rows = np.vstack([np.full(ny, 3.0), 0.2 * rng.normal(size=(n_n - 1, ny))])
+    const_rows = np.zeros((n_a, ny))
+    const_rows[:n_n] = norm_rows if const_is_norm else rng.normal(size=(n_n, ny))
+    c = float(np.float32(rng.normal(scale=50.0)))
+    out = np.full((ny, nx), -5.0, np.float32)
+    conv_arg = tuple(convs) if as_tuple and n_r else convs  # the scipy backend hands a tuple
+    _combine_lowrank(out, conv_arg, c, dep_rows, dep_cols, const_rows, norm_rows, col_terms, power, y0, y1, x0, x1,
+                     off, const_is_norm)
+    want, scale = _combine_reference(convs, c, dep_rows, dep_cols, const_rows, norm_rows, col_terms, power, y0, y1,
+                                     x0, x1, off, const_is_norm)
+    err = np.abs(out[y0:y1, x0:x1] - want)
+    assert (err <= 2 * np.finfo(np.float32).eps * scale).all(), float((err / scale).max())
+    rest = np.ones((ny, nx), bool)
+    rest[y0:y1, x0:x1] = False
+    assert (out[rest] == -5.0).all()
