@@ -648,58 +648,9 @@ def _cell_columns(l, nkx, gx0, step, X0, nx):
 
 
 @numba.njit(**_NOGIL)
-def _row_candidates(gx0, gy0, step, nodes_x, nodes_y, X0, Y, nx, valid):
-    """Columns ``[lo, hi)`` of destination row ``Y`` (pixels ``X0 .. X0 + nx - 1``) that may hold good pixels.
-
-    Every interpolated position of a lattice cell lies within the bounds of the cell's (finite) nodes,
-    up to rounding; a cell whose bounds, widened by :data:`_CELL_MARGIN`, put ``floor`` outside the
-    valid range on either axis holds no good pixel and is left out. Cells with a non-finite node are
-    kept (their pixels are decided one by one). Returns ``(0, 0)`` when no cell qualifies.
-    """
-    nky, nkx = nodes_x.shape
-    ix_lo, iy_lo, ix_hi, iy_hi = valid
-    dy = Y - gy0
-    if dy < 0:
-        return 0, 0
-    ly = dy // step
-    ry = dy - ly * step
-    if ly > nky - 1 or (ly == nky - 1 and ry > 0):
-        return 0, 0
-    ly1 = ly + 1 if ry > 0 else ly
-    # lattice columns spanned by the row's pixels
-    l_first = max(0, (X0 - gx0) // step)
-    l_last = min(nkx - 1, (X0 + nx - 1 - gx0) // step)
-    lo = nx
-    hi = 0
-    for l in range(l_first, l_last + 1):
-        l1 = min(l + 1, nkx - 1)
-        xa = min(min(nodes_x[ly, l], nodes_x[ly, l1]), min(nodes_x[ly1, l], nodes_x[ly1, l1]))
-        xb = max(max(nodes_x[ly, l], nodes_x[ly, l1]), max(nodes_x[ly1, l], nodes_x[ly1, l1]))
-        ya = min(min(nodes_y[ly, l], nodes_y[ly, l1]), min(nodes_y[ly1, l], nodes_y[ly1, l1]))
-        yb = max(max(nodes_y[ly, l], nodes_y[ly, l1]), max(nodes_y[ly1, l], nodes_y[ly1, l1]))
-        finite = (
-            math.isfinite(nodes_x[ly, l]) and math.isfinite(nodes_x[ly, l1]) and math.isfinite(nodes_x[ly1, l])
-            and math.isfinite(nodes_x[ly1, l1]) and math.isfinite(nodes_y[ly, l]) and math.isfinite(nodes_y[ly, l1])
-            and math.isfinite(nodes_y[ly1, l]) and math.isfinite(nodes_y[ly1, l1])
-        )
-        if finite and (
-            math.floor(xb + _CELL_MARGIN) < ix_lo or math.floor(xa - _CELL_MARGIN) > ix_hi
-            or math.floor(yb + _CELL_MARGIN) < iy_lo or math.floor(ya - _CELL_MARGIN) > iy_hi
-        ):
-            continue
-        a, b = _cell_columns(l, nkx, gx0, step, X0, nx)
-        if a < b:
-            lo = min(lo, a)
-            hi = max(hi, b)
-    if hi <= lo:
-        return 0, 0
-    return lo, hi
-
-
-@numba.njit(**_NOGIL)
 def _state_candidates(states, gx0, gy0, step, X0, Y, nx):
-    """As :func:`_row_candidates`, from the cell classes of :func:`cell_states`: the columns ``[lo, hi)``
-    of destination row ``Y`` (pixels ``X0 .. X0 + nx - 1``) spanned by cells that may hold good pixels."""
+    """Columns ``[lo, hi)`` of destination row ``Y`` (pixels ``X0 .. X0 + nx - 1``) spanned by the lattice
+    cells that may hold good pixels (class 1 or 2 of :func:`cell_states`); ``(0, 0)`` when none does."""
     nky, nkx = states.shape
     dy = Y - gy0
     if dy < 0:
@@ -866,18 +817,6 @@ def _strip_weights_products(fs, lo, hi, n, linear, cb, sb, wt, sums):
 
 
 @numba.njit(inline="always", **_SUMS)
-def _strip_weights(fs, lo, hi, n, bilinear, linear, cb, sb, table, tmp, wt, sa, ca, tot, w, w2, sums):
-    """:func:`_strip_weights_columns` stored pixel-major in ``w[lo:hi]``, plus ``w2 = w * w``."""
-    m = 2 * n
-    _strip_weights_columns(fs, lo, hi, n, bilinear, linear, cb, sb, table, tmp, sa, ca, tot, wt, sums)
-    for c in range(hi - lo):
-        for k in range(m):
-            v = wt[k, c]
-            w[lo + c, k] = v
-            w2[lo + c, k] = v * v
-
-
-@numba.njit(inline="always", **_SUMS)
 def _grow_map(msk, grow_full, span):
     """``out[r, c] = 1`` where ``msk[r : r+span, c : c+span]`` holds a ``grow_full`` bit (clipped at the end).
 
@@ -927,8 +866,8 @@ def _warp_block(
 ):
     """Body of :func:`warp_block`, inlined into one compiled function per kernel (``n`` a constant).
 
-    Row by row: the columns that may hold good pixels (:func:`_row_candidates`, from the lattice
-    nodes) are the only ones whose positions and weights are computed, the rest are filled with
+    Row by row: the columns that may hold good pixels (:func:`_state_candidates`, from the cell
+    classes of the lattice) are the only ones whose positions and weights are computed, the rest are filled with
     no-data at once; weights are computed for the whole row in vectorised loops (column-major, with
     their squares for the variance); a footprint without bad pixels is summed separably straight
     from the (float32 or float64) source rows, with float64 accumulators.

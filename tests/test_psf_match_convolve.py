@@ -12,15 +12,15 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from pipeline._kernels_convolve import (FFT_BACKENDS, Halo, _combine_lowrank, _load_halo, _smooth_length,
-                                        correlate_direct,
-                                        correlate_lowrank, kernel_spectra, plan_tiles)
+                                        correlate_direct, correlate_lowrank, kernel_spectra, plan_tiles)
 from pipeline.model.geometry import Box
 from pipeline.psf import GaussianPsf, GridPsf
-from pipeline.psf_match import (ModelPsfMatchConfig, _axis_terms, _kernel_arrays, _regions, _sample_counts, _scaled,
-                                convolve_kernel_model, model_psf_match, solve_kernel_model)
+from pipeline.psf_match import (ModelPsfMatchConfig, _kernel_arrays, _regions, _sample_counts, convolve_kernel_model,
+                                model_psf_match, solve_kernel_model)
 from pipeline.testing import assert_lazy, graph_size, raise_if_dask_computes
 from tests.conftest import make_tan_wcs
-from tests.test_psf_match import F32, _chunk, _exposure, _kernel_l1, _lowrank_atol, _stars
+from tests.test_psf_match import (F32, _chunk, _exposure, _kernel_l1, _lowrank_atol, _lowrank_kernels_at,
+                                  _stars)
 
 F64 = ModelPsfMatchConfig(fft_precision="float64")
 
@@ -234,16 +234,6 @@ def _region_case():
     return ds, km
 
 
-def _region_kernels_at(km, kern, part, xs, ys, square=False):
-    """The kernels the low-rank path applies at parent pixels (xs, ys) with images ``part``."""
-    box, kind, top = kern["box"], kern["kind"], part["coef"].shape[1] - 1
-    tx = _axis_terms(_scaled(xs, box[0], box[2]), top, kind)
-    ty = _axis_terms(_scaled(ys, box[1], box[3]), top, kind)
-    w = np.einsum("rab,ap,bp->rp", part["coef"], tx, ty)
-    n = np.einsum("ab,ap,bp->p", part["norm"], tx, ty)
-    return np.tensordot(w[:-1].T, part["basis"], axes=1) / (n * n if square else n)[:, None, None]
-
-
 def test_region_grid_is_anchored_and_covers_the_block():
     ebox = Box(7, -5, 237, 195)
     kern = {"exposure_box": ebox, "region": 64}
@@ -276,10 +266,10 @@ def test_region_kernels_within_tolerance_at_every_pixel_and_keep_sums():
         exact = np.array([km.kernel_image(x, y) for x, y in zip(xs, ys)])
         img, var = kern["regions"][key]["image"], kern["regions"][key]["variance"]
         assert img["error"] <= REGION.max_kernel_error / 2 and var["error"] <= REGION.max_variance_kernel_error / 2
-        got = _region_kernels_at(km, kern, img, xs, ys)
+        got = _lowrank_kernels_at(km, kern, img, xs, ys)
         assert np.abs(got - exact).sum(axis=(1, 2)).max() <= REGION.max_kernel_error
         np.testing.assert_allclose(got.sum(axis=(1, 2)), 1.0, rtol=0, atol=1e-12)
-        got2 = _region_kernels_at(km, kern, var, xs, ys, square=True)
+        got2 = _lowrank_kernels_at(km, kern, var, xs, ys, square=True)
         sq = (exact**2).sum(axis=(1, 2))
         assert (np.abs(got2 - exact**2).sum(axis=(1, 2)) / sq).max() <= REGION.max_variance_kernel_error
         np.testing.assert_allclose(got2.sum(axis=(1, 2)), sq, rtol=1e-12)

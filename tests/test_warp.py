@@ -896,14 +896,15 @@ def test_row_span_positions_equal_row_positions_bit_for_bit(seed, step, nan):
 
 @settings(max_examples=60, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), step=st.integers(1, 12), nan=st.sampled_from([0.0, 0.15]))
-def test_row_candidates_hold_every_good_pixel(seed, step, nan):
+def test_state_candidates_hold_every_good_pixel(seed, step, nan):
     """Columns outside [lo, hi) of a row never hold a position whose floor is in the valid range."""
-    from pipeline._kernels_warp import _row, _row_candidates
+    from pipeline._kernels_warp import _row, _state_candidates, cell_states
 
     rng = np.random.default_rng(seed)
     nodes_x, nodes_y = random_lattice(rng, 8, 9, step, nan)
     valid = np.array([int(rng.integers(20, 40)), int(rng.integers(25, 45)), int(rng.integers(45, 70)),
                       int(rng.integers(50, 75))], dtype=np.int64)
+    states, _ = cell_states(nodes_x, nodes_y, valid)
     gx0, gy0 = 3, -4
     X0 = gx0 - 3
     n = 9 * step + 6
@@ -914,7 +915,7 @@ def test_row_candidates_hold_every_good_pixel(seed, step, nan):
         with np.errstate(invalid="ignore"):
             good = ((np.floor(px) >= valid[0]) & (np.floor(px) <= valid[2]) & (np.floor(py) >= valid[1])
                     & (np.floor(py) <= valid[3]))
-        lo, hi = _row_candidates(gx0, gy0, step, nodes_x, nodes_y, X0, Y, n, valid)
+        lo, hi = _state_candidates(states, gx0, gy0, step, X0, Y, n)
         assert 0 <= lo <= hi <= n
         assert not good[:lo].any() and not good[hi:].any()
         kept += hi - lo
@@ -928,12 +929,18 @@ def test_row_candidates_hold_every_good_pixel(seed, step, nan):
 def test_strip_weights_equal_row_weights_bit_for_bit(rng, order, linear):
     import numba
 
-    from pipeline._kernels_warp import _SUMS, _row_weights, _strip_weights, trig_tables
+    from pipeline._kernels_warp import _SUMS, _row_weights, _strip_weights_columns, trig_tables
 
     @numba.njit(**_SUMS)
     def strip(fs, lo, hi, n, bilinear, linear, cb, sb, table, w, w2, s):
-        _strip_weights(fs, lo, hi, n, bilinear, linear, cb, sb, table, np.empty(2 * n), np.empty((2 * n, 512)),
-                       np.empty(512), np.empty(512), np.empty(512), w, w2, s)
+        # the strip's column-major weights, stored pixel-major with their squares for the comparison
+        wt = np.empty((2 * n, 512))
+        _strip_weights_columns(fs, lo, hi, n, bilinear, linear, cb, sb, table, np.empty(2 * n), np.empty(512),
+                               np.empty(512), np.empty(512), wt, s)
+        for c in range(hi - lo):
+            for k in range(2 * n):
+                w[lo + c, k] = wt[k, c]
+                w2[lo + c, k] = wt[k, c] * wt[k, c]
 
     bilinear = order == 1
     fs = np.concatenate([rng.random(300), [0.0, 1e-8, 0.5, 1 - 1e-8, 0.25, 0.0]])
