@@ -533,7 +533,9 @@ def test_fast_path_equals_general_path(seed, k, kind, f32, niter):
         if s in EXACT_STATS:
             np.testing.assert_array_equal(fast[s], slow[s], err_msg=s.value)
         else:
-            np.testing.assert_allclose(fast[s], slow[s], rtol=1e-12, atol=1e-300, equal_nan=True, err_msg=s.value)
+            # the two paths add in different orders: up to n eps (sum |x|) / |sum x| apart, which for 2049
+            # samples of the 'huge' kind (student-t over 40 decades) reaches 1.1e-12 of the mean
+            np.testing.assert_allclose(fast[s], slow[s], rtol=1e-11, atol=1e-300, equal_nan=True, err_msg=s.value)
             np.testing.assert_allclose(ferr[s], serr[s], rtol=1e-11, atol=1e-300, equal_nan=True, err_msg=s.value)
 
 
