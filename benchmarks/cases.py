@@ -149,8 +149,8 @@ def run_warp_skystack(st):
                 plan = replan(plan, box=plan.good_box, chunks=(chunk, chunk))
             warps.append(warp_exposure(ds, plan=plan))
         out = dask.compute(*[(w["image"].data, w["variance"].data, w["mask"].data) for w in warps])
-    good = sum(int(np.isfinite(o[0]).sum()) for o in out)
-    return {"output_good_pixels": good, "output_mpix": round(sum(o[0].size for o in out) / 1e6, 2)}
+    return lambda: {"output_good_pixels": sum(int(np.isfinite(o[0]).sum()) for o in out),
+                    "output_mpix": round(sum(o[0].size for o in out) / 1e6, 2)}
 
 
 def prep_swarp(ctx):
@@ -235,11 +235,8 @@ def prep_reproject_adaptive(ctx):
 
 
 def _run_reproject(st, fn, **kw):
-    good = 0
-    for data, w in st["pairs"]:
-        out, foot = fn((data, w), st["wcs"], shape_out=st["shape"], **kw)
-        good += int((foot > 0).sum())
-    return {"output_good_pixels": good}
+    foots = [fn((data, w), st["wcs"], shape_out=st["shape"], **kw)[1] for data, w in st["pairs"]]
+    return lambda: {"output_good_pixels": sum(int((foot > 0).sum()) for foot in foots)}
 
 
 def warm_reproject(st):
@@ -429,7 +426,8 @@ def run_stack_skystack(st):
         out = stack(st["frames"], config=StackConfig(statistic="MEANCLIP", num_sigma_clip=3.0, num_iter=2))
         names = ("image", "variance", "mask") if st.get("all_planes") else ("image",)
         image, *_ = dask.compute(*[out[n].data for n in names])
-    return {"chunk": st["chunk"], "planes": "+".join(names), "finite_fraction": round(float(np.isfinite(image).mean()), 6)}
+    return lambda: {"chunk": st["chunk"], "planes": "+".join(names),
+                    "finite_fraction": round(float(np.isfinite(image).mean()), 6)}
 
 
 def prep_stack_arrays(ctx):
@@ -630,7 +628,7 @@ def run_lanczos(st):
     from . import _lanczos
 
     out = _lanczos.run(*st["args"])
-    return {"good_fraction": round(float(np.isfinite(out[0]).mean()), 4)}
+    return lambda: {"good_fraction": round(float(np.isfinite(out[0]).mean()), 4)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -827,7 +825,7 @@ def run_reproject_coadd(st, combine="mean"):
     out, foot = reproject_and_coadd(st["images"], st["wcs"], shape_out=st["shape"], input_weights=st["weights"],
                                     reproject_function=reproject_interp, combine_function=combine,
                                     order="bilinear")
-    return {"combine_function": combine, "output_good_pixels": int((foot > 0).sum())}
+    return lambda: {"combine_function": combine, "output_good_pixels": int((foot > 0).sum())}
 
 
 def reproject_supports_median() -> bool:

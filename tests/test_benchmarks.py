@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -188,7 +189,7 @@ def test_reproject_coadd_is_the_inverse_variance_weighted_mean():
     values, variances = (3.0, -1.0, 7.5), (1.0, 4.0, 0.5)
     images = [(np.full((side, side), v, np.float32), w) for v in values]
     weights = [np.full((side, side), 1.0 / var, np.float32) for var in variances]
-    out = C.run_reproject_coadd({"images": images, "weights": weights, "wcs": w, "shape": (side, side)})
+    out = C.run_reproject_coadd({"images": images, "weights": weights, "wcs": w, "shape": (side, side)})()
     expected = sum(v / var for v, var in zip(values, variances)) / sum(1.0 / var for var in variances)
     assert out["combine_function"] == "mean"
     assert out["output_good_pixels"] >= (side - 2) ** 2
@@ -255,3 +256,15 @@ def test_kept_rows_are_listed_with_the_run_they_come_from():
                              "total_seconds": 1.0, "earlier": runs, "cases": [], "rows": [], "targets": []})
     assert "- rows of machine, coadd kept from the run of 2026-01-02 10:00 UTC (load average then: [0.1, 0.2, 0.3])" in lines
     assert "- rows of stacking kept from the run of 2026-01-03 09:00 UTC" in lines
+
+
+def test_measure_counts_deferred_figures_outside_the_clock():
+    """A run that returns a function: the function runs after the clock stops and its figures are kept."""
+    from benchmarks import measure
+
+    def run(st):
+        return lambda: (time.sleep(0.3), {"counted": st["n"]})[1]
+
+    res = measure.measure(run, {"n": 7})
+    assert res["extra"] == {"counted": 7}
+    assert res["wall_s"] < 0.25
