@@ -912,10 +912,6 @@ def _warp_block(
     wy = np.empty((m, _STRIP))
     wx2 = np.empty((m, _STRIP))
     wy2 = np.empty((m, _STRIP))
-    # the x weights pixel-major for the vector tap sums: tap k of strip pixel q at [q, k], padded with
-    # zeros to a power-of-two row (pipeline._simd.lanes)
-    lanes = 2 if m <= 2 else (8 if m <= 8 else 16)
-    pwx = np.zeros((_STRIP, lanes))
     sxs = np.empty(nx)
     sys_ = np.empty(nx)
     tmp = np.empty(m)
@@ -983,7 +979,6 @@ def _warp_block(
         # strips of the row: the weights of a strip stay in L1 while its pixels are summed
         for s0 in range(lo, hi, _STRIP):
             s1 = min(hi, s0 + _STRIP)
-            # x weights also pixel-major (pwx: computed column-major, which vectorises, then transposed),
             # the squares of the y weights (wy2) and, for the scalar tap sums, of the x weights (wx2)
             if products and not bilinear and table.shape[0] <= 1:
                 _strip_weights_products(fxs, s0, s1, n, linear, cb, sb, wx, sxs)
@@ -991,9 +986,6 @@ def _warp_block(
             else:
                 _strip_weights_columns(fxs, s0, s1, n, bilinear, linear, cb, sb, table, tmp, sa, ca, tot, wx, sxs)
                 _strip_weights_columns(fys, s0, s1, n, bilinear, linear, cb, sb, table, tmp, sa, ca, tot, wy, sys_)
-            for c in range(s1 - s0):
-                for k in range(m):
-                    pwx[c, k] = wx[k, c]
             for k in range(m):
                 for c in range(s1 - s0):
                     wy2[k, c] = wy[k, c] * wy[k, c]
@@ -1039,13 +1031,13 @@ def _warp_block(
                     # with the x weights (pipeline._simd)
                     o = base_y * width + base_x
                     if m == 6:
-                        acc_i, acc_v = tap_sums_6(flat_i, flat_v, o, width, pwx, wy, wy2, q)
+                        acc_i, acc_v = tap_sums_6(flat_i, flat_v, o, width, wx, wy, wy2, q)
                     elif m == 8:
-                        acc_i, acc_v = tap_sums_8(flat_i, flat_v, o, width, pwx, wy, wy2, q)
+                        acc_i, acc_v = tap_sums_8(flat_i, flat_v, o, width, wx, wy, wy2, q)
                     elif m == 10:
-                        acc_i, acc_v = tap_sums_10(flat_i, flat_v, o, width, pwx, wy, wy2, q)
+                        acc_i, acc_v = tap_sums_10(flat_i, flat_v, o, width, wx, wy, wy2, q)
                     else:
-                        acc_i, acc_v = tap_sums_2(flat_i, flat_v, o, width, pwx, wy, wy2, q)
+                        acc_i, acc_v = tap_sums_2(flat_i, flat_v, o, width, wx, wy, wy2, q)
                     s_good = sxq[q] * syq[q]
                 elif not any_bad:
                     # separable sums: each footprint row with the x weights, then the rows with the y weights
@@ -1074,7 +1066,7 @@ def _warp_block(
                                 if in_core_y and ((ox == 0) or (ox == 1 and fx != 0.0)):
                                     core_bad = True
                                 continue
-                            w = pwx[q, a] * wyb
+                            w = wx[a, q] * wyb
                             acc_i += w * np.float64(src_img[yy, xx])
                             acc_v += w * w * np.float64(src_var[yy, xx])
                             s_good += w
@@ -1084,7 +1076,7 @@ def _warp_block(
                         if wy[b, q] == 0.0:
                             continue
                         for a in range(m):
-                            if pwx[q, a] != 0.0:
+                            if wx[a, q] != 0.0:
                                 m_img |= src_msk[base_y + b, base_x + a]
                 # mask footprint of the mask kernel (order mask_order, taps with non-zero weight)
                 mo = (j - win_y0) * width + (i - win_x0)

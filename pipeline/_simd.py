@@ -99,15 +99,18 @@ def make_tap_sums(m: int, masked: bool = True):
     """An intrinsic ``tap_sums(img, var, offset, width, wx, wy, wy2, q) -> (sum_i, sum_v)`` for an ``m x m`` footprint.
 
     ``img``, ``var``: 1-D C-contiguous float32 or float64 arrays (a row-major image of row length
-    ``width``, flattened); the footprint's first tap is element ``offset``. ``wx``: a 2-D
-    C-contiguous float64 array with ``lanes(m)`` columns whose row ``q`` holds the ``m`` x weights of
-    pixel ``q`` followed by zeros. ``wy``, ``wy2``: 2-D C-contiguous float64 arrays with the y weight
-    of tap ``b`` of pixel ``q`` and its square at ``[b, q]``. Nothing is checked: the caller
-    guarantees the shapes and that the footprint lies inside ``img`` and ``var``. ``masked``: rows
-    are read by masked vector loads (else by power-of-two runs; both read nothing past the
-    footprint). Returns ``sum_ab wy[b] wx[a] img[b, a]`` and ``sum_ab wy2[b] wx[a]^2 var[b, a]`` in
-    float64, summed per column over the rows first (``lanes(m)``-long vectors, one multiply-add per
-    row), then over the columns (halves added pairwise).
+    ``width``, flattened); the footprint's first tap is element ``offset``. ``wx``, ``wy``, ``wy2``: 2-D
+    C-contiguous float64 arrays holding the x weight, the y weight and its square of tap ``k`` of
+    pixel ``q`` at ``[k, q]`` (column-major weights of a strip of pixels, as the warp kernel computes
+    them in vectorised loops). Nothing is checked: the caller guarantees the shapes and that the
+    footprint lies inside ``img`` and ``var``. ``masked``: rows are read by masked vector loads (else
+    by power-of-two runs; neither reads past the footprint).
+
+    Returns ``sum_ab wy[b] wx[a] img[b, a]`` and ``sum_ab wy2[b] wx[a]^2 var[b, a]`` in float64: per
+    column, the rows are summed in ``lanes(m)``-long vectors (one multiply-add per row, the x weights'
+    padding lanes zero), then the products with the x weights (or their squares) are summed over the
+    lanes, halves added pairwise. Relative to ``sum |w_b w_a d_ba|`` the rounding error is at most
+    ``(m + 3 + log2 lanes(m)) 2^-53``.
     """
     v = lanes(m)
 
@@ -131,15 +134,20 @@ def make_tap_sums(m: int, masked: bool = True):
             i64 = ir.IntType(64)
             pi = context.make_array(ta)(context, builder, a_img).data
             pv = context.make_array(tv)(context, builder, a_var).data
-            pwx = context.make_array(twx)(context, builder, a_wx).data
+            ax = context.make_array(twx)(context, builder, a_wx)
             ay = context.make_array(twy)(context, builder, a_wy)
             ay2 = context.make_array(twy2)(context, builder, a_wy2)
             off = context.cast(builder, a_off, to, types.int64)
             w = context.cast(builder, a_w, tw, types.int64)
             q64 = context.cast(builder, a_q, tq, types.int64)
             vty = ir.VectorType(_F64, v)
-            pwx_q = cgutils.gep(builder, pwx, builder.mul(q64, ir.Constant(i64, v)))
-            wxv = builder.load(builder.bitcast(pwx_q, vty.as_pointer()), align=8)
+            # the x weights of pixel q (column q of wx) gathered into one vector, zero-padded
+            sx = builder.extract_value(ax.shape, 1)
+            pwx_q = cgutils.gep(builder, ax.data, q64)
+            wxv = ir.Constant(vty, None)
+            for a in range(m):
+                xa = builder.load(cgutils.gep(builder, pwx_q, builder.mul(sx, ir.Constant(i64, a))), align=8)
+                wxv = builder.insert_element(wxv, xa, ir.Constant(_I32, a))
             wx2 = builder.fmul(wxv, wxv)
             sy = builder.extract_value(ay.shape, 1)
             sy2 = builder.extract_value(ay2.shape, 1)

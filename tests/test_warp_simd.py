@@ -51,23 +51,22 @@ def _scalar_sums(img, var, y0, x0, wx, wy, q, m):
         ri = 0.0
         rv = 0.0
         for a in range(m):
-            ri += wx[q, a] * np.float64(img[y0 + b, x0 + a])
-            rv += (wx[q, a] * wx[q, a]) * np.float64(var[y0 + b, x0 + a])
+            ri += wx[a, q] * np.float64(img[y0 + b, x0 + a])
+            rv += (wx[a, q] * wx[a, q]) * np.float64(var[y0 + b, x0 + a])
         acc_i += wy[b, q] * ri
         acc_v += (wy[b, q] * wy[b, q]) * rv
     return acc_i, acc_v
 
 
 def _weights(rng, m, rows, delta=False):
-    """Pixel-major x weights (zero padded to lanes(m)) and column-major y weights with squares."""
-    v = lanes(m)
-    wx = np.zeros((rows, v))
+    """Column-major x and y weights (tap k of pixel q at [k, q]) and the squares of the y weights."""
+    wx = np.zeros((m, rows))
     wy = np.zeros((m, rows))
     if delta:
-        wx[np.arange(rows), rng.integers(0, m, rows)] = 1.0
+        wx[rng.integers(0, m, rows), np.arange(rows)] = 1.0
         wy[rng.integers(0, m, rows), np.arange(rows)] = 1.0
     else:
-        wx[:, :m] = rng.normal(size=(rows, m))
+        wx[:] = rng.normal(size=(m, rows))
         wy[:] = rng.normal(size=(m, rows))
     return wx, wy, wy * wy
 
@@ -75,8 +74,8 @@ def _weights(rng, m, rows, delta=False):
 def _exact(img, var, y0, x0, wx, wy, q, m):
     blk_i = img[y0 : y0 + m, x0 : x0 + m].astype(np.float64)
     blk_v = var[y0 : y0 + m, x0 : x0 + m].astype(np.float64)
-    ti = np.outer(wy[:m, q], wx[q, :m]) * blk_i
-    tv = np.outer(wy[:m, q] ** 2, wx[q, :m] ** 2) * blk_v
+    ti = np.outer(wy[:, q], wx[:, q]) * blk_i
+    tv = np.outer(wy[:, q] ** 2, wx[:, q] ** 2) * blk_v
     return math.fsum(ti.ravel()), math.fsum(tv.ravel()), np.abs(ti).sum(), np.abs(tv).sum()
 
 
@@ -133,7 +132,7 @@ def test_delta_weights_reproduce_the_pixel_exactly(rng, m):
     wx, wy, wy2 = _weights(rng, m, 16, delta=True)
     for q in range(16):
         y0, x0 = tuple(rng.integers(0, (25 - m, 27 - m)))
-        a = int(np.argmax(wx[q]))
+        a = int(np.argmax(wx[:, q]))
         b = int(np.argmax(wy[:, q]))
         si, sv = CALLERS[m](img, var, y0 * 26 + x0, 26, wx, wy, wy2, q)
         assert si == float(img[y0 + b, x0 + a])
@@ -162,7 +161,7 @@ def test_tap_sums_reject_arguments_of_the_wrong_type(rng):
     with pytest.raises(numba.core.errors.TypingError, match="tap_sums"):
         CALLERS[6](np.zeros((8, 8), np.int32), np.zeros((8, 8), np.float32), 0, 8, wx, wy, wy2, 0)
     with pytest.raises(numba.core.errors.TypingError, match="tap_sums"):
-        CALLERS[6](np.zeros((8, 8)), np.zeros((8, 8)), 0, 8, wx.astype(np.float32), wy, wy2, 0)
+        CALLERS[6](np.zeros((8, 8)), np.zeros((8, 8)), 0, 8, wx, wy.astype(np.float32), wy2, 0)
     with pytest.raises(numba.core.errors.TypingError, match="tap_sums"):
         CALLERS[6](np.zeros((8, 8)), np.zeros((8, 8)), 0.0, 8, wx, wy, wy2, 0)
 
