@@ -979,13 +979,14 @@ def _warp_block(
         # strips of the row: the weights of a strip stay in L1 while its pixels are summed
         for s0 in range(lo, hi, _STRIP):
             s1 = min(hi, s0 + _STRIP)
-            # the squares of the y weights (wy2) and, for the scalar tap sums, of the x weights (wx2)
             if products and not bilinear and table.shape[0] <= 1:
                 _strip_weights_products(fxs, s0, s1, n, linear, cb, sb, wx, sxs)
                 _strip_weights_products(fys, s0, s1, n, linear, cb, sb, wy, sys_)
             else:
                 _strip_weights_columns(fxs, s0, s1, n, bilinear, linear, cb, sb, table, tmp, sa, ca, tot, wx, sxs)
                 _strip_weights_columns(fys, s0, s1, n, bilinear, linear, cb, sb, table, tmp, sa, ca, tot, wy, sys_)
+            # the squares of the y weights and, for the scalar tap sums, of the x weights (the vector
+            # tap sums square the x weights in their vector)
             for k in range(m):
                 for c in range(s1 - s0):
                     wy2[k, c] = wy[k, c] * wy[k, c]
