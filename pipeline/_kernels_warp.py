@@ -22,6 +22,8 @@ import math
 import numba
 import numpy as np
 
+from ._simd import tap_sums_2, tap_sums_6, tap_sums_8, tap_sums_10
+
 SNAP = 1e-8
 
 _NOGIL = dict(nogil=True, cache=True)
@@ -862,7 +864,7 @@ def _grow_map(msk, grow_full, span):
 @numba.njit(inline="always", **_SUMS)
 def _warp_block(
     src_img, src_var, src_msk, win_x0, win_y0, valid, nodes_x, nodes_y, gx0, gy0, step, dst_x0, dst_y0,
-    out_img, out_var, out_msk, n, bilinear, linear, mask_order, grow_full, nodata, scale, table, products,
+    out_img, out_var, out_msk, n, bilinear, linear, mask_order, grow_full, nodata, scale, table, products, simd,
 ):
     """Body of :func:`warp_block`, inlined into one compiled function per kernel (``n`` a constant).
 
@@ -983,10 +985,15 @@ def _warp_block(
             else:
                 _strip_weights_columns(fxs, s0, s1, n, bilinear, linear, cb, sb, table, tmp, sa, ca, tot, wx, sxs)
                 _strip_weights_columns(fys, s0, s1, n, bilinear, linear, cb, sb, table, tmp, sa, ca, tot, wy, sys_)
+            # the squares of the y weights and, for the scalar tap sums, of the x weights (the vector
+            # tap sums square the x weights in their vector)
             for k in range(m):
                 for c in range(s1 - s0):
-                    wx2[k, c] = wx[k, c] * wx[k, c]
                     wy2[k, c] = wy[k, c] * wy[k, c]
+            if not simd:
+                for k in range(m):
+                    for c in range(s1 - s0):
+                        wx2[k, c] = wx[k, c] * wx[k, c]
             # zero-based views of the strip: no index can be negative, so none is checked
             gq = good[s0:s1]
             iq = ii[s0:s1]
@@ -1020,7 +1027,20 @@ def _warp_block(
                 core_bad = False
                 acc_i = 0.0
                 acc_v = 0.0
-                if not any_bad:
+                if not any_bad and simd:
+                    # separable sums in vectors: the footprint rows with the y weights, then the columns
+                    # with the x weights (pipeline._simd)
+                    o = base_y * width + base_x
+                    if m == 6:
+                        acc_i, acc_v = tap_sums_6(flat_i, flat_v, o, width, wx, wy, wy2, q)
+                    elif m == 8:
+                        acc_i, acc_v = tap_sums_8(flat_i, flat_v, o, width, wx, wy, wy2, q)
+                    elif m == 10:
+                        acc_i, acc_v = tap_sums_10(flat_i, flat_v, o, width, wx, wy, wy2, q)
+                    else:
+                        acc_i, acc_v = tap_sums_2(flat_i, flat_v, o, width, wx, wy, wy2, q)
+                    s_good = sxq[q] * syq[q]
+                elif not any_bad:
                     # separable sums: each footprint row with the x weights, then the rows with the y weights
                     o = np.uint64(base_y) * uwidth + np.uint64(base_x)
                     for b in range(m):
@@ -1094,30 +1114,30 @@ _BLOCK = dict(cache=True, **_SUMS)
 
 @numba.njit(**_BLOCK)
 def _warp_block_bilinear(si, sv, sm, wx0, wy0, valid, nx_, ny_, gx0, gy0, step, dx0, dy0, oi, ov, om, linear, mask_order,
-                         grow, nodata, scale, table, products):
+                         grow, nodata, scale, table, products, simd):
     _warp_block(si, sv, sm, wx0, wy0, valid, nx_, ny_, gx0, gy0, step, dx0, dy0, oi, ov, om, 1, True, linear,
-                mask_order, grow, nodata, scale, table, products)
+                mask_order, grow, nodata, scale, table, products, simd)
 
 
 @numba.njit(**_BLOCK)
 def _warp_block_lanczos3(si, sv, sm, wx0, wy0, valid, nx_, ny_, gx0, gy0, step, dx0, dy0, oi, ov, om, linear, mask_order,
-                         grow, nodata, scale, table, products):
+                         grow, nodata, scale, table, products, simd):
     _warp_block(si, sv, sm, wx0, wy0, valid, nx_, ny_, gx0, gy0, step, dx0, dy0, oi, ov, om, 3, False, linear,
-                mask_order, grow, nodata, scale, table, products)
+                mask_order, grow, nodata, scale, table, products, simd)
 
 
 @numba.njit(**_BLOCK)
 def _warp_block_lanczos4(si, sv, sm, wx0, wy0, valid, nx_, ny_, gx0, gy0, step, dx0, dy0, oi, ov, om, linear, mask_order,
-                         grow, nodata, scale, table, products):
+                         grow, nodata, scale, table, products, simd):
     _warp_block(si, sv, sm, wx0, wy0, valid, nx_, ny_, gx0, gy0, step, dx0, dy0, oi, ov, om, 4, False, linear,
-                mask_order, grow, nodata, scale, table, products)
+                mask_order, grow, nodata, scale, table, products, simd)
 
 
 @numba.njit(**_BLOCK)
 def _warp_block_lanczos5(si, sv, sm, wx0, wy0, valid, nx_, ny_, gx0, gy0, step, dx0, dy0, oi, ov, om, linear, mask_order,
-                         grow, nodata, scale, table, products):
+                         grow, nodata, scale, table, products, simd):
     _warp_block(si, sv, sm, wx0, wy0, valid, nx_, ny_, gx0, gy0, step, dx0, dy0, oi, ov, om, 5, False, linear,
-                mask_order, grow, nodata, scale, table, products)
+                mask_order, grow, nodata, scale, table, products, simd)
 
 
 _BLOCK_KERNELS = {(1, True): _warp_block_bilinear, (3, False): _warp_block_lanczos3, (4, False): _warp_block_lanczos4,
@@ -1150,6 +1170,7 @@ def warp_block(
     scale,
     table,
     products=True,
+    simd=True,
 ):
     """Warp one destination block (spec warping.md section 1.3, with the bad-tap rule below).
 
@@ -1160,7 +1181,10 @@ def warp_block(
     the photometric calibration. ``table`` (from :func:`kernel_table`, or an empty array for exact
     evaluation) tabulates the Lanczos weights. ``products``: exact Lanczos weights evaluated without
     divisions (:func:`_strip_weights_products`, equal to the quotient form up to rounding); False: the
-    quotient form of :func:`_strip_weights_columns`.
+    quotient form of :func:`_strip_weights_columns`. ``simd``: a footprint without bad taps is summed
+    in vectors (:mod:`pipeline._simd`: over its rows with the y weights, then over the columns with
+    the x weights); False: in scalars (over each row with the x weights, then over the rows). The two
+    orders agree up to rounding (``tests/test_warp_simd.py`` bounds the difference).
 
     Bad taps: a source pixel whose image or variance is not finite, or whose mask has ``nodata``, is
     bad. If a bad pixel has non-zero *bilinear* weight the output pixel is no-data (NaN, +inf,
@@ -1176,7 +1200,7 @@ def warp_block(
     if kernel is None:
         raise ValueError(f"no warp kernel of order {order} (bilinear={bilinear})")
     kernel(src_img, src_var, src_msk, win_x0, win_y0, valid, nodes_x, nodes_y, gx0, gy0, step, dst_x0, dst_y0,
-           out_img, out_var, out_msk, linear, mask_order, grow_full, nodata, scale, table, bool(products))
+           out_img, out_var, out_msk, linear, mask_order, grow_full, nodata, scale, table, bool(products), bool(simd))
 
 
 @numba.njit(**_NOGIL)
