@@ -1,0 +1,168 @@
+"""Tests of the bookkeeping around the warp's tap sums: per-thread WCS reuse, replan without a recount,
+the warped-PSF transform checks, and the numba helpers that locate source positions and flag masks."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+
+import numpy as np
+import pytest
+
+from conftest import make_tan_wcs
+from pipeline import warp as W
+from pipeline.errors import SchemaError
+from pipeline.model.geometry import Box
+from pipeline.model.masks import MaskPlane
+from pipeline.model.schema import make_dataset, psf_grid
+from pipeline.model.wcs import wcs_header_string
+from pipeline.testing import assert_lazy, graph_size
+from pipeline.warp import plan_warp, replan, warp_exposure
+
+EDGE = int(MaskPlane.EDGE)
+NO_DATA = int(MaskPlane.NO_DATA)
+
+
+def exposure(image, *, wcs, mask=None, visit=7, psf=None):
+    image = np.asarray(image, dtype=np.float32)
+    mask = np.zeros(image.shape, np.uint32) if mask is None else mask
+    attrs = {"visit": visit, "detector": 3, "band": "r", "zero_point": 31.4}
+    return make_dataset(image, np.ones_like(image), mask, wcs=wcs, psf=psf, attrs=attrs)
+
+
+def _clear_caches():
+    W._thread_state.__dict__.clear()
+    W._canonical_header.cache_clear()
+    W._celestial_reason.cache_clear()
+
+
+def _same_plan(a, b):
+    assert a.dst_box == b.dst_box and a.chunks == b.chunks
+    assert dict(a.windows) == dict(b.windows) and dict(a.block_counts) == dict(b.block_counts)
+    assert a.n_good_pixels == b.n_good_pixels and a.good_box == b.good_box
+    assert a.variance_correlation_factor == b.variance_correlation_factor
+
+
+# ------------------------------------------------------------------------------------------
+# WCS objects reused per thread
+
+
+def test_cached_wcs_is_per_thread_and_per_header():
+    _clear_caches()
+    h1 = wcs_header_string(make_tan_wcs(crpix=(10.0, 10.0)))
+    h2 = wcs_header_string(make_tan_wcs(crpix=(10.0, 10.0), rotation_deg=5.0))
+    a = W._cached_wcs(h1)
+    assert W._cached_wcs(h1) is a
+    b = W._cached_wcs(h2)
+    assert b is not a
+    np.testing.assert_allclose(a.wcs.crpix, [11.0, 11.0], rtol=0, atol=0)
+    other = {}
+    t = threading.Thread(target=lambda: other.update(w=W._cached_wcs(h1)))
+    t.start()
+    t.join()
+    assert other["w"] is not a  # another thread builds its own object
+    np.testing.assert_array_equal(other["w"].wcs.pc, a.wcs.pc)
+    # at most _WCS_PER_THREAD headers kept, least recently used dropped first
+    headers = [wcs_header_string(make_tan_wcs(crpix=(float(k), 3.0))) for k in range(W._WCS_PER_THREAD)]
+    for h in headers:
+        W._cached_wcs(h)
+    assert W._cached_wcs(h1) is not a and len(W._thread_state.wcs) == W._WCS_PER_THREAD
+
+
+def test_warp_with_warm_caches_equals_cold(rng):
+    src = make_tan_wcs(crpix=(30.0, 25.0))
+    dst = make_tan_wcs(crpix=(41.3, 37.7), rotation_deg=17.0, scale_arcsec=0.19)
+    ds = exposure(rng.normal(100.0, 10.0, (50, 60)), wcs=src).chunk({"y": 37, "x": 41})
+    _clear_caches()
+    cold = warp_exposure(ds, wcs=dst, box=Box(0, 0, 80, 70), chunks=(29, 31)).compute()
+    warm = warp_exposure(ds, wcs=dst, box=Box(0, 0, 80, 70), chunks=(29, 31)).compute()
+    for v in ("image", "variance", "mask"):
+        np.testing.assert_array_equal(warm[v].values, cold[v].values)
+    assert warm.wcs.attrs["fits_header"] == cold.wcs.attrs["fits_header"] == wcs_header_string(dst)
+
+
+def test_cached_checks_still_see_a_changed_wcs(rng):
+    """The memoised checks are keyed by the header text: another WCS is checked (and rejected) afresh."""
+    src = make_tan_wcs(crpix=(30.0, 25.0))
+    ds = exposure(rng.normal(100.0, 10.0, (50, 60)), wcs=src)
+    plan = plan_warp(ds, wcs=src, box=Box(0, 0, 60, 50), chunks=32)
+    moved = exposure(ds.image.values, wcs=make_tan_wcs(crpix=(31.0, 25.0)))
+    with pytest.raises(SchemaError, match=r"the plan was made for an exposure with another WCS.*visit=7"):
+        warp_exposure(moved, plan=plan)
+    sing = make_tan_wcs(crpix=(30.0, 25.0))
+    sing.wcs.cd = np.array([[1e-16, 0.0], [0.0, 1e-16]])
+    bad = ds.copy()
+    bad.coords["wcs"] = ds.coords["wcs"].copy()
+    bad.coords["wcs"].attrs = {"fits_header": sing.to_header().tostring()}
+    for _ in range(2):  # the second time from the memo, same message and ids
+        with pytest.raises(SchemaError, match=r"singular pixel scale matrix.*visit=7"):
+            plan_warp(bad, wcs=src, box=Box(0, 0, 10, 10))
+        with pytest.raises(SchemaError, match=r"singular pixel scale matrix.*visit=7"):
+            warp_exposure(bad, wcs=src, box=Box(0, 0, 10, 10))
+    nowcs = ds.drop_vars("wcs")
+    with pytest.raises(SchemaError, match=r"the 'wcs' coordinate \(FITS header string\) is missing.*visit=7"):
+        plan_warp(nowcs, wcs=src, box=Box(0, 0, 10, 10))
+    with pytest.raises(SchemaError, match=r"the 'wcs' coordinate \(FITS header string\) is missing.*visit=7"):
+        warp_exposure(nowcs, plan=plan)
+    flat = make_tan_wcs()
+    flat.wcs.ctype = ["LINEAR", "LINEAR"]
+    for _ in range(2):
+        with pytest.raises(SchemaError, match=r"destination WCS is not a 2-D celestial WCS.*visit=7"):
+            plan_warp(ds, wcs=flat.to_header().tostring(), box=Box(0, 0, 10, 10))
+
+
+# ------------------------------------------------------------------------------------------
+# replan: counts carried over when the chunk edges are the plan's
+
+
+@pytest.mark.parametrize(("rotation", "chunks"), [(0.0, (16, 16)), (33.0, (29, 31)), (-12.0, (64, 20))])
+def test_replan_carries_counts_over_exactly(rng, rotation, chunks):
+    src_wcs = make_tan_wcs(crpix=(40.0, 40.0))
+    dst_wcs = make_tan_wcs(crpix=(93.37, 81.61), rotation_deg=rotation, scale_arcsec=0.19)
+    ds = exposure(rng.normal(100.0, 10.0, (80, 90)), wcs=src_wcs).chunk({"y": 37, "x": 41})
+    big = plan_warp(ds, wcs=dst_wcs, box=Box(0, 0, 200, 180), chunks=chunks)
+    assert big.chunk_size == chunks
+    g = big.good_box
+    cy, cx = chunks
+    for window in (g, Box(g.x0 // cx * cx, g.y0 // cy * cy, min(200, -(-g.x1 // cx) * cx), min(180, -(-g.y1 // cy) * cy)),
+                   Box(max(0, g.x0 - 7), max(0, g.y0 - 3), g.x1 + 5, g.y1)):
+        carried = replan(big, box=window, chunks=chunks)
+        recounted = replan(dataclasses.replace(big, chunk_size=None), box=window, chunks=chunks)
+        fresh = plan_warp(ds, wcs=dst_wcs, box=window, chunks=chunks)
+        _same_plan(carried, recounted)
+        _same_plan(carried, fresh)
+        assert carried.chunk_size == chunks and carried.n_good_pixels == big.n_good_pixels > 3000
+        a = warp_exposure(ds, plan=carried)
+        b = warp_exposure(ds, plan=fresh)
+        assert_lazy(lambda: warp_exposure(ds, plan=carried))
+        assert graph_size(a) <= graph_size(b)
+        for v in ("image", "variance", "mask"):
+            np.testing.assert_array_equal(a[v].values, b[v].values)
+    # a box that cuts through the good pixels is recounted
+    part = Box(g.x0 + 9, g.y0 + 4, g.x1 - 6, g.y1 - 2)
+    _same_plan(replan(big, box=part, chunks=chunks), plan_warp(ds, wcs=dst_wcs, box=part, chunks=chunks))
+
+
+# ------------------------------------------------------------------------------------------
+# warped PSF: the transform checks over all nodes at once
+
+
+def test_psf_kernel_size_and_transform_limit_over_all_nodes(rng):
+    src = make_tan_wcs(crpix=(30.0, 30.0))
+    yy, xx = np.mgrid[-7:8, -7:8].astype(float)
+    psf = psf_grid(np.exp(-0.5 * (xx**2 + yy**2) / 1.5**2), x=30.0, y=30.0)
+    ds = exposure(rng.normal(100.0, 10.0, (60, 60)), wcs=src, psf=psf)
+    # a destination with pixels half the size: the 15x15 PSF box spans 30 destination pixels (+1 for the odd size)
+    fine = make_tan_wcs(crpix=(60.0, 60.0), scale_arcsec=0.1)
+    out = warp_exposure(ds, wcs=fine, box=Box(0, 0, 120, 120), chunks=60)
+    assert out.psf.shape[2:] == (31, 31)
+    np.testing.assert_allclose(out.psf.values.sum(axis=(2, 3)), 1.0, rtol=0, atol=1e-12)
+    rotated = make_tan_wcs(crpix=(30.0, 30.0), rotation_deg=45.0)
+    out = warp_exposure(ds, wcs=rotated, box=Box(0, 0, 60, 60), chunks=60)
+    # corners of the 15x15 box rotated by 45 degrees: 7.5 * sqrt(2) = 10.61 from the centre, half size
+    # ceil(10.61 - 0.5) = 11
+    assert out.psf.shape[2:] == (23, 23)
+    tiny = make_tan_wcs(crpix=(30.0 * 250, 30.0 * 250), scale_arcsec=0.2 / 250)
+    with pytest.raises(SchemaError, match=r"unexpectedly large transform \(coefficient 250 > 200\) at destination "
+                       r"\(7499\.5, 7499\.5\).*visit=7"):
+        warp_exposure(ds, wcs=tiny, box=Box(7400, 7400, 7600, 7600))
