@@ -628,6 +628,99 @@ _row_span.compile("void(int64, int64, int64, float64[:, ::1], float64[:, ::1], i
                   "int64, int64)")
 
 
+@numba.njit(**_NOGIL)
+def _node_row_x(gx0, step, nodes_x, nodes_y, k, X0, out_x, out_y):
+    """Node row ``k`` interpolated along x at pixels ``X0 .. X0 + len(out_x) - 1`` (NaN off the lattice).
+
+    ``out[c] = (1 - fx) node[k, l] + fx node[k, l+1]`` with ``fx = rx/step``, or the node value itself
+    where ``rx == 0``: the first half of the arithmetic of :func:`_row_span`, shared by the ``step``
+    destination rows between two node rows (no fused multiply-add, as :func:`_row_span`).
+    """
+    nkx = nodes_x.shape[1]
+    for c in range(out_x.size):
+        dx = X0 + c - gx0
+        if dx < 0:
+            out_x[c] = np.nan
+            out_y[c] = np.nan
+            continue
+        lx = dx // step
+        rx = dx - lx * step
+        if lx > nkx - 1 or (lx == nkx - 1 and rx > 0):
+            out_x[c] = np.nan
+            out_y[c] = np.nan
+        elif rx == 0:
+            out_x[c] = nodes_x[k, lx]
+            out_y[c] = nodes_y[k, lx]
+        else:
+            fx = rx / step
+            gxx = 1.0 - fx
+            out_x[c] = gxx * nodes_x[k, lx] + fx * nodes_x[k, lx + 1]
+            out_y[c] = gxx * nodes_y[k, lx] + fx * nodes_y[k, lx + 1]
+
+
+@numba.njit(**_NOGIL)
+def _row_from_node_rows(t0x, t0y, t1x, t1y, ry, fy, lo, hi, out_x, out_y):
+    """Positions ``out[lo:hi]`` of a destination row ``ry`` rows below node row ``t0`` (``t1`` the next
+    node row, both from :func:`_node_row_x`): the second half of :func:`_row_span`, snapped; bit-identical
+    to it. A contiguous loop without branches on the data, so it is vectorised."""
+    if ry == 0:
+        for c in range(lo, hi):
+            tx = t0x[c]
+            ty = t0y[c]
+            rtx = math.floor(tx + 0.5)
+            rty = math.floor(ty + 0.5)
+            out_x[c] = rtx if abs(tx - rtx) < SNAP else tx
+            out_y[c] = rty if abs(ty - rty) < SNAP else ty
+        return
+    gy = 1.0 - fy
+    for c in range(lo, hi):
+        tx = gy * t0x[c] + fy * t1x[c]
+        ty = gy * t0y[c] + fy * t1y[c]
+        rtx = math.floor(tx + 0.5)
+        rty = math.floor(ty + 0.5)
+        out_x[c] = rtx if abs(tx - rtx) < SNAP else tx
+        out_y[c] = rty if abs(ty - rty) < SNAP else ty
+
+
+# compiled at import, like _row_span, so that no caller's fused multiply-adds reach them
+_node_row_x.compile("void(int64, int64, float64[:, ::1], float64[:, ::1], int64, int64, float64[::1], float64[::1])")
+_row_from_node_rows.compile("void(float64[::1], float64[::1], float64[::1], float64[::1], int64, float64, int64, int64, "
+                            "float64[::1], float64[::1])")
+
+
+@numba.njit(inline="always", **_NOGIL)
+def _node_row_slot(tab_x, tab_y, tab_k, gx0, step, nodes_x, nodes_y, k, X0):
+    """Slot of the ring ``tab_*`` (three node rows, by ``k % 3``) holding node row ``k``, filled if needed."""
+    slot = k % 3
+    if tab_k[slot] != k:
+        _node_row_x(gx0, step, nodes_x, nodes_y, k, X0, tab_x[slot], tab_y[slot])
+        tab_k[slot] = k
+    return slot
+
+
+@numba.njit(inline="always", **_NOGIL)
+def _row_positions(tab_x, tab_y, tab_k, gx0, gy0, step, nodes_x, nodes_y, X0, Y, lo, hi, out_x, out_y):
+    """:func:`_row_span` ``(gx0, gy0, step, nodes_x, nodes_y, X0, Y, out_x, out_y, lo, hi)`` from node rows
+    interpolated along x once per block (:func:`_node_row_x`, kept in a ring of three), bit for bit."""
+    nky = nodes_x.shape[0]
+    dy = Y - gy0
+    if dy < 0:
+        out_x[lo:hi] = np.nan
+        out_y[lo:hi] = np.nan
+        return
+    ly = dy // step
+    ry = dy - ly * step
+    if ly > nky - 1 or (ly == nky - 1 and ry > 0):
+        out_x[lo:hi] = np.nan
+        out_y[lo:hi] = np.nan
+        return
+    s0 = _node_row_slot(tab_x, tab_y, tab_k, gx0, step, nodes_x, nodes_y, ly, X0)
+    s1 = s0
+    if ry > 0:
+        s1 = _node_row_slot(tab_x, tab_y, tab_k, gx0, step, nodes_x, nodes_y, ly + 1, X0)
+    _row_from_node_rows(tab_x[s0], tab_y[s0], tab_x[s1], tab_y[s1], ry, ry / step, lo, hi, out_x, out_y)
+
+
 #: pixels per strip of a row whose weights are computed together (their weights fit in L1)
 _STRIP = 128
 
@@ -860,6 +953,46 @@ def _grow_map(msk, grow_full, span):
 
 
 @numba.njit(inline="always", **_SUMS)
+def _grow_map_sparse(msk, grow_full, span):
+    """:func:`_grow_map` from the runs of ``grow_full`` pixels along the rows, for masks where they are few.
+
+    Each run ``c0 .. c1`` of row ``r`` marks ``out[r-span+1 .. r, c0-span+1 .. c1]`` (clipped at 0): the
+    footprints that contain it. That costs ``span * (run length + span - 1)`` per run instead of about
+    ``2 span + 1`` passes over the window, so it is used when ``runs * span^2 <= ny * nx`` (the usual
+    EDGE frame of an exposure: a few runs per row); otherwise the dense map is built. Equal to
+    :func:`_grow_map` element for element.
+    """
+    ny, nx = msk.shape
+    runs = 0
+    for r in range(ny):
+        mr = msk[r]
+        prev = np.uint8(0)
+        for c in range(nx):
+            g = np.uint8((mr[c] & grow_full) != 0)
+            runs += g & (prev ^ np.uint8(1))
+            prev = g
+    if runs * span * span > ny * nx:
+        return _grow_map(msk, grow_full, span)
+    out = np.zeros((ny, nx), np.uint8)
+    for r in range(ny):
+        mr = msk[r]
+        c = 0
+        while c < nx:
+            if (mr[c] & grow_full) == 0:
+                c += 1
+                continue
+            c0 = c
+            while c < nx and (mr[c] & grow_full) != 0:
+                c += 1
+            a = max(0, c0 - span + 1)
+            for rr in range(max(0, r - span + 1), r + 1):
+                orow = out[rr]
+                for t in range(a, c):
+                    orow[t] = 1
+    return out
+
+
+@numba.njit(inline="always", **_SUMS)
 def _warp_block(
     src_img, src_var, src_msk, win_x0, win_y0, valid, nodes_x, nodes_y, gx0, gy0, step, dst_x0, dst_y0,
     out_img, out_var, out_msk, n, bilinear, linear, mask_order, grow_full, nodata, scale, table, products,
@@ -884,7 +1017,7 @@ def _warp_block(
     bad, has_bad, row_bad, col_bad, has_grow = _window_flags(
         src_img, src_var, src_msk, nodata, grow_full, m
     )
-    gmap = _grow_map(src_msk, grow_full, m) if has_grow else np.zeros((1, 1), np.uint8)
+    gmap = _grow_map_sparse(src_msk, grow_full, m) if has_grow else np.zeros((1, 1), np.uint8)
     states, _ = cell_states(nodes_x, nodes_y, valid)
     flat_i = src_img.ravel()
     flat_v = src_var.ravel()
@@ -899,6 +1032,10 @@ def _warp_block(
     prv_lo = 0
     prv_hi = 0
     prv_row = dst_y0 - 2
+    # node rows interpolated along x for the same columns, the last three used (see _row_positions)
+    tab_x = np.empty((3, nx + 1))
+    tab_y = np.empty((3, nx + 1))
+    tab_k = np.full(3, -1, np.int64)
     good = np.zeros(nx, np.bool_)
     ii = np.zeros(nx, np.int64)
     jj = np.zeros(nx, np.int64)
@@ -930,9 +1067,10 @@ def _warp_block(
         if hi <= lo:
             continue
         # positions of columns lo-1 .. hi-1 in this row and in the row below (reused when already known)
-        _row_span(gx0, gy0, step, nodes_x, nodes_y, dst_x0 - 1, Y, cur_x, cur_y, lo, hi + 1)
+        _row_positions(tab_x, tab_y, tab_k, gx0, gy0, step, nodes_x, nodes_y, dst_x0 - 1, Y, lo, hi + 1, cur_x, cur_y)
         if not (prv_row == Y - 1 and prv_lo <= lo and prv_hi >= hi + 1):
-            _row_span(gx0, gy0, step, nodes_x, nodes_y, dst_x0 - 1, Y - 1, prv_x, prv_y, lo, hi + 1)
+            _row_positions(tab_x, tab_y, tab_k, gx0, gy0, step, nodes_x, nodes_y, dst_x0 - 1, Y - 1, lo, hi + 1, prv_x,
+                           prv_y)
         # branch-free over zero-based views (a NaN or infinite position fails every comparison)
         L = hi - lo
         cx = cur_x[lo : hi + 1]

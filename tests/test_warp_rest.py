@@ -8,6 +8,8 @@ import threading
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import make_tan_wcs
 from pipeline import warp as W
@@ -166,3 +168,108 @@ def test_psf_kernel_size_and_transform_limit_over_all_nodes(rng):
     with pytest.raises(SchemaError, match=r"unexpectedly large transform \(coefficient 250 > 200\) at destination "
                        r"\(7499\.5, 7499\.5\).*visit=7"):
         warp_exposure(ds, wcs=tiny, box=Box(7400, 7400, 7600, 7600))
+
+
+# ------------------------------------------------------------------------------------------
+# numba helpers of the block warp (positions, EDGE map)
+
+
+def _lattice(rng, nky, nkx, step, nan_fraction):
+    k, l = np.mgrid[0:nky, 0:nkx].astype(float)
+    theta, s = rng.uniform(0, 2 * np.pi), rng.uniform(0.7, 1.3)
+    X, Y = l * step, k * step
+    nx_ = 30.0 + s * (np.cos(theta) * X - np.sin(theta) * Y) + 1e-4 * X * Y / step
+    ny_ = 40.0 + s * (np.sin(theta) * X + np.cos(theta) * Y)
+    # some nodes exactly on integers and within SNAP of them, so that snapping is exercised
+    nx_[0, :] = np.round(nx_[0, :])
+    ny_[:, 0] = np.round(ny_[:, 0]) + 3e-9
+    if nan_fraction:
+        off = rng.random(nx_.shape) < nan_fraction
+        nx_[off] = np.nan
+        ny_[off] = np.nan
+    return np.ascontiguousarray(nx_), np.ascontiguousarray(ny_)
+
+
+_row_positions_fma = None
+
+
+def _compiled_row_positions():
+    """_row_positions inlined into a function that allows fused multiply-adds, as in the warp kernel."""
+    global _row_positions_fma
+    if _row_positions_fma is None:
+        import numba
+
+        from pipeline._kernels_warp import _SUMS, _row_positions
+
+        @numba.njit(**_SUMS)
+        def run(gx0, gy0, step, nodes_x, nodes_y, X0, rows, los, his, n, out_x, out_y):
+            tab_x = np.empty((3, n))
+            tab_y = np.empty((3, n))
+            tab_k = np.full(3, -1, np.int64)
+            for t in range(rows.size):
+                _row_positions(tab_x, tab_y, tab_k, gx0, gy0, step, nodes_x, nodes_y, X0, rows[t], los[t], his[t],
+                               out_x[t], out_y[t])
+
+        _row_positions_fma = run
+    return _row_positions_fma
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), step=st.integers(1, 13), nan=st.sampled_from([0.0, 0.1]),
+       order=st.sampled_from(["up", "random"]))
+def test_row_positions_equal_row_span_bit_for_bit(seed, step, nan, order):
+    from pipeline._kernels_warp import _row_span
+
+    rng = np.random.default_rng(seed)
+    nodes_x, nodes_y = _lattice(rng, 6, 7, step, nan)
+    gx0, gy0 = int(rng.integers(-20, 20)), int(rng.integers(-20, 20))
+    n = 7 * step + 10
+    X0 = gx0 - 5 + int(rng.integers(0, 3))
+    rows = np.arange(gy0 - 2, gy0 + 5 * step + 3)
+    if order == "random":  # rows revisited out of order: the ring of node rows is refilled
+        rows = rng.permutation(np.concatenate([rows, rows]))
+    los = rng.integers(0, n // 2, rows.size)
+    his = np.array([int(rng.integers(lo, n + 1)) for lo in los])
+    out_x = np.full((rows.size, n), -7.0)
+    out_y = np.full((rows.size, n), -7.0)
+    _compiled_row_positions()(gx0, gy0, step, nodes_x, nodes_y, X0, rows, los, his, n, out_x, out_y)
+    for t, Y in enumerate(rows):
+        ref_x, ref_y = np.full(n, -7.0), np.full(n, -7.0)
+        _row_span(gx0, gy0, step, nodes_x, nodes_y, X0, int(Y), ref_x, ref_y, int(los[t]), int(his[t]))
+        np.testing.assert_array_equal(out_x[t].view(np.int64), ref_x.view(np.int64))
+        np.testing.assert_array_equal(out_y[t].view(np.int64), ref_y.view(np.int64))
+
+
+_grow_maps = None
+
+
+def _compiled_grow_maps():
+    global _grow_maps
+    if _grow_maps is None:
+        import numba
+
+        from pipeline._kernels_warp import _SUMS, _grow_map, _grow_map_sparse
+
+        _grow_maps = (numba.njit(**_SUMS)(lambda m, g, s: _grow_map(m, g, s)),
+                      numba.njit(**_SUMS)(lambda m, g, s: _grow_map_sparse(m, g, s)))
+    return _grow_maps
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), span=st.integers(2, 10), density=st.sampled_from([0.0, 0.002, 0.05, 0.6]),
+       frame=st.booleans(), shape=st.tuples(st.integers(1, 40), st.integers(1, 40)))
+def test_sparse_grow_map_equals_the_dense_map(seed, span, density, frame, shape):
+    rng = np.random.default_rng(seed)
+    msk = np.zeros(shape, np.uint32)
+    msk[rng.random(shape) < density] |= EDGE
+    msk[rng.random(shape) < 0.1] |= NO_DATA  # other bits are ignored
+    if frame:
+        msk[0, :] |= EDGE
+        msk[:, -2:] |= EDGE
+    dense, sparse = _compiled_grow_maps()
+    ref = np.zeros(shape, np.uint8)
+    for r in range(shape[0]):
+        for c in range(shape[1]):
+            ref[r, c] = ((msk[r : r + span, c : c + span] & EDGE) != 0).any()
+    np.testing.assert_array_equal(dense(msk, np.uint32(EDGE), span), ref)
+    np.testing.assert_array_equal(sparse(msk, np.uint32(EDGE), span), ref)
