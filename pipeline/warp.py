@@ -563,12 +563,43 @@ def _correlation_factor(nodes_x, nodes_y, lx0, ly0, step, dst_range, valid, n, b
 # pixels
 
 
-def _window(blocks, crop, dtype) -> np.ndarray:
-    """``crop`` of the 2-D grid of ``blocks`` (or of one array) as a C-contiguous ``dtype`` array, in one copy."""
+#: largest window (elements) copied into a reused per-thread buffer; larger ones get their own array
+_SCRATCH_MAX = 1 << 21
+
+
+def _scratch(slot: str, shape: tuple[int, int], dtype) -> np.ndarray:
+    """A C-contiguous ``shape`` array of this thread's buffer ``slot`` (a fresh array above ``_SCRATCH_MAX``).
+
+    The source windows of a block live only while the block is warped, and a thread warps one block
+    at a time, so each thread reuses one buffer per plane: copying into memory already touched costs
+    a quarter of copying into a new allocation (whose pages the system must first provide).
+    """
+    n = shape[0] * shape[1]
+    if n > _SCRATCH_MAX:
+        return np.empty(shape, dtype)
+    bufs = getattr(_thread_state, "scratch", None)
+    if bufs is None:
+        bufs = _thread_state.scratch = {}
+    key = (slot, np.dtype(dtype).str)
+    buf = bufs.get(key)
+    if buf is None or buf.size < n:
+        buf = bufs[key] = np.empty(min(_SCRATCH_MAX, n + n // 8), dtype)
+    return buf[:n].reshape(shape)
+
+
+def _window(blocks, crop, dtype, slot: str | None = None) -> np.ndarray:
+    """``crop`` of the 2-D grid of ``blocks`` (or of one array) as a C-contiguous ``dtype`` array, in at most
+    one copy (into this thread's buffer ``slot`` when given: valid until the thread's next window of that slot)."""
     (y0, y1), (x0, x1) = crop
     if not isinstance(blocks, list):
-        return np.ascontiguousarray(blocks[y0:y1, x0:x1], dtype=dtype)
-    out = np.empty((y1 - y0, x1 - x0), dtype)
+        view = blocks[y0:y1, x0:x1]
+        if view.flags.c_contiguous and view.dtype == dtype:
+            return view
+        out = np.empty(view.shape, dtype) if slot is None else _scratch(slot, view.shape, dtype)
+        out[...] = view
+        return out
+    shape = (y1 - y0, x1 - x0)
+    out = np.empty(shape, dtype) if slot is None else _scratch(slot, shape, dtype)
     top = 0
     for row in blocks:
         h = row[0].shape[0]
@@ -594,9 +625,9 @@ def _load_dtype(blocks) -> type:
 
 def _run_block(img, var, msk, *, plan_args, dst: Box, win_origin, crop):
     """Warp one destination block from a grid of source blocks (numpy in, numpy out)."""
-    img = _window(img, crop, _load_dtype(img))
-    var = _window(var, crop, _load_dtype(var))
-    msk = _window(msk, crop, np.uint32)
+    img = _window(img, crop, _load_dtype(img), "image")
+    var = _window(var, crop, _load_dtype(var), "variance")
+    msk = _window(msk, crop, np.uint32, "mask")
     out_img = np.empty(dst.shape, np.float32)
     out_var = np.empty(dst.shape, np.float32)
     out_msk = np.empty(dst.shape, np.uint32)

@@ -273,3 +273,61 @@ def test_sparse_grow_map_equals_the_dense_map(seed, span, density, frame, shape)
             ref[r, c] = ((msk[r : r + span, c : c + span] & EDGE) != 0).any()
     np.testing.assert_array_equal(dense(msk, np.uint32(EDGE), span), ref)
     np.testing.assert_array_equal(sparse(msk, np.uint32(EDGE), span), ref)
+
+
+# ------------------------------------------------------------------------------------------
+# source windows copied into per-thread buffers
+
+
+def test_windows_reuse_one_buffer_per_thread_and_plane(rng):
+    blocks = [[rng.normal(size=(30, 40)).astype(np.float32), rng.normal(size=(30, 25)).astype(np.float32)],
+              [rng.normal(size=(11, 40)).astype(np.float32), rng.normal(size=(11, 25)).astype(np.float32)]]
+    whole = np.block(blocks)
+    a = W._window(blocks, ((3, 37), (5, 60)), np.float32, "image")
+    np.testing.assert_array_equal(a, whole[3:37, 5:60])
+    assert a.flags.c_contiguous
+    b = W._window(blocks, ((0, 41), (0, 65)), np.float32, "image")  # larger: the buffer grows
+    np.testing.assert_array_equal(b, whole)
+    c = W._window(blocks, ((1, 9), (2, 30)), np.float32, "image")  # smaller: the same memory again
+    np.testing.assert_array_equal(c, whole[1:9, 2:30])
+    assert np.shares_memory(b, c)
+    d = W._window(blocks, ((1, 9), (2, 30)), np.float64, "image")  # another dtype, another buffer
+    assert d.dtype == np.float64 and not np.shares_memory(c, d)
+    np.testing.assert_array_equal(d, whole[1:9, 2:30].astype(np.float64))
+    assert not np.shares_memory(W._window(blocks, ((1, 9), (2, 30)), np.float32, "variance"), c)
+    other = {}
+    t = threading.Thread(target=lambda: other.update(w=W._window(blocks, ((1, 9), (2, 30)), np.float32, "image")))
+    t.start()
+    t.join()
+    assert not np.shares_memory(other["w"], c)
+    # one array: a contiguous crop of the right dtype is returned as it is, anything else copied
+    assert np.shares_memory(W._window(whole, ((3, 9), (0, 65)), np.float32, "image"), whole)
+    e = W._window(whole, ((3, 9), (4, 20)), np.float32, "image")
+    assert not np.shares_memory(e, whole)
+    np.testing.assert_array_equal(e, whole[3:9, 4:20])
+    # above _SCRATCH_MAX elements a window gets its own array
+    side = int(np.sqrt(W._SCRATCH_MAX)) + 1
+    big = np.zeros((side, side + 3), np.float32)
+    f = W._window([[big]], ((0, side), (0, side)), np.float32, "image")
+    g = W._window([[big]], ((0, side), (0, side)), np.float32, "image")
+    assert f.shape == (side, side) and not np.shares_memory(f, g)
+
+
+def test_threaded_warp_with_reused_windows_equals_numpy(rng):
+    src = make_tan_wcs(crpix=(30.0, 25.0))
+    dst = make_tan_wcs(crpix=(41.3, 37.7), rotation_deg=23.0, scale_arcsec=0.21)
+    img = rng.normal(100.0, 10.0, (70, 90)).astype(np.float32)
+    msk = np.zeros(img.shape, np.uint32)
+    msk[:, :2] = EDGE
+    msk[40, 50] = NO_DATA
+    ds = exposure(img, wcs=src, mask=msk)
+    box = Box(-10, -5, 100, 90)
+    ref = warp_exposure(ds, wcs=dst, box=box, chunks=(23, 29))
+    lazy = warp_exposure(ds.chunk({"y": 37, "x": 41}), wcs=dst, box=box, chunks=(23, 29))
+    import dask
+
+    with dask.config.set(scheduler="threads", num_workers=4):
+        got = lazy.compute()
+    assert int(np.isfinite(ref.image.values).sum()) > 4000
+    for v in ("image", "variance", "mask"):
+        np.testing.assert_array_equal(got[v].values, ref[v].values)
