@@ -317,6 +317,10 @@ def count_blocks(
     bufx = np.empty(max(1, lat_x1 - gx0 + 1))
     bufy = np.empty(max(1, lat_x1 - gx0 + 1))
     states, bounds = cell_states(nodes_x, nodes_y, valid)
+    # cells of the current band (rows between two node rows) that are looked at row by row:
+    # kind 0 = pixel by pixel, kind 1 = whole segment whose floor range may widen the block's range
+    row_cells = np.empty(nkx, np.int64)
+    row_kind = np.empty(nkx, np.uint8)
     for by in range(y_edges.size - 1):
         Y0 = max(y_edges[by], gy0 + 1)
         Y1 = min(y_edges[by + 1], lat_y1 + 1)
@@ -331,24 +335,17 @@ def count_blocks(
             w = X1 - X0
             l_first = (X0 - gx0) // step
             l_last = min(nkx - 1, (X1 - 1 - gx0) // step)
-            for Y in range(Y0, Y1):
-                if w <= 0:
-                    break
-                dy = Y - gy0
-                ly = dy // step
-                ry = dy - ly * step
-                ly1 = ly + 1 if ry > 0 else ly
-                fy = ry / step
-                gy = 1.0 - fy
-                row_cnt = 0
-                fimin = np.inf
-                fimax = -np.inf
-                fjmin = np.inf
-                fjmax = -np.inf
-                cmin = w
-                cmax = -1
+            Y = Y0 if w > 0 else Y1
+            while Y < Y1:
+                ly = (Y - gy0) // step
+                Yb1 = min(Y1, gy0 + (ly + 1) * step)
+                # the cells are the same for every row of the band: those holding only good pixels are
+                # counted for all its rows at once
+                band_cnt = 0
+                bcmin = w
+                bcmax = -1
+                n_row = 0
                 for l in range(l_first, l_last + 1):
-                    # the pixels c .. e-1 of the row in lattice cell l
                     c = max(0, gx0 + l * step - X0)
                     e = min(w, gx0 + (l + 1) * step - X0) if l < nkx - 1 else min(w, gx0 + l * step + 1 - X0)
                     if c >= e:
@@ -357,46 +354,77 @@ def count_blocks(
                     if state == 0:
                         continue
                     if state == 1 and e - c > 2:
-                        row_cnt += e - c
-                        cmin = min(cmin, c)
-                        cmax = max(cmax, e - 1)
-                        # the exact floor range of the segment can only widen the range found so far
-                        # when the cell's bounds reach beyond it
-                        if (bounds[ly, l, 0] >= min(imin, fimin) and bounds[ly, l, 1] <= max(imax, fimax)
-                                and bounds[ly, l, 2] >= min(jmin, fjmin) and bounds[ly, l, 3] <= max(jmax, fjmax)):
+                        band_cnt += e - c
+                        bcmin = min(bcmin, c)
+                        bcmax = max(bcmax, e - 1)
+                        # the exact floor range of the segment can only widen the block's range found so
+                        # far when the cell's bounds reach beyond it
+                        if (bounds[ly, l, 0] >= imin and bounds[ly, l, 1] <= imax and bounds[ly, l, 2] >= jmin
+                                and bounds[ly, l, 3] <= jmax):
                             continue
-                        rx0 = X0 + c - gx0 - l * step
-                        xa, ya = _cell_position(nodes_x, nodes_y, ly, ly1, ry, fy, gy, l, rx0, step)
-                        xb, yb = _cell_position(nodes_x, nodes_y, ly, ly1, ry, fy, gy, l, rx0 + e - 1 - c, step)
-                        fimin = min(fimin, math.floor(min(xa, xb)))
-                        fimax = max(fimax, math.floor(max(xa, xb)))
-                        fjmin = min(fjmin, math.floor(min(ya, yb)))
-                        fjmax = max(fjmax, math.floor(max(ya, yb)))
+                        row_kind[n_row] = 1
+                    else:
+                        row_kind[n_row] = 0
+                    row_cells[n_row] = l
+                    n_row += 1
+                for Yr in range(Y, Yb1):
+                    dy = Yr - gy0
+                    ry = dy - ly * step
+                    ly1 = ly + 1 if ry > 0 else ly
+                    fy = ry / step
+                    gy = 1.0 - fy
+                    row_cnt = band_cnt
+                    fimin = np.inf
+                    fimax = -np.inf
+                    fjmin = np.inf
+                    fjmax = -np.inf
+                    cmin = bcmin
+                    cmax = bcmax
+                    for t in range(n_row):
+                        l = row_cells[t]
+                        c = max(0, gx0 + l * step - X0)
+                        e = min(w, gx0 + (l + 1) * step - X0) if l < nkx - 1 else min(w, gx0 + l * step + 1 - X0)
+                        if row_kind[t] == 1:
+                            if (bounds[ly, l, 0] >= min(imin, fimin) and bounds[ly, l, 1] <= max(imax, fimax)
+                                    and bounds[ly, l, 2] >= min(jmin, fjmin) and bounds[ly, l, 3] <= max(jmax, fjmax)):
+                                continue
+                            # position is linear along the row within the cell: the segment's floor range is
+                            # that of its two end pixels
+                            rx0 = X0 + c - gx0 - l * step
+                            xa, ya = _cell_position(nodes_x, nodes_y, ly, ly1, ry, fy, gy, l, rx0, step)
+                            xb, yb = _cell_position(nodes_x, nodes_y, ly, ly1, ry, fy, gy, l, rx0 + e - 1 - c, step)
+                            fimin = min(fimin, math.floor(min(xa, xb)))
+                            fimax = max(fimax, math.floor(max(xa, xb)))
+                            fjmin = min(fjmin, math.floor(min(ya, yb)))
+                            fjmax = max(fjmax, math.floor(max(ya, yb)))
+                            continue
+                        _row_span(gx0, gy0, step, nodes_x, nodes_y, X0, Yr, bufx, bufy, c, e)
+                        # branch-free reductions over the segment (a NaN position fails every comparison)
+                        for k in range(c, e):
+                            fi = math.floor(bufx[k])
+                            fj = math.floor(bufy[k])
+                            ok = (fi >= ix_lo) & (fi <= ix_hi) & (fj >= iy_lo) & (fj <= iy_hi)
+                            row_cnt += ok
+                            fimin = min(fimin, fi if ok else np.inf)
+                            fimax = max(fimax, fi if ok else -np.inf)
+                            fjmin = min(fjmin, fj if ok else np.inf)
+                            fjmax = max(fjmax, fj if ok else -np.inf)
+                            cmin = min(cmin, k if ok else w)
+                            cmax = max(cmax, k if ok else -1)
+                    if row_cnt == 0:
                         continue
-                    _row_span(gx0, gy0, step, nodes_x, nodes_y, X0, Y, bufx, bufy, c, e)
-                    # branch-free reductions over the segment (a NaN position fails every comparison)
-                    for k in range(c, e):
-                        fi = math.floor(bufx[k])
-                        fj = math.floor(bufy[k])
-                        ok = (fi >= ix_lo) & (fi <= ix_hi) & (fj >= iy_lo) & (fj <= iy_hi)
-                        row_cnt += ok
-                        fimin = min(fimin, fi if ok else np.inf)
-                        fimax = max(fimax, fi if ok else -np.inf)
-                        fjmin = min(fjmin, fj if ok else np.inf)
-                        fjmax = max(fjmax, fj if ok else -np.inf)
-                        cmin = min(cmin, k if ok else w)
-                        cmax = max(cmax, k if ok else -1)
-                if row_cnt == 0:
-                    continue
-                cnt += row_cnt
-                imin = min(imin, int(fimin))
-                imax = max(imax, int(fimax))
-                jmin = min(jmin, int(fjmin))
-                jmax = max(jmax, int(fjmax))
-                out_dst[0] = min(out_dst[0], X0 + cmin)
-                out_dst[1] = min(out_dst[1], Y)
-                out_dst[2] = max(out_dst[2], X0 + cmax)
-                out_dst[3] = max(out_dst[3], Y)
+                    cnt += row_cnt
+                    if fimin <= fimax:
+                        imin = min(imin, int(fimin))
+                        imax = max(imax, int(fimax))
+                    if fjmin <= fjmax:
+                        jmin = min(jmin, int(fjmin))
+                        jmax = max(jmax, int(fjmax))
+                    out_dst[0] = min(out_dst[0], X0 + cmin)
+                    out_dst[1] = min(out_dst[1], Yr)
+                    out_dst[2] = max(out_dst[2], X0 + cmax)
+                    out_dst[3] = max(out_dst[3], Yr)
+                Y = Yb1
             out_count[by, bx] = cnt
             out_range[by, bx, 0] = imin
             out_range[by, bx, 1] = jmin
