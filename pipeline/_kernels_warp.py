@@ -302,8 +302,10 @@ def count_blocks(
     is skipped; one holding only good pixels: its pixels of the row are counted at once, and
     since the position is linear along a row within a cell (and snapping and ``floor`` are monotone)
     the ``floor`` range of the segment is that of its two end pixels, whose positions :func:`_row_span`
-    gives bit for bit. The pixels of the other cells are decided one by one. The result equals a
-    pixel-by-pixel count.
+    gives bit for bit. The pixels of the other cells are decided one by one. The rows between two
+    node rows share their cells, so the cells are classified once per such band: whole cells are
+    counted for all its rows at once, and only the cells that may widen the floor range and the
+    undecided ones are visited row by row. The result equals a pixel-by-pixel count.
     """
     nky, nkx = nodes_x.shape
     lat_x1 = gx0 + (nkx - 1) * step
