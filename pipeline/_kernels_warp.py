@@ -304,8 +304,10 @@ def count_blocks(
     is skipped; one holding only good pixels: its pixels of the row are counted at once, and
     since the position is linear along a row within a cell (and snapping and ``floor`` are monotone)
     the ``floor`` range of the segment is that of its two end pixels, whose positions :func:`_row_span`
-    gives bit for bit. The pixels of the other cells are decided one by one. The result equals a
-    pixel-by-pixel count.
+    gives bit for bit. The pixels of the other cells are decided one by one. The rows between two
+    node rows share their cells, so the cells are classified once per such band: whole cells are
+    counted for all its rows at once, and only the cells that may widen the floor range and the
+    undecided ones are visited row by row. The result equals a pixel-by-pixel count.
     """
     nky, nkx = nodes_x.shape
     lat_x1 = gx0 + (nkx - 1) * step
@@ -319,6 +321,10 @@ def count_blocks(
     bufx = np.empty(max(1, lat_x1 - gx0 + 1))
     bufy = np.empty(max(1, lat_x1 - gx0 + 1))
     states, bounds = cell_states(nodes_x, nodes_y, valid)
+    # cells of the current band (rows between two node rows) that are looked at row by row:
+    # kind 0 = pixel by pixel, kind 1 = whole segment whose floor range may widen the block's range
+    row_cells = np.empty(nkx, np.int64)
+    row_kind = np.empty(nkx, np.uint8)
     for by in range(y_edges.size - 1):
         Y0 = max(y_edges[by], gy0 + 1)
         Y1 = min(y_edges[by + 1], lat_y1 + 1)
@@ -333,24 +339,17 @@ def count_blocks(
             w = X1 - X0
             l_first = (X0 - gx0) // step
             l_last = min(nkx - 1, (X1 - 1 - gx0) // step)
-            for Y in range(Y0, Y1):
-                if w <= 0:
-                    break
-                dy = Y - gy0
-                ly = dy // step
-                ry = dy - ly * step
-                ly1 = ly + 1 if ry > 0 else ly
-                fy = ry / step
-                gy = 1.0 - fy
-                row_cnt = 0
-                fimin = np.inf
-                fimax = -np.inf
-                fjmin = np.inf
-                fjmax = -np.inf
-                cmin = w
-                cmax = -1
+            Y = Y0 if w > 0 else Y1
+            while Y < Y1:
+                ly = (Y - gy0) // step
+                Yb1 = min(Y1, gy0 + (ly + 1) * step)
+                # the cells are the same for every row of the band: those holding only good pixels are
+                # counted for all its rows at once
+                band_cnt = 0
+                bcmin = w
+                bcmax = -1
+                n_row = 0
                 for l in range(l_first, l_last + 1):
-                    # the pixels c .. e-1 of the row in lattice cell l
                     c = max(0, gx0 + l * step - X0)
                     e = min(w, gx0 + (l + 1) * step - X0) if l < nkx - 1 else min(w, gx0 + l * step + 1 - X0)
                     if c >= e:
@@ -359,46 +358,77 @@ def count_blocks(
                     if state == 0:
                         continue
                     if state == 1 and e - c > 2:
-                        row_cnt += e - c
-                        cmin = min(cmin, c)
-                        cmax = max(cmax, e - 1)
-                        # the exact floor range of the segment can only widen the range found so far
-                        # when the cell's bounds reach beyond it
-                        if (bounds[ly, l, 0] >= min(imin, fimin) and bounds[ly, l, 1] <= max(imax, fimax)
-                                and bounds[ly, l, 2] >= min(jmin, fjmin) and bounds[ly, l, 3] <= max(jmax, fjmax)):
+                        band_cnt += e - c
+                        bcmin = min(bcmin, c)
+                        bcmax = max(bcmax, e - 1)
+                        # the exact floor range of the segment can only widen the block's range found so
+                        # far when the cell's bounds reach beyond it
+                        if (bounds[ly, l, 0] >= imin and bounds[ly, l, 1] <= imax and bounds[ly, l, 2] >= jmin
+                                and bounds[ly, l, 3] <= jmax):
                             continue
-                        rx0 = X0 + c - gx0 - l * step
-                        xa, ya = _cell_position(nodes_x, nodes_y, ly, ly1, ry, fy, gy, l, rx0, step)
-                        xb, yb = _cell_position(nodes_x, nodes_y, ly, ly1, ry, fy, gy, l, rx0 + e - 1 - c, step)
-                        fimin = min(fimin, math.floor(min(xa, xb)))
-                        fimax = max(fimax, math.floor(max(xa, xb)))
-                        fjmin = min(fjmin, math.floor(min(ya, yb)))
-                        fjmax = max(fjmax, math.floor(max(ya, yb)))
+                        row_kind[n_row] = 1
+                    else:
+                        row_kind[n_row] = 0
+                    row_cells[n_row] = l
+                    n_row += 1
+                for Yr in range(Y, Yb1):
+                    dy = Yr - gy0
+                    ry = dy - ly * step
+                    ly1 = ly + 1 if ry > 0 else ly
+                    fy = ry / step
+                    gy = 1.0 - fy
+                    row_cnt = band_cnt
+                    fimin = np.inf
+                    fimax = -np.inf
+                    fjmin = np.inf
+                    fjmax = -np.inf
+                    cmin = bcmin
+                    cmax = bcmax
+                    for t in range(n_row):
+                        l = row_cells[t]
+                        c = max(0, gx0 + l * step - X0)
+                        e = min(w, gx0 + (l + 1) * step - X0) if l < nkx - 1 else min(w, gx0 + l * step + 1 - X0)
+                        if row_kind[t] == 1:
+                            if (bounds[ly, l, 0] >= min(imin, fimin) and bounds[ly, l, 1] <= max(imax, fimax)
+                                    and bounds[ly, l, 2] >= min(jmin, fjmin) and bounds[ly, l, 3] <= max(jmax, fjmax)):
+                                continue
+                            # position is linear along the row within the cell: the segment's floor range is
+                            # that of its two end pixels
+                            rx0 = X0 + c - gx0 - l * step
+                            xa, ya = _cell_position(nodes_x, nodes_y, ly, ly1, ry, fy, gy, l, rx0, step)
+                            xb, yb = _cell_position(nodes_x, nodes_y, ly, ly1, ry, fy, gy, l, rx0 + e - 1 - c, step)
+                            fimin = min(fimin, math.floor(min(xa, xb)))
+                            fimax = max(fimax, math.floor(max(xa, xb)))
+                            fjmin = min(fjmin, math.floor(min(ya, yb)))
+                            fjmax = max(fjmax, math.floor(max(ya, yb)))
+                            continue
+                        _row_span(gx0, gy0, step, nodes_x, nodes_y, X0, Yr, bufx, bufy, c, e)
+                        # branch-free reductions over the segment (a NaN position fails every comparison)
+                        for k in range(c, e):
+                            fi = math.floor(bufx[k])
+                            fj = math.floor(bufy[k])
+                            ok = (fi >= ix_lo) & (fi <= ix_hi) & (fj >= iy_lo) & (fj <= iy_hi)
+                            row_cnt += ok
+                            fimin = min(fimin, fi if ok else np.inf)
+                            fimax = max(fimax, fi if ok else -np.inf)
+                            fjmin = min(fjmin, fj if ok else np.inf)
+                            fjmax = max(fjmax, fj if ok else -np.inf)
+                            cmin = min(cmin, k if ok else w)
+                            cmax = max(cmax, k if ok else -1)
+                    if row_cnt == 0:
                         continue
-                    _row_span(gx0, gy0, step, nodes_x, nodes_y, X0, Y, bufx, bufy, c, e)
-                    # branch-free reductions over the segment (a NaN position fails every comparison)
-                    for k in range(c, e):
-                        fi = math.floor(bufx[k])
-                        fj = math.floor(bufy[k])
-                        ok = (fi >= ix_lo) & (fi <= ix_hi) & (fj >= iy_lo) & (fj <= iy_hi)
-                        row_cnt += ok
-                        fimin = min(fimin, fi if ok else np.inf)
-                        fimax = max(fimax, fi if ok else -np.inf)
-                        fjmin = min(fjmin, fj if ok else np.inf)
-                        fjmax = max(fjmax, fj if ok else -np.inf)
-                        cmin = min(cmin, k if ok else w)
-                        cmax = max(cmax, k if ok else -1)
-                if row_cnt == 0:
-                    continue
-                cnt += row_cnt
-                imin = min(imin, int(fimin))
-                imax = max(imax, int(fimax))
-                jmin = min(jmin, int(fjmin))
-                jmax = max(jmax, int(fjmax))
-                out_dst[0] = min(out_dst[0], X0 + cmin)
-                out_dst[1] = min(out_dst[1], Y)
-                out_dst[2] = max(out_dst[2], X0 + cmax)
-                out_dst[3] = max(out_dst[3], Y)
+                    cnt += row_cnt
+                    if fimin <= fimax:
+                        imin = min(imin, int(fimin))
+                        imax = max(imax, int(fimax))
+                    if fjmin <= fjmax:
+                        jmin = min(jmin, int(fjmin))
+                        jmax = max(jmax, int(fjmax))
+                    out_dst[0] = min(out_dst[0], X0 + cmin)
+                    out_dst[1] = min(out_dst[1], Yr)
+                    out_dst[2] = max(out_dst[2], X0 + cmax)
+                    out_dst[3] = max(out_dst[3], Yr)
+                Y = Yb1
             out_count[by, bx] = cnt
             out_range[by, bx, 0] = imin
             out_range[by, bx, 1] = jmin
@@ -628,6 +658,99 @@ def _row_span(gx0, gy0, step, nodes_x, nodes_y, X0, Y, out_x, out_y, lo, hi):
 # multiply-adds (the warp kernel), the cached positions differed from count_blocks' in the last bit.
 _row_span.compile("void(int64, int64, int64, float64[:, ::1], float64[:, ::1], int64, int64, float64[::1], float64[::1], "
                   "int64, int64)")
+
+
+@numba.njit(**_NOGIL)
+def _node_row_x(gx0, step, nodes_x, nodes_y, k, X0, out_x, out_y):
+    """Node row ``k`` interpolated along x at pixels ``X0 .. X0 + len(out_x) - 1`` (NaN off the lattice).
+
+    ``out[c] = (1 - fx) node[k, l] + fx node[k, l+1]`` with ``fx = rx/step``, or the node value itself
+    where ``rx == 0``: the first half of the arithmetic of :func:`_row_span`, shared by the ``step``
+    destination rows between two node rows (no fused multiply-add, as :func:`_row_span`).
+    """
+    nkx = nodes_x.shape[1]
+    for c in range(out_x.size):
+        dx = X0 + c - gx0
+        if dx < 0:
+            out_x[c] = np.nan
+            out_y[c] = np.nan
+            continue
+        lx = dx // step
+        rx = dx - lx * step
+        if lx > nkx - 1 or (lx == nkx - 1 and rx > 0):
+            out_x[c] = np.nan
+            out_y[c] = np.nan
+        elif rx == 0:
+            out_x[c] = nodes_x[k, lx]
+            out_y[c] = nodes_y[k, lx]
+        else:
+            fx = rx / step
+            gxx = 1.0 - fx
+            out_x[c] = gxx * nodes_x[k, lx] + fx * nodes_x[k, lx + 1]
+            out_y[c] = gxx * nodes_y[k, lx] + fx * nodes_y[k, lx + 1]
+
+
+@numba.njit(**_NOGIL)
+def _row_from_node_rows(t0x, t0y, t1x, t1y, ry, fy, lo, hi, out_x, out_y):
+    """Positions ``out[lo:hi]`` of a destination row ``ry`` rows below node row ``t0`` (``t1`` the next
+    node row, both from :func:`_node_row_x`): the second half of :func:`_row_span`, snapped; bit-identical
+    to it. A contiguous loop without branches on the data, so it is vectorised."""
+    if ry == 0:
+        for c in range(lo, hi):
+            tx = t0x[c]
+            ty = t0y[c]
+            rtx = math.floor(tx + 0.5)
+            rty = math.floor(ty + 0.5)
+            out_x[c] = rtx if abs(tx - rtx) < SNAP else tx
+            out_y[c] = rty if abs(ty - rty) < SNAP else ty
+        return
+    gy = 1.0 - fy
+    for c in range(lo, hi):
+        tx = gy * t0x[c] + fy * t1x[c]
+        ty = gy * t0y[c] + fy * t1y[c]
+        rtx = math.floor(tx + 0.5)
+        rty = math.floor(ty + 0.5)
+        out_x[c] = rtx if abs(tx - rtx) < SNAP else tx
+        out_y[c] = rty if abs(ty - rty) < SNAP else ty
+
+
+# compiled at import, like _row_span, so that no caller's fused multiply-adds reach them
+_node_row_x.compile("void(int64, int64, float64[:, ::1], float64[:, ::1], int64, int64, float64[::1], float64[::1])")
+_row_from_node_rows.compile("void(float64[::1], float64[::1], float64[::1], float64[::1], int64, float64, int64, int64, "
+                            "float64[::1], float64[::1])")
+
+
+@numba.njit(inline="always", **_NOGIL)
+def _node_row_slot(tab_x, tab_y, tab_k, gx0, step, nodes_x, nodes_y, k, X0):
+    """Slot of the ring ``tab_*`` (three node rows, by ``k % 3``) holding node row ``k``, filled if needed."""
+    slot = k % 3
+    if tab_k[slot] != k:
+        _node_row_x(gx0, step, nodes_x, nodes_y, k, X0, tab_x[slot], tab_y[slot])
+        tab_k[slot] = k
+    return slot
+
+
+@numba.njit(inline="always", **_NOGIL)
+def _row_positions(tab_x, tab_y, tab_k, gx0, gy0, step, nodes_x, nodes_y, X0, Y, lo, hi, out_x, out_y):
+    """:func:`_row_span` ``(gx0, gy0, step, nodes_x, nodes_y, X0, Y, out_x, out_y, lo, hi)`` from node rows
+    interpolated along x once per block (:func:`_node_row_x`, kept in a ring of three), bit for bit."""
+    nky = nodes_x.shape[0]
+    dy = Y - gy0
+    if dy < 0:
+        out_x[lo:hi] = np.nan
+        out_y[lo:hi] = np.nan
+        return
+    ly = dy // step
+    ry = dy - ly * step
+    if ly > nky - 1 or (ly == nky - 1 and ry > 0):
+        out_x[lo:hi] = np.nan
+        out_y[lo:hi] = np.nan
+        return
+    s0 = _node_row_slot(tab_x, tab_y, tab_k, gx0, step, nodes_x, nodes_y, ly, X0)
+    s1 = s0
+    if ry > 0:
+        s1 = _node_row_slot(tab_x, tab_y, tab_k, gx0, step, nodes_x, nodes_y, ly + 1, X0)
+    _row_from_node_rows(tab_x[s0], tab_y[s0], tab_x[s1], tab_y[s1], ry, ry / step, lo, hi, out_x, out_y)
 
 
 #: pixels per strip of a row whose weights are computed together (their weights fit in L1)
@@ -862,6 +985,46 @@ def _grow_map(msk, grow_full, span):
 
 
 @numba.njit(inline="always", **_SUMS)
+def _grow_map_sparse(msk, grow_full, span):
+    """:func:`_grow_map` from the runs of ``grow_full`` pixels along the rows, for masks where they are few.
+
+    Each run ``c0 .. c1`` of row ``r`` marks ``out[r-span+1 .. r, c0-span+1 .. c1]`` (clipped at 0): the
+    footprints that contain it. That costs ``span * (run length + span - 1)`` per run instead of about
+    ``2 span + 1`` passes over the window, so it is used when ``runs * span^2 <= ny * nx`` (the usual
+    EDGE frame of an exposure: a few runs per row); otherwise the dense map is built. Equal to
+    :func:`_grow_map` element for element.
+    """
+    ny, nx = msk.shape
+    runs = 0
+    for r in range(ny):
+        mr = msk[r]
+        prev = np.uint8(0)
+        for c in range(nx):
+            g = np.uint8((mr[c] & grow_full) != 0)
+            runs += g & (prev ^ np.uint8(1))
+            prev = g
+    if runs * span * span > ny * nx:
+        return _grow_map(msk, grow_full, span)
+    out = np.zeros((ny, nx), np.uint8)
+    for r in range(ny):
+        mr = msk[r]
+        c = 0
+        while c < nx:
+            if (mr[c] & grow_full) == 0:
+                c += 1
+                continue
+            c0 = c
+            while c < nx and (mr[c] & grow_full) != 0:
+                c += 1
+            a = max(0, c0 - span + 1)
+            for rr in range(max(0, r - span + 1), r + 1):
+                orow = out[rr]
+                for t in range(a, c):
+                    orow[t] = 1
+    return out
+
+
+@numba.njit(inline="always", **_SUMS)
 def _warp_block(
     src_img, src_var, src_msk, win_x0, win_y0, valid, nodes_x, nodes_y, gx0, gy0, step, dst_x0, dst_y0,
     out_img, out_var, out_msk, n, bilinear, linear, mask_order, grow_full, nodata, scale, table, products, simd,
@@ -886,7 +1049,7 @@ def _warp_block(
     bad, has_bad, row_bad, col_bad, has_grow = _window_flags(
         src_img, src_var, src_msk, nodata, grow_full, m
     )
-    gmap = _grow_map(src_msk, grow_full, m) if has_grow else np.zeros((1, 1), np.uint8)
+    gmap = _grow_map_sparse(src_msk, grow_full, m) if has_grow else np.zeros((1, 1), np.uint8)
     states, _ = cell_states(nodes_x, nodes_y, valid)
     flat_i = src_img.ravel()
     flat_v = src_var.ravel()
@@ -901,6 +1064,10 @@ def _warp_block(
     prv_lo = 0
     prv_hi = 0
     prv_row = dst_y0 - 2
+    # node rows interpolated along x for the same columns, the last three used (see _row_positions)
+    tab_x = np.empty((3, nx + 1))
+    tab_y = np.empty((3, nx + 1))
+    tab_k = np.full(3, -1, np.int64)
     good = np.zeros(nx, np.bool_)
     ii = np.zeros(nx, np.int64)
     jj = np.zeros(nx, np.int64)
@@ -932,9 +1099,10 @@ def _warp_block(
         if hi <= lo:
             continue
         # positions of columns lo-1 .. hi-1 in this row and in the row below (reused when already known)
-        _row_span(gx0, gy0, step, nodes_x, nodes_y, dst_x0 - 1, Y, cur_x, cur_y, lo, hi + 1)
+        _row_positions(tab_x, tab_y, tab_k, gx0, gy0, step, nodes_x, nodes_y, dst_x0 - 1, Y, lo, hi + 1, cur_x, cur_y)
         if not (prv_row == Y - 1 and prv_lo <= lo and prv_hi >= hi + 1):
-            _row_span(gx0, gy0, step, nodes_x, nodes_y, dst_x0 - 1, Y - 1, prv_x, prv_y, lo, hi + 1)
+            _row_positions(tab_x, tab_y, tab_k, gx0, gy0, step, nodes_x, nodes_y, dst_x0 - 1, Y - 1, lo, hi + 1, prv_x,
+                           prv_y)
         # branch-free over zero-based views (a NaN or infinite position fails every comparison)
         L = hi - lo
         cx = cur_x[lo : hi + 1]

@@ -19,7 +19,9 @@ from __future__ import annotations
 import functools
 import math
 import operator
+import threading
 import warnings
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -48,7 +50,7 @@ from .model.schema import (
     validate,
     with_provenance,
 )
-from .model.wcs import check_celestial, get_wcs, wcs_header_string
+from .model.wcs import check_celestial, has_wcs, wcs_header_string
 
 __all__ = [
     "WarpConfig",
@@ -129,7 +131,8 @@ class WarpPlan:
     covered destination chunk to the source window (a :class:`Box` in the source parent frame)
     that its pixels read. ``n_good_pixels`` counts destination pixels whose kernel lies inside the
     source bbox (before NaN/NO_DATA source pixels are considered); ``good_box`` is the bounding box
-    of those pixels (None for an empty plan).
+    of those pixels (None for an empty plan); ``chunk_size`` the ``(y, x)`` chunk size the chunk edges
+    are multiples of.
     """
 
     src_box: Box
@@ -149,6 +152,7 @@ class WarpPlan:
     variance_correlation_factor: float = 1.0
     ids: Mapping[str, Any] = field(default_factory=dict)
     good_box: Box | None = None
+    chunk_size: tuple[int, int] | None = None
 
     @property
     def empty(self) -> bool:
@@ -257,15 +261,13 @@ def _map_pixels(from_wcs: WCS, to_wcs: WCS, x, y) -> tuple[np.ndarray, np.ndarra
 
 def _dst_wcs(wcs, ids) -> tuple[WCS, str]:
     try:
-        header = wcs_header_string(wcs)
+        header = _canonical_header(wcs) if isinstance(wcs, str) else wcs_header_string(wcs)
     except Exception as exc:  # astropy raises many kinds on malformed headers
         raise SchemaError(f"destination WCS cannot be read: {' '.join(str(exc).split())}", ids=ids) from None
-    w = _wcs_from_string(header)
-    try:
-        check_celestial(w, what="destination WCS")
-    except SchemaError as exc:
-        raise SchemaError(exc.reason, ids=ids) from None
-    return w, header
+    reason = _celestial_reason(header, "destination WCS")
+    if reason is not None:
+        raise SchemaError(reason, ids=ids)
+    return _cached_wcs(header), header
 
 
 def _wcs_from_string(header: str) -> WCS:
@@ -276,12 +278,68 @@ def _wcs_from_string(header: str) -> WCS:
         return WCS(fits.Header.fromstring(header), relax=True)
 
 
-def _source_wcs(exposure: xr.Dataset, ids) -> tuple[WCS, str]:
-    validate(exposure)
+#: WCS objects kept per thread (astropy WCS objects must not be shared between threads)
+_WCS_PER_THREAD = 8
+_thread_state = threading.local()
+
+
+def _cached_wcs(header: str) -> WCS:
+    """This thread's WCS of a header string, built on its first use in the thread.
+
+    Parsing a header and building a WCS costs about a millisecond; a warp needs the same two WCSs
+    many times (plan, replan, the check of the plan, the PSF, the result's coordinate), and the
+    destination WCS is the same for every exposure warped onto a tract. The objects are only read
+    (pixel <-> sky transforms, header output); each thread holds its own, the last
+    ``_WCS_PER_THREAD`` headers it used.
+    """
+    cache = getattr(_thread_state, "wcs", None)
+    if cache is None:
+        cache = _thread_state.wcs = OrderedDict()
+    w = cache.get(header)
+    if w is None:
+        w = cache[header] = _wcs_from_string(header)
+        while len(cache) > _WCS_PER_THREAD:
+            cache.popitem(last=False)
+    else:
+        cache.move_to_end(header)
+    return w
+
+
+@functools.lru_cache(maxsize=64)
+def _canonical_header(header: str) -> str:
+    """:func:`wcs_header_string` of a header string (a pure function of the string, so memoised)."""
+    return wcs_header_string(header)
+
+
+@functools.lru_cache(maxsize=64)
+def _celestial_reason(header: str, what: str) -> str | None:
+    """Why the WCS of ``header`` fails :func:`check_celestial` (None when it passes), memoised per header."""
+    try:
+        check_celestial(_wcs_from_string(header), what=what)
+    except SchemaError as exc:
+        return exc.reason
+    return None
+
+
+def _validated_header(exposure: xr.Dataset, ids) -> str:
+    """:func:`validate` the exposure, its WCS checked once per header string; its stored header string."""
+    validate(exposure, check_wcs=False)
+    if not has_wcs(exposure):
+        raise SchemaError("the 'wcs' coordinate (FITS header string) is missing", ids=ids)
+    raw = exposure.coords["wcs"].attrs["fits_header"]
+    reason = _celestial_reason(raw, "WCS")
+    if reason is not None:
+        raise SchemaError(reason, ids=ids)
     if exposure["image"].ndim != 2:
         raise SchemaError(f"warp_exposure takes one exposure, got dims {exposure['image'].dims}", ids=ids)
-    w = get_wcs(exposure)
-    return w, wcs_header_string(w)
+    return raw
+
+
+def _source_wcs(exposure: xr.Dataset, ids) -> tuple[WCS, str]:
+    """The exposure's WCS and canonical header string (after :func:`_validated_header`)."""
+    raw = _validated_header(exposure, ids)
+    # positions are mapped with the WCS of the stored header itself (its canonical form rounds the values)
+    return _cached_wcs(raw), _canonical_header(raw)
 
 
 def _footprint(src_wcs: WCS, dst_wcs: WCS, src: Box) -> tuple[float, float, float, float] | None:
@@ -355,6 +413,7 @@ def plan_warp(
             src_box=src, dst_box=box, src_wcs=src_header, dst_wcs=dst_header, config=config, chunks=chunk_tuple,
             lattice_x0=gx, lattice_y0=gy, step=step, nodes_x=np.zeros((0, 0)), nodes_y=np.zeros((0, 0)),
             windows={}, block_counts={}, n_good_pixels=0, variance_correlation_factor=1.0, ids=ids,
+            chunk_size=(cy, cx),
         )
 
     if valid[0] > valid[2] or valid[1] > valid[3]:
@@ -388,7 +447,7 @@ def plan_warp(
         src_box=src, dst_box=box, src_wcs=src_header, dst_wcs=dst_header, config=config, chunks=chunk_tuple,
         lattice_x0=lx0, lattice_y0=ly0, step=step, nodes_x=nodes_x, nodes_y=nodes_y, windows=windows,
         block_counts=block_counts, n_good_pixels=n_good, variance_correlation_factor=factor, ids=ids,
-        good_box=good_box,
+        good_box=good_box, chunk_size=(cy, cx),
     )
 
 
@@ -400,7 +459,9 @@ def replan(plan: WarpPlan, *, box: Box, chunks: int | tuple[int, int] = (1000, 1
     recounted. ``box`` must lie inside the plan's box (the lattice covers nothing else); the result
     equals ``plan_warp(exposure, wcs=..., box=box, chunks=chunks, config=plan.config)`` whenever
     ``box`` holds every good pixel of ``plan`` (its ``good_box``), e.g. a chunk-aligned window around
-    it. Raises :class:`SchemaError` for a box outside the plan's or bad chunk sizes.
+    it. When the chunk size is the plan's and ``box`` holds its ``good_box`` (the usual cut of a plan
+    to its footprint), the chunk counts and windows are the plan's, renumbered, without a recount.
+    Raises :class:`SchemaError` for a box outside the plan's or bad chunk sizes.
     """
     ids = plan.ids
     if not isinstance(box, Box) or box.empty or box.intersect(plan.dst_box) != box:
@@ -410,10 +471,21 @@ def replan(plan: WarpPlan, *, box: Box, chunks: int | tuple[int, int] = (1000, 1
     x_edges = _edges(box.x0, box.x1, cx)
     chunk_tuple = (tuple(int(v) for v in np.diff(y_edges)), tuple(int(v) for v in np.diff(x_edges)))
     base = dict(src_box=plan.src_box, dst_box=box, src_wcs=plan.src_wcs, dst_wcs=plan.dst_wcs, config=plan.config,
-                chunks=chunk_tuple, lattice_x0=plan.lattice_x0, lattice_y0=plan.lattice_y0, step=plan.step, ids=ids)
+                chunks=chunk_tuple, lattice_x0=plan.lattice_x0, lattice_y0=plan.lattice_y0, step=plan.step, ids=ids,
+                chunk_size=(cy, cx))
     if plan.empty or plan.good_box is None or plan.good_box.intersect(box).empty:
         return WarpPlan(**base, nodes_x=np.zeros((0, 0)), nodes_y=np.zeros((0, 0)), windows={}, block_counts={},
                         n_good_pixels=0, variance_correlation_factor=1.0)
+    if plan.chunk_size == (cy, cx) and plan.good_box.intersect(box) == plan.good_box:
+        # same chunk edges and every good pixel inside the box: each new chunk is an old chunk cut by the
+        # box and holds all of its good pixels, so counts and windows carry over (only renumbered)
+        oy = int(np.searchsorted(_edges(plan.dst_box.y0, plan.dst_box.y1, cy), box.y0, side="right") - 1)
+        ox = int(np.searchsorted(_edges(plan.dst_box.x0, plan.dst_box.x1, cx), box.x0, side="right") - 1)
+        return WarpPlan(**base, nodes_x=plan.nodes_x, nodes_y=plan.nodes_y,
+                        windows={(by - oy, bx - ox): w for (by, bx), w in plan.windows.items()},
+                        block_counts={(by - oy, bx - ox): c for (by, bx), c in plan.block_counts.items()},
+                        n_good_pixels=plan.n_good_pixels, variance_correlation_factor=plan.variance_correlation_factor,
+                        good_box=plan.good_box)
     n = kernel_order(plan.config.kernel)
     windows, block_counts, n_good, dst_range = _count(plan.nodes_x, plan.nodes_y, plan.lattice_x0, plan.lattice_y0,
                                                       plan.step, y_edges, x_edges, plan.valid, n, plan.src_box)
@@ -491,12 +563,43 @@ def _correlation_factor(nodes_x, nodes_y, lx0, ly0, step, dst_range, valid, n, b
 # pixels
 
 
-def _window(blocks, crop, dtype) -> np.ndarray:
-    """``crop`` of the 2-D grid of ``blocks`` (or of one array) as a C-contiguous ``dtype`` array, in one copy."""
+#: largest window (elements) copied into a reused per-thread buffer; larger ones get their own array
+_SCRATCH_MAX = 1 << 21
+
+
+def _scratch(slot: str, shape: tuple[int, int], dtype) -> np.ndarray:
+    """A C-contiguous ``shape`` array of this thread's buffer ``slot`` (a fresh array above ``_SCRATCH_MAX``).
+
+    The source windows of a block live only while the block is warped, and a thread warps one block
+    at a time, so each thread reuses one buffer per plane: copying into memory already touched costs
+    a quarter of copying into a new allocation (whose pages the system must first provide).
+    """
+    n = shape[0] * shape[1]
+    if n > _SCRATCH_MAX:
+        return np.empty(shape, dtype)
+    bufs = getattr(_thread_state, "scratch", None)
+    if bufs is None:
+        bufs = _thread_state.scratch = {}
+    key = (slot, np.dtype(dtype).str)
+    buf = bufs.get(key)
+    if buf is None or buf.size < n:
+        buf = bufs[key] = np.empty(min(_SCRATCH_MAX, n + n // 8), dtype)
+    return buf[:n].reshape(shape)
+
+
+def _window(blocks, crop, dtype, slot: str | None = None) -> np.ndarray:
+    """``crop`` of the 2-D grid of ``blocks`` (or of one array) as a C-contiguous ``dtype`` array, in at most
+    one copy (into this thread's buffer ``slot`` when given: valid until the thread's next window of that slot)."""
     (y0, y1), (x0, x1) = crop
     if not isinstance(blocks, list):
-        return np.ascontiguousarray(blocks[y0:y1, x0:x1], dtype=dtype)
-    out = np.empty((y1 - y0, x1 - x0), dtype)
+        view = blocks[y0:y1, x0:x1]
+        if view.flags.c_contiguous and view.dtype == dtype:
+            return view
+        out = np.empty(view.shape, dtype) if slot is None else _scratch(slot, view.shape, dtype)
+        out[...] = view
+        return out
+    shape = (y1 - y0, x1 - x0)
+    out = np.empty(shape, dtype) if slot is None else _scratch(slot, shape, dtype)
     top = 0
     for row in blocks:
         h = row[0].shape[0]
@@ -522,9 +625,9 @@ def _load_dtype(blocks) -> type:
 
 def _run_block(img, var, msk, *, plan_args, dst: Box, win_origin, crop):
     """Warp one destination block from a grid of source blocks (numpy in, numpy out)."""
-    img = _window(img, crop, _load_dtype(img))
-    var = _window(var, crop, _load_dtype(var))
-    msk = _window(msk, crop, np.uint32)
+    img = _window(img, crop, _load_dtype(img), "image")
+    var = _window(var, crop, _load_dtype(var), "variance")
+    msk = _window(msk, crop, np.uint32, "mask")
     out_img = np.empty(dst.shape, np.float32)
     out_var = np.empty(dst.shape, np.float32)
     out_msk = np.empty(dst.shape, np.uint32)
@@ -669,7 +772,7 @@ def _check_plan(exposure: xr.Dataset, plan: WarpPlan, ids) -> None:
     src = Box.of(exposure)
     if src != plan.src_box:
         raise SchemaError(f"the plan was made for an exposure with bbox {plan.src_box}, not {src}", ids=ids)
-    if wcs_header_string(get_wcs(exposure)) != plan.src_wcs:
+    if has_wcs(exposure) and _canonical_header(exposure.coords["wcs"].attrs["fits_header"]) != plan.src_wcs:
         raise SchemaError("the plan was made for an exposure with another WCS", ids=ids)
 
 
@@ -756,7 +859,7 @@ def warp_exposure(
         if config is not None and config != plan.config:
             raise SchemaError("config differs from the config the plan was made with", ids=ids)
         _check_plan(exposure, plan, ids)
-        validate(exposure)
+        _validated_header(exposure, ids)
         scale = _calibration(exposure, ids)
     config = plan.config
     planes = mask_planes(exposure)
@@ -781,7 +884,7 @@ def warp_exposure(
         source_bbox=plan.src_box.to_list(),
     )
     ds = make_dataset(
-        img, var, msk, wcs=plan.dst_wcs, kind="warp", x0=plan.dst_box.x0, y0=plan.dst_box.y0, planes=planes,
+        img, var, msk, wcs=_cached_wcs(plan.dst_wcs), kind="warp", x0=plan.dst_box.x0, y0=plan.dst_box.y0, planes=planes,
         psf=psf, attrs=attrs,
     )
     return with_provenance(ds, "warp_exposure", config)
@@ -847,16 +950,14 @@ def warp_psf(exposure: xr.Dataset, *, plan: WarpPlan) -> xr.DataArray:
     src = plan.src_box
     gpx, gpy = _check_source_psf(psf, src, ids)
     ky, kx = psf.shape[2:]
-    src_wcs = _wcs_from_string(plan.src_wcs)
-    dst_wcs = _wcs_from_string(plan.dst_wcs)
+    src_wcs = _cached_wcs(plan.src_wcs)
+    dst_wcs = _cached_wcs(plan.dst_wcs)
     xs, ys = _psf_nodes(plan.dst_box, plan.config.psf_spacing)
     X, Y = np.meshgrid(xs, ys)
-    sx, sy = _map_pixels(dst_wcs, src_wcs, X, Y)
     h = 0.5
-    xr_, yr_ = _map_pixels(dst_wcs, src_wcs, X + h, Y)
-    xl_, yl_ = _map_pixels(dst_wcs, src_wcs, X - h, Y)
-    xu_, yu_ = _map_pixels(dst_wcs, src_wcs, X, Y + h)
-    xd_, yd_ = _map_pixels(dst_wcs, src_wcs, X, Y - h)
+    # the nodes and their four neighbours half a pixel away, in one call of the (per point) transform
+    ax, ay = _map_pixels(dst_wcs, src_wcs, np.stack([X, X + h, X - h, X, X]), np.stack([Y, Y, Y, Y + h, Y - h]))
+    (sx, xr_, xl_, xu_, xd_), (sy, yr_, yl_, yu_, yd_) = ax, ay
     m = np.stack([(xr_ - xl_) / (2 * h), (xu_ - xd_) / (2 * h), (yr_ - yl_) / (2 * h), (yu_ - yd_) / (2 * h)], -1)
     ix_lo, iy_lo, ix_hi, iy_hi = plan.valid
     with np.errstate(invalid="ignore"):
@@ -866,21 +967,29 @@ def warp_psf(exposure: xr.Dataset, *, plan: WarpPlan) -> xr.DataArray:
         )
     half_y, half_x = (ky - 1) // 2, (kx - 1) // 2
     out_hy, out_hx = 0, 0
-    for k, l in zip(*np.nonzero(covered)):
-        mat = m[k, l].reshape(2, 2)
-        det = np.linalg.det(mat)
-        inv = np.linalg.inv(mat) if det != 0 else np.full((2, 2), np.inf)
-        big = max(np.abs(mat).max(), np.abs(inv).max())
-        if not big <= MAX_TRANSFORM_COEFFICIENT:
+    kk, ll = np.nonzero(covered)
+    if kk.size:
+        mats = m[kk, ll].reshape(-1, 2, 2)
+        det = np.linalg.det(mats)
+        inv = np.full_like(mats, np.inf)
+        regular = det != 0
+        inv[regular] = np.linalg.inv(mats[regular])
+        big = np.maximum(np.abs(mats).max(axis=(1, 2)), np.abs(inv).max(axis=(1, 2)))
+        too_big = ~(big <= MAX_TRANSFORM_COEFFICIENT)
+        if too_big.any():
+            p = int(np.argmax(too_big))
             raise SchemaError(
-                f"unexpectedly large transform (coefficient {big:.3g} > {MAX_TRANSFORM_COEFFICIENT:g}) at destination "
-                f"({xs[l]:.1f}, {ys[k]:.1f})",
+                f"unexpectedly large transform (coefficient {big[p]:.3g} > {MAX_TRANSFORM_COEFFICIENT:g}) at "
+                f"destination ({xs[ll[p]]:.1f}, {ys[kk[p]]:.1f})",
                 ids=ids,
             )
-        corners = np.array([[a * (half_x + 0.5), b * (half_y + 0.5)] for a in (-1, 1) for b in (-1, 1)]).T
-        d = inv @ corners
-        out_hx = max(out_hx, int(math.ceil(np.abs(d[0]).max() - 0.5 - 1e-6)))
-        out_hy = max(out_hy, int(math.ceil(np.abs(d[1]).max() - 0.5 - 1e-6)))
+        # the corners of the source PSF box mapped to the destination: the warped kernel's half sizes
+        cx_ = np.array([-1.0, -1.0, 1.0, 1.0]) * (half_x + 0.5)
+        cy_ = np.array([-1.0, 1.0, -1.0, 1.0]) * (half_y + 0.5)
+        dx = inv[:, 0, 0, None] * cx_ + inv[:, 0, 1, None] * cy_
+        dy = inv[:, 1, 0, None] * cx_ + inv[:, 1, 1, None] * cy_
+        out_hx = max(0, int(math.ceil(np.abs(dx).max() - 0.5 - 1e-6)))
+        out_hy = max(0, int(math.ceil(np.abs(dy).max() - 0.5 - 1e-6)))
     if not covered.any():
         out_hy, out_hx = half_y, half_x
     args = (gpx, gpy, sx, sy, m, covered, out_hy, out_hx, plan.config.reproduce_linear, ids)
