@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 from typing import NamedTuple
 
 import ducc0.fft as _ducc_fft
@@ -317,7 +318,7 @@ def correlate_lowrank(
         ty, fy, tx, fx = plan_tiles(ry1 - ry0, rx1 - rx0, h)
     else:
         (ty, fy), (tx, fx) = _tiles(ry1 - ry0, tile, h), _tiles(rx1 - rx0, tile, h)
-    spectra = kernel_spectra(basis, fy, fx, dtype)
+    spectra = _cached_spectra(basis, fy, fx, dtype)
     buf = np.zeros((fy, fx), dtype=dtype)
     prod = np.empty(spectra.shape[1:], dtype=spectra.dtype)
     if row_weights.shape[0] != n_r + 1:
@@ -340,9 +341,19 @@ def correlate_lowrank(
     if halo and check:
         raise ValueError("a Halo input must be finite (assemble it to skip non-finite pixels)")
     ducc = backend == "ducc0"
+    # float32 through ducc0: the inverse transforms land in rows padded to whole vectors, whose
+    # combine runs no scalar remainder loops (the padding columns are computed and dropped)
+    padded = ducc and np.dtype(dtype) == np.float32
     if ducc:
         spec_buf = np.empty(spectra.shape[1:], dtype=spectra.dtype)
-        stack = np.empty((n_r, fy, fx), dtype=dtype)
+        width = fx + (-(-tx // _LANES) * _LANES - tx if padded else 0)
+        stack_buf = np.zeros((n_r, fy, width), dtype=dtype)
+        stack = stack_buf[:, :, :fx]
+    if padded:
+        # column terms zero-padded past the rect's last column, read by the padding lanes
+        end = rx1 + _LANES
+        dep_cols = _pad_columns(dep_cols, end)
+        col_pad = _pad_columns(col_terms, end)
     for y0 in range(ry0, ry1, ty):
         y1 = min(y0 + ty, ry1)
         for x0 in range(rx0, rx1, tx):
@@ -367,9 +378,44 @@ def correlate_lowrank(
                     np.multiply(spectra[r], spec, out=prod)
                     convs.append(sfft.irfft2(prod, s=(fy, fx), workers=1, overwrite_x=True))
                 convs = tuple(convs)
-            _combine_lowrank(out, convs, c, dep_rows, dep_cols, const_rows, norm_rows, col_terms, power,
-                             y0, y1, x0, x1, 2 * h, const_is_norm)
+            if padded:
+                _combine_padded(out, stack_buf, c, dep_rows, dep_cols, const_rows, norm_rows, col_pad, power,
+                                y0, y1, x0, x1, 2 * h, const_is_norm)
+            else:
+                _combine_lowrank(out, convs, c, dep_rows, dep_cols, const_rows, norm_rows, col_terms, power,
+                                 y0, y1, x0, x1, 2 * h, const_is_norm)
     return out
+
+
+def _pad_columns(arr: np.ndarray, end: int) -> np.ndarray:
+    """``arr`` (2-D) with zero columns appended up to ``end`` columns (C-contiguous, same dtype)."""
+    out = np.zeros((arr.shape[0], max(end, arr.shape[1])), dtype=arr.dtype)
+    out[:, : arr.shape[1]] = arr
+    return out
+
+
+_SPECTRA_CACHE: dict = {}
+_SPECTRA_LOCK = threading.Lock()
+_SPECTRA_CACHE_SIZE = 16  # kernel sets kept (a few per region and plane; each a few hundred kB)
+
+
+def _cached_spectra(kernels: np.ndarray, fy: int, fx: int, dtype) -> np.ndarray:
+    """:func:`kernel_spectra`, reused while the same kernel images (compared by value) come back with
+    the same transform shape: every block of a region correlates with the same images."""
+    kernels = np.ascontiguousarray(kernels)
+    key = (kernels.shape, kernels.dtype.str, kernels.tobytes(), fy, fx, np.dtype(dtype).str)
+    with _SPECTRA_LOCK:
+        hit = _SPECTRA_CACHE.pop(key, None)
+        if hit is not None:
+            _SPECTRA_CACHE[key] = hit  # most recent last
+            return hit
+    hit = kernel_spectra(kernels, fy, fx, dtype)
+    hit.flags.writeable = False
+    with _SPECTRA_LOCK:
+        _SPECTRA_CACHE[key] = hit
+        while len(_SPECTRA_CACHE) > _SPECTRA_CACHE_SIZE:
+            _SPECTRA_CACHE.pop(next(iter(_SPECTRA_CACHE)))
+    return hit
 
 
 def kernel_spectra(kernels: np.ndarray, fy: int, fx: int, dtype=np.float64) -> np.ndarray:
@@ -595,6 +641,141 @@ def _combine_lowrank(out, convs, c, dep_rows, dep_cols, const_rows, norm_rows, c
         else:
             for j in range(nx):
                 o[j] = (acc[j] + base[j]) / nrm[j]
+
+
+_LANES = 64  # the fast combine works on rows padded to a multiple of this (no scalar remainder loops)
+
+
+@numba.njit(cache=True, nogil=True, fastmath=True, error_model="numpy")
+def _combine_padded(out, convs, c, dep_rows, dep_cols, const_rows, norm_rows, col_terms, power, y0, y1, x0, x1, off,
+                    const_is_norm):
+    """:func:`_combine_lowrank` on padded rows: every pass runs over ``_LANES``-multiples of lanes.
+
+    ``convs`` ``(n_r, fy, w)`` float32 with ``off + np <= w``, ``dep_cols`` and ``col_terms``
+    with at least ``x0 + np`` columns, where ``np`` is ``x1 - x0`` rounded up to ``_LANES``; the
+    lanes past ``x1 - x0`` hold whatever those columns give and are never written to ``out``.
+    The weights take three axis terms per pass (one store per three multiply-adds), the first
+    pass of a component starts the sum, the product with the transform ends the last one.
+    """
+    n_r = convs.shape[0]
+    n_a = dep_cols.shape[0]
+    n_n = norm_rows.shape[0]
+    nx = numba.uint64(x1 - x0)
+    npad = numba.uint64(-(-(x1 - x0) // _LANES) * _LANES)
+    ux0 = numba.uint64(x0)
+    uoff = numba.uint64(off)
+    w = np.empty(npad, dtype=np.float32)
+    acc = np.empty(npad, dtype=np.float32)
+    nrm = np.empty(npad)
+    base = np.empty(npad)
+    for i in range(y0, y1):
+        ui = numba.uint64(i)
+        ci = numba.uint64(off + i - y0)
+        for r in range(n_r):
+            ur = numba.uint64(r)
+            a = 0
+            while a < n_a:
+                ua = numba.uint64(a)
+                if a + 3 <= n_a:
+                    k0, k1, k2 = dep_rows[ur, ua, ui], dep_rows[ur, ua + 1, ui], dep_rows[ur, ua + 2, ui]
+                    if a == 0:
+                        for j in range(npad):
+                            xj = ux0 + j
+                            w[j] = k0 * dep_cols[ua, xj] + k1 * dep_cols[ua + 1, xj] + k2 * dep_cols[ua + 2, xj]
+                    else:
+                        for j in range(npad):
+                            xj = ux0 + j
+                            w[j] += k0 * dep_cols[ua, xj] + k1 * dep_cols[ua + 1, xj] + k2 * dep_cols[ua + 2, xj]
+                    a += 3
+                elif a + 2 == n_a:
+                    k0, k1 = dep_rows[ur, ua, ui], dep_rows[ur, ua + 1, ui]
+                    if a == 0:
+                        for j in range(npad):
+                            xj = ux0 + j
+                            w[j] = k0 * dep_cols[ua, xj] + k1 * dep_cols[ua + 1, xj]
+                    else:
+                        for j in range(npad):
+                            xj = ux0 + j
+                            w[j] += k0 * dep_cols[ua, xj] + k1 * dep_cols[ua + 1, xj]
+                    a += 2
+                else:
+                    k0 = dep_rows[ur, ua, ui]
+                    if a == 0:
+                        for j in range(npad):
+                            w[j] = k0 * dep_cols[ua, ux0 + j]
+                    else:
+                        for j in range(npad):
+                            w[j] += k0 * dep_cols[ua, ux0 + j]
+                    a += 1
+            if r == 0:
+                for j in range(npad):
+                    acc[j] = w[j] * convs[ur, ci, uoff + j]
+            else:
+                for j in range(npad):
+                    acc[j] += w[j] * convs[ur, ci, uoff + j]
+        if n_r == 0:
+            for j in range(npad):
+                acc[j] = 0.0
+        b = 0
+        while b < n_n:
+            ub = numba.uint64(b)
+            if b + 2 <= n_n:
+                m0, m1 = norm_rows[ub, ui], norm_rows[ub + 1, ui]
+                if b == 0:
+                    for j in range(npad):
+                        xj = ux0 + j
+                        nrm[j] = m0 * col_terms[ub, xj] + m1 * col_terms[ub + 1, xj]
+                else:
+                    for j in range(npad):
+                        xj = ux0 + j
+                        nrm[j] += m0 * col_terms[ub, xj] + m1 * col_terms[ub + 1, xj]
+                b += 2
+            else:
+                m0 = norm_rows[ub, ui]
+                if b == 0:
+                    for j in range(npad):
+                        nrm[j] = m0 * col_terms[ub, ux0 + j]
+                else:
+                    for j in range(npad):
+                        nrm[j] += m0 * col_terms[ub, ux0 + j]
+                b += 1
+        if const_is_norm:
+            if power == 2:
+                for j in range(nx):
+                    out[ui, ux0 + j] = (acc[j] / numba.float32(nrm[j]) + c) / nrm[j]
+            else:
+                for j in range(nx):
+                    out[ui, ux0 + j] = acc[j] / numba.float32(nrm[j]) + c
+            continue
+        b = 0
+        while b < n_a:
+            ub = numba.uint64(b)
+            if b + 2 <= n_a:
+                m0, m1 = const_rows[ub, ui] * c, const_rows[ub + 1, ui] * c
+                if b == 0:
+                    for j in range(npad):
+                        xj = ux0 + j
+                        base[j] = m0 * col_terms[ub, xj] + m1 * col_terms[ub + 1, xj]
+                else:
+                    for j in range(npad):
+                        xj = ux0 + j
+                        base[j] += m0 * col_terms[ub, xj] + m1 * col_terms[ub + 1, xj]
+                b += 2
+            else:
+                m0 = const_rows[ub, ui] * c
+                if b == 0:
+                    for j in range(npad):
+                        base[j] = m0 * col_terms[ub, ux0 + j]
+                else:
+                    for j in range(npad):
+                        base[j] += m0 * col_terms[ub, ux0 + j]
+                b += 1
+        if power == 2:
+            for j in range(nx):
+                out[ui, ux0 + j] = (acc[j] + base[j]) / (nrm[j] * nrm[j])
+        else:
+            for j in range(nx):
+                out[ui, ux0 + j] = (acc[j] + base[j]) / nrm[j]
 
 
 def correlate_direct(ext: np.ndarray, kernel: np.ndarray) -> np.ndarray:
