@@ -350,10 +350,14 @@ def correlate_lowrank(
         stack_buf = np.zeros((n_r, fy, width), dtype=dtype)
         stack = stack_buf[:, :, :fx]
     if padded:
-        # column terms zero-padded past the rect's last column, read by the padding lanes
-        end = rx1 + _LANES
-        dep_cols = _pad_columns(dep_cols, end)
-        col_pad = _pad_columns(col_terms, end)
+        # zeros past the rect's last column (read by the padding lanes) and up to whole groups of
+        # four components and three axis terms (zero weights: no effect on the sums)
+        end, m_a, m_n = rx1 + _LANES, -(-dep_cols.shape[0] // 3) * 3, -(-norm_rows.shape[0] // 3) * 3
+        blk_rows = _pad_to(dep_rows, (-(-n_r // 4) * 4, m_a, dep_rows.shape[2]))
+        blk_cols = _pad_to(dep_cols, (m_a, end))
+        blk_const = _pad_to(const_rows, (m_a, const_rows.shape[1]))
+        blk_norm = _pad_to(norm_rows, (m_n, norm_rows.shape[1]))
+        blk_terms = _pad_to(col_terms, (max(m_a, m_n), end))
     for y0 in range(ry0, ry1, ty):
         y1 = min(y0 + ty, ry1)
         for x0 in range(rx0, rx1, tx):
@@ -379,18 +383,18 @@ def correlate_lowrank(
                     convs.append(sfft.irfft2(prod, s=(fy, fx), workers=1, overwrite_x=True))
                 convs = tuple(convs)
             if padded:
-                _combine_padded(out, stack_buf, c, dep_rows, dep_cols, const_rows, norm_rows, col_pad, power,
-                                y0, y1, x0, x1, 2 * h, const_is_norm)
+                _combine_blocked(out, stack_buf, n_r, c, blk_rows, blk_cols, blk_const, blk_norm, blk_terms, power,
+                                 y0, y1, x0, x1, 2 * h, const_is_norm)
             else:
                 _combine_lowrank(out, convs, c, dep_rows, dep_cols, const_rows, norm_rows, col_terms, power,
                                  y0, y1, x0, x1, 2 * h, const_is_norm)
     return out
 
 
-def _pad_columns(arr: np.ndarray, end: int) -> np.ndarray:
-    """``arr`` (2-D) with zero columns appended up to ``end`` columns (C-contiguous, same dtype)."""
-    out = np.zeros((arr.shape[0], max(end, arr.shape[1])), dtype=arr.dtype)
-    out[:, : arr.shape[1]] = arr
+def _pad_to(arr: np.ndarray, shape: tuple) -> np.ndarray:
+    """``arr`` in the corner of a C-contiguous zero array of at least ``shape`` (and ``arr.shape``), same dtype."""
+    out = np.zeros(tuple(max(a, b) for a, b in zip(shape, arr.shape)), dtype=arr.dtype)
+    out[tuple(slice(0, n) for n in arr.shape)] = arr
     return out
 
 
@@ -647,98 +651,94 @@ _LANES = 64  # the fast combine works on rows padded to a multiple of this (no s
 
 
 @numba.njit(cache=True, nogil=True, fastmath=True, error_model="numpy")
-def _combine_padded(out, convs, c, dep_rows, dep_cols, const_rows, norm_rows, col_terms, power, y0, y1, x0, x1, off,
-                    const_is_norm):
-    """:func:`_combine_lowrank` on padded rows: every pass runs over ``_LANES``-multiples of lanes.
+def _combine_blocked(out, convs, n_r, c, dep_rows, dep_cols, const_rows, norm_rows, col_terms, power, y0, y1, x0, x1,
+                     off, const_is_norm):
+    """:func:`_combine_lowrank` on padded rows, four components and three axis terms per pass.
 
-    ``convs`` ``(n_r, fy, w)`` float32 with ``off + np <= w``, ``dep_cols`` and ``col_terms``
-    with at least ``x0 + np`` columns, where ``np`` is ``x1 - x0`` rounded up to ``_LANES``; the
-    lanes past ``x1 - x0`` hold whatever those columns give and are never written to ``out``.
-    The weights take three axis terms per pass (one store per three multiply-adds), the first
-    pass of a component starts the sum, the product with the transform ends the last one.
+    The weights of four components are built together, each column term read once for all four
+    and the four transforms read once in the pass that ends the sum (fewer loads and stores per
+    multiply-add than one component at a time). Padded inputs (zeros where padded): ``dep_rows``
+    ``(4 m, 3 p, ny)`` float32, its first ``n_r`` components real; ``dep_cols`` ``(3 p, w)``
+    float32; ``norm_rows`` ``(3 q, ny)`` and ``const_rows`` ``(3 p, ny)`` float64; ``col_terms``
+    ``(max(3 p, 3 q), w)`` float64, where ``w >= x0 + np`` and ``np`` is ``x1 - x0`` rounded up to
+    ``_LANES``; ``convs`` ``(n_r, fy, v)`` float32 with ``off + np <= v``. Every pass runs over
+    ``np`` lanes (no scalar remainder loop); the lanes past ``x1 - x0`` are dropped.
     """
-    n_r = convs.shape[0]
     n_a = dep_cols.shape[0]
     n_n = norm_rows.shape[0]
+    n_chunks = dep_rows.shape[0] // 4
+    n_groups = n_a // 3
     nx = numba.uint64(x1 - x0)
     npad = numba.uint64(-(-(x1 - x0) // _LANES) * _LANES)
     ux0 = numba.uint64(x0)
     uoff = numba.uint64(off)
-    w = np.empty(npad, dtype=np.float32)
-    acc = np.empty(npad, dtype=np.float32)
+    last = max(n_r - 1, 0)
+    w = np.empty((4, npad), dtype=np.float32)
+    acc = np.zeros(npad, dtype=np.float32)
     nrm = np.empty(npad)
     base = np.empty(npad)
     for i in range(y0, y1):
         ui = numba.uint64(i)
         ci = numba.uint64(off + i - y0)
-        for r in range(n_r):
-            ur = numba.uint64(r)
-            a = 0
-            while a < n_a:
-                ua = numba.uint64(a)
-                if a + 3 <= n_a:
-                    k0, k1, k2 = dep_rows[ur, ua, ui], dep_rows[ur, ua + 1, ui], dep_rows[ur, ua + 2, ui]
-                    if a == 0:
-                        for j in range(npad):
-                            xj = ux0 + j
-                            w[j] = k0 * dep_cols[ua, xj] + k1 * dep_cols[ua + 1, xj] + k2 * dep_cols[ua + 2, xj]
-                    else:
-                        for j in range(npad):
-                            xj = ux0 + j
-                            w[j] += k0 * dep_cols[ua, xj] + k1 * dep_cols[ua + 1, xj] + k2 * dep_cols[ua + 2, xj]
-                    a += 3
-                elif a + 2 == n_a:
-                    k0, k1 = dep_rows[ur, ua, ui], dep_rows[ur, ua + 1, ui]
-                    if a == 0:
-                        for j in range(npad):
-                            xj = ux0 + j
-                            w[j] = k0 * dep_cols[ua, xj] + k1 * dep_cols[ua + 1, xj]
-                    else:
-                        for j in range(npad):
-                            xj = ux0 + j
-                            w[j] += k0 * dep_cols[ua, xj] + k1 * dep_cols[ua + 1, xj]
-                    a += 2
-                else:
-                    k0 = dep_rows[ur, ua, ui]
-                    if a == 0:
-                        for j in range(npad):
-                            w[j] = k0 * dep_cols[ua, ux0 + j]
-                    else:
-                        for j in range(npad):
-                            w[j] += k0 * dep_cols[ua, ux0 + j]
-                    a += 1
-            if r == 0:
-                for j in range(npad):
-                    acc[j] = w[j] * convs[ur, ci, uoff + j]
-            else:
-                for j in range(npad):
-                    acc[j] += w[j] * convs[ur, ci, uoff + j]
-        if n_r == 0:
-            for j in range(npad):
-                acc[j] = 0.0
-        b = 0
-        while b < n_n:
-            ub = numba.uint64(b)
-            if b + 2 <= n_n:
-                m0, m1 = norm_rows[ub, ui], norm_rows[ub + 1, ui]
-                if b == 0:
+        for q in range(n_chunks):
+            uq = numba.uint64(4 * q)
+            # padded components carry zero weights: any real transform serves as their input
+            s0, s1 = numba.uint64(min(4 * q, last)), numba.uint64(min(4 * q + 1, last))
+            s2, s3 = numba.uint64(min(4 * q + 2, last)), numba.uint64(min(4 * q + 3, last))
+            for g in range(n_groups):
+                ua = numba.uint64(3 * g)
+                a00, a01, a02 = dep_rows[uq, ua, ui], dep_rows[uq, ua + 1, ui], dep_rows[uq, ua + 2, ui]
+                a10, a11, a12 = dep_rows[uq + 1, ua, ui], dep_rows[uq + 1, ua + 1, ui], dep_rows[uq + 1, ua + 2, ui]
+                a20, a21, a22 = dep_rows[uq + 2, ua, ui], dep_rows[uq + 2, ua + 1, ui], dep_rows[uq + 2, ua + 2, ui]
+                a30, a31, a32 = dep_rows[uq + 3, ua, ui], dep_rows[uq + 3, ua + 1, ui], dep_rows[uq + 3, ua + 2, ui]
+                first, final = g == 0, g == n_groups - 1
+                if first and not final:
                     for j in range(npad):
                         xj = ux0 + j
-                        nrm[j] = m0 * col_terms[ub, xj] + m1 * col_terms[ub + 1, xj]
+                        t0, t1, t2 = dep_cols[ua, xj], dep_cols[ua + 1, xj], dep_cols[ua + 2, xj]
+                        w[0, j] = a00 * t0 + a01 * t1 + a02 * t2
+                        w[1, j] = a10 * t0 + a11 * t1 + a12 * t2
+                        w[2, j] = a20 * t0 + a21 * t1 + a22 * t2
+                        w[3, j] = a30 * t0 + a31 * t1 + a32 * t2
+                elif not final:
+                    for j in range(npad):
+                        xj = ux0 + j
+                        t0, t1, t2 = dep_cols[ua, xj], dep_cols[ua + 1, xj], dep_cols[ua + 2, xj]
+                        w[0, j] += a00 * t0 + a01 * t1 + a02 * t2
+                        w[1, j] += a10 * t0 + a11 * t1 + a12 * t2
+                        w[2, j] += a20 * t0 + a21 * t1 + a22 * t2
+                        w[3, j] += a30 * t0 + a31 * t1 + a32 * t2
+                elif first:
+                    for j in range(npad):
+                        xj = ux0 + j
+                        cj = uoff + j
+                        t0, t1, t2 = dep_cols[ua, xj], dep_cols[ua + 1, xj], dep_cols[ua + 2, xj]
+                        v = ((a00 * t0 + a01 * t1 + a02 * t2) * convs[s0, ci, cj]
+                             + (a10 * t0 + a11 * t1 + a12 * t2) * convs[s1, ci, cj]
+                             + (a20 * t0 + a21 * t1 + a22 * t2) * convs[s2, ci, cj]
+                             + (a30 * t0 + a31 * t1 + a32 * t2) * convs[s3, ci, cj])
+                        acc[j] = v if q == 0 else acc[j] + v
                 else:
                     for j in range(npad):
                         xj = ux0 + j
-                        nrm[j] += m0 * col_terms[ub, xj] + m1 * col_terms[ub + 1, xj]
-                b += 2
+                        cj = uoff + j
+                        t0, t1, t2 = dep_cols[ua, xj], dep_cols[ua + 1, xj], dep_cols[ua + 2, xj]
+                        v = ((w[0, j] + a00 * t0 + a01 * t1 + a02 * t2) * convs[s0, ci, cj]
+                             + (w[1, j] + a10 * t0 + a11 * t1 + a12 * t2) * convs[s1, ci, cj]
+                             + (w[2, j] + a20 * t0 + a21 * t1 + a22 * t2) * convs[s2, ci, cj]
+                             + (w[3, j] + a30 * t0 + a31 * t1 + a32 * t2) * convs[s3, ci, cj])
+                        acc[j] = v if q == 0 else acc[j] + v
+        for g in range(n_n // 3):
+            ub = numba.uint64(3 * g)
+            m0, m1, m2 = norm_rows[ub, ui], norm_rows[ub + 1, ui], norm_rows[ub + 2, ui]
+            if g == 0:
+                for j in range(npad):
+                    xj = ux0 + j
+                    nrm[j] = m0 * col_terms[ub, xj] + m1 * col_terms[ub + 1, xj] + m2 * col_terms[ub + 2, xj]
             else:
-                m0 = norm_rows[ub, ui]
-                if b == 0:
-                    for j in range(npad):
-                        nrm[j] = m0 * col_terms[ub, ux0 + j]
-                else:
-                    for j in range(npad):
-                        nrm[j] += m0 * col_terms[ub, ux0 + j]
-                b += 1
+                for j in range(npad):
+                    xj = ux0 + j
+                    nrm[j] += m0 * col_terms[ub, xj] + m1 * col_terms[ub + 1, xj] + m2 * col_terms[ub + 2, xj]
         if const_is_norm:
             if power == 2:
                 for j in range(nx):
@@ -747,29 +747,17 @@ def _combine_padded(out, convs, c, dep_rows, dep_cols, const_rows, norm_rows, co
                 for j in range(nx):
                     out[ui, ux0 + j] = acc[j] / numba.float32(nrm[j]) + c
             continue
-        b = 0
-        while b < n_a:
-            ub = numba.uint64(b)
-            if b + 2 <= n_a:
-                m0, m1 = const_rows[ub, ui] * c, const_rows[ub + 1, ui] * c
-                if b == 0:
-                    for j in range(npad):
-                        xj = ux0 + j
-                        base[j] = m0 * col_terms[ub, xj] + m1 * col_terms[ub + 1, xj]
-                else:
-                    for j in range(npad):
-                        xj = ux0 + j
-                        base[j] += m0 * col_terms[ub, xj] + m1 * col_terms[ub + 1, xj]
-                b += 2
+        for g in range(n_a // 3):
+            ub = numba.uint64(3 * g)
+            m0, m1, m2 = const_rows[ub, ui] * c, const_rows[ub + 1, ui] * c, const_rows[ub + 2, ui] * c
+            if g == 0:
+                for j in range(npad):
+                    xj = ux0 + j
+                    base[j] = m0 * col_terms[ub, xj] + m1 * col_terms[ub + 1, xj] + m2 * col_terms[ub + 2, xj]
             else:
-                m0 = const_rows[ub, ui] * c
-                if b == 0:
-                    for j in range(npad):
-                        base[j] = m0 * col_terms[ub, ux0 + j]
-                else:
-                    for j in range(npad):
-                        base[j] += m0 * col_terms[ub, ux0 + j]
-                b += 1
+                for j in range(npad):
+                    xj = ux0 + j
+                    base[j] += m0 * col_terms[ub, xj] + m1 * col_terms[ub + 1, xj] + m2 * col_terms[ub + 2, xj]
         if power == 2:
             for j in range(nx):
                 out[ui, ux0 + j] = (acc[j] + base[j]) / (nrm[j] * nrm[j])
