@@ -319,8 +319,11 @@ def correlate_lowrank(
     else:
         (ty, fy), (tx, fx) = _tiles(ry1 - ry0, tile, h), _tiles(rx1 - rx0, tile, h)
     spectra = _cached_spectra(basis, fy, fx, dtype)
-    buf = np.zeros((fy, fx), dtype=dtype)
-    prod = np.empty(spectra.shape[1:], dtype=spectra.dtype)
+    # per-thread work arrays, reused across calls (no fresh pages per block); the input buffer is
+    # cleared, since what lies past a short edge window is read by the transform
+    buf = _scratch("tile", (fy, fx), dtype)
+    buf.fill(0)
+    prod = _scratch("product", spectra.shape[1:], spectra.dtype)
     if row_weights.shape[0] != n_r + 1:
         raise ValueError(f"row_weights must have {n_r + 1} rows (one per basis image and the sum), "
                          f"got {row_weights.shape[0]}")
@@ -345,19 +348,13 @@ def correlate_lowrank(
     # combine runs no scalar remainder loops (the padding columns are computed and dropped)
     padded = ducc and np.dtype(dtype) == np.float32
     if ducc:
-        spec_buf = np.empty(spectra.shape[1:], dtype=spectra.dtype)
+        spec_buf = _scratch("spectrum", spectra.shape[1:], spectra.dtype)
         width = fx + (-(-tx // _LANES) * _LANES - tx if padded else 0)
-        stack_buf = np.zeros((n_r, fy, width), dtype=dtype)
+        stack_buf = _scratch("inverse", (n_r, fy, width), dtype)  # padding columns: zeros, never written
         stack = stack_buf[:, :, :fx]
     if padded:
-        # zeros past the rect's last column (read by the padding lanes) and up to whole groups of
-        # four components and three axis terms (zero weights: no effect on the sums)
-        end, m_a, m_n = rx1 + _LANES, -(-dep_cols.shape[0] // 3) * 3, -(-norm_rows.shape[0] // 3) * 3
-        blk_rows = _pad_to(dep_rows, (-(-n_r // 4) * 4, m_a, dep_rows.shape[2]))
-        blk_cols = _pad_to(dep_cols, (m_a, end))
-        blk_const = _pad_to(const_rows, (m_a, const_rows.shape[1]))
-        blk_norm = _pad_to(norm_rows, (m_n, norm_rows.shape[1]))
-        blk_terms = _pad_to(col_terms, (max(m_a, m_n), end))
+        blk_rows, blk_cols, blk_const, blk_norm, blk_terms = _blocked_inputs(dep_rows, dep_cols, const_rows, norm_rows,
+                                                                             col_terms, rx1)
     for y0 in range(ry0, ry1, ty):
         y1 = min(y0 + ty, ry1)
         for x0 in range(rx0, rx1, tx):
@@ -389,6 +386,38 @@ def correlate_lowrank(
                 _combine_lowrank(out, convs, c, dep_rows, dep_cols, const_rows, norm_rows, col_terms, power,
                                  y0, y1, x0, x1, 2 * h, const_is_norm)
     return out
+
+
+def _blocked_inputs(dep_rows, dep_cols, const_rows, norm_rows, col_terms, x_end):
+    """The weights of :func:`_combine_lowrank` padded for :func:`_combine_blocked`: zero columns past
+    ``x_end`` (read by the padding lanes of tiles ending there), zero components up to a multiple of
+    four and zero axis terms up to a multiple of three (zero weights add nothing to the sums)."""
+    end, m_a, m_n = x_end + _LANES, -(-dep_cols.shape[0] // 3) * 3, -(-norm_rows.shape[0] // 3) * 3
+    return (_pad_to(dep_rows, (-(-dep_rows.shape[0] // 4) * 4, m_a, dep_rows.shape[2])),
+            _pad_to(dep_cols, (m_a, end)),
+            _pad_to(const_rows, (m_a, const_rows.shape[1])),
+            _pad_to(norm_rows, (m_n, norm_rows.shape[1])),
+            _pad_to(col_terms, (max(m_a, m_n), end)))
+
+
+_SCRATCH = threading.local()
+_SCRATCH_SIZE = 8  # work arrays kept per thread (four per transform shape and component count)
+
+
+def _scratch(name: str, shape: tuple, dtype) -> np.ndarray:
+    """A work array of this thread, zeros when first made, reused by later calls with the same
+    name, shape and dtype (its contents are then what the last call left)."""
+    store = getattr(_SCRATCH, "arrays", None)
+    if store is None:
+        store = _SCRATCH.arrays = {}
+    key = (name, tuple(shape), np.dtype(dtype).str)
+    arr = store.pop(key, None)
+    if arr is None:
+        arr = np.zeros(shape, dtype=dtype)
+    store[key] = arr  # most recent last
+    while len(store) > _SCRATCH_SIZE:
+        store.pop(next(iter(store)))
+    return arr
 
 
 def _pad_to(arr: np.ndarray, shape: tuple) -> np.ndarray:
