@@ -305,13 +305,17 @@ def correlate_lowrank(
         raise ValueError(f"kernels must be square and odd, got {k}x{k2}")
     h = k // 2
     ny, nx = ext.shape[0] - 2 * h, ext.shape[1] - 2 * h
-    if out is None:
-        out = np.zeros((max(ny, 0), max(nx, 0)), dtype=np.float32)
-    elif out.shape != (max(ny, 0), max(nx, 0)) or out.dtype != np.float32:
-        raise ValueError(f"out must be float32 of shape {(max(ny, 0), max(nx, 0))}, got {out.dtype} {out.shape}")
+    shape = (max(ny, 0), max(nx, 0))
+    if out is not None and (out.shape != shape or out.dtype != np.float32):
+        raise ValueError(f"out must be float32 of shape {shape}, got {out.dtype} {out.shape}")
     ry0, ry1, rx0, rx1 = (0, ny, 0, nx) if rect is None else rect
-    if not (0 <= ry0 <= ry1 <= max(ny, 0) and 0 <= rx0 <= rx1 <= max(nx, 0)):
+    if not (0 <= ry0 <= ry1 <= shape[0] and 0 <= rx0 <= rx1 <= shape[1]):
         raise ValueError(f"rect {rect} is not inside the output ({ny}, {nx})")
+    if out is None:
+        # every output of the rect is written: zeros only where it leaves some out (no clearing pass
+        # over a block the tiles then overwrite)
+        whole = (ry0, ry1, rx0, rx1) == (0, shape[0], 0, shape[1])
+        out = np.empty(shape, dtype=np.float32) if whole else np.zeros(shape, dtype=np.float32)
     if ry1 <= ry0 or rx1 <= rx0:
         return out
     if tile is None:

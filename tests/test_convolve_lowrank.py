@@ -217,3 +217,16 @@ def test_scratch_per_name_shape_and_thread(monkeypatch):
     for n in range(kc._SCRATCH_SIZE + 2):
         _scratch("many", (n + 1,), np.float32)
     assert len(kc._SCRATCH.arrays) == kc._SCRATCH_SIZE
+
+
+def test_new_output_zero_outside_a_partial_rect(rng):
+    """Without ``out``: a rect covering the output writes every pixel; a partial one leaves zeros."""
+    ext, basis, rows, col, norm, want = _case(rng, 3, 2, 40, 50)
+    whole = correlate_lowrank(ext, basis, rows, col, norm, 1, tile=16, dtype=np.float32, rect=(0, 40, 0, 50))
+    np.testing.assert_allclose(whole, want, rtol=0, atol=2e-6 * np.abs(want).max())
+    for _ in range(3):  # freed and re-allocated blocks: garbage would show outside the rect
+        part = correlate_lowrank(ext, basis, rows, col, norm, 1, tile=16, dtype=np.float32, rect=(5, 30, 7, 41))
+        inside = np.zeros(want.shape, bool)
+        inside[5:30, 7:41] = True
+        assert (part[~inside] == 0).all()
+        np.testing.assert_allclose(part[inside], want[inside], rtol=0, atol=2e-6 * np.abs(want).max())
