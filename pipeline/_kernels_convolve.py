@@ -761,18 +761,18 @@ def _combine_blocked(out, convs, n_r, c, dep_rows, dep_cols, const_rows, norm_ro
                              + (w[2, j] + a20 * t0 + a21 * t1 + a22 * t2) * convs[s2, ci, cj]
                              + (w[3, j] + a30 * t0 + a31 * t1 + a32 * t2) * convs[s3, ci, cj])
                         acc[j] = v if q == 0 else acc[j] + v
-        for g in range(n_n // 3):
-            ub = numba.uint64(3 * g)
-            m0, m1, m2 = norm_rows[ub, ui], norm_rows[ub + 1, ui], norm_rows[ub + 2, ui]
-            if g == 0:
-                for j in range(npad):
-                    xj = ux0 + j
-                    nrm[j] = m0 * col_terms[ub, xj] + m1 * col_terms[ub + 1, xj] + m2 * col_terms[ub + 2, xj]
-            else:
-                for j in range(npad):
-                    xj = ux0 + j
-                    nrm[j] += m0 * col_terms[ub, xj] + m1 * col_terms[ub + 1, xj] + m2 * col_terms[ub + 2, xj]
         if const_is_norm:
+            for g in range(n_n // 3):
+                ub = numba.uint64(3 * g)
+                m0, m1, m2 = norm_rows[ub, ui], norm_rows[ub + 1, ui], norm_rows[ub + 2, ui]
+                if g == 0:
+                    for j in range(npad):
+                        xj = ux0 + j
+                        nrm[j] = m0 * col_terms[ub, xj] + m1 * col_terms[ub + 1, xj] + m2 * col_terms[ub + 2, xj]
+                else:
+                    for j in range(npad):
+                        xj = ux0 + j
+                        nrm[j] += m0 * col_terms[ub, xj] + m1 * col_terms[ub + 1, xj] + m2 * col_terms[ub + 2, xj]
             if power == 2:
                 for j in range(nx):
                     out[ui, ux0 + j] = (acc[j] / numba.float32(nrm[j]) + c) / nrm[j]
@@ -780,17 +780,35 @@ def _combine_blocked(out, convs, n_r, c, dep_rows, dep_cols, const_rows, norm_ro
                 for j in range(nx):
                     out[ui, ux0 + j] = acc[j] / numba.float32(nrm[j]) + c
             continue
-        for g in range(n_a // 3):
+        # the normaliser and the constant's weight share their column terms: one read for both
+        for g in range(max(n_n, n_a) // 3):
             ub = numba.uint64(3 * g)
-            m0, m1, m2 = const_rows[ub, ui] * c, const_rows[ub + 1, ui] * c, const_rows[ub + 2, ui] * c
+            with_n, with_b = 3 * g < n_n, 3 * g < n_a
+            m0, m1, m2, q0, q1, q2 = 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
+            if with_n:
+                m0, m1, m2 = norm_rows[ub, ui], norm_rows[ub + 1, ui], norm_rows[ub + 2, ui]
+            if with_b:
+                q0, q1, q2 = const_rows[ub, ui] * c, const_rows[ub + 1, ui] * c, const_rows[ub + 2, ui] * c
             if g == 0:
                 for j in range(npad):
                     xj = ux0 + j
-                    base[j] = m0 * col_terms[ub, xj] + m1 * col_terms[ub + 1, xj] + m2 * col_terms[ub + 2, xj]
+                    t0, t1, t2 = col_terms[ub, xj], col_terms[ub + 1, xj], col_terms[ub + 2, xj]
+                    nrm[j] = m0 * t0 + m1 * t1 + m2 * t2
+                    base[j] = q0 * t0 + q1 * t1 + q2 * t2
+            elif with_n and with_b:
+                for j in range(npad):
+                    xj = ux0 + j
+                    t0, t1, t2 = col_terms[ub, xj], col_terms[ub + 1, xj], col_terms[ub + 2, xj]
+                    nrm[j] += m0 * t0 + m1 * t1 + m2 * t2
+                    base[j] += q0 * t0 + q1 * t1 + q2 * t2
+            elif with_n:
+                for j in range(npad):
+                    xj = ux0 + j
+                    nrm[j] += m0 * col_terms[ub, xj] + m1 * col_terms[ub + 1, xj] + m2 * col_terms[ub + 2, xj]
             else:
                 for j in range(npad):
                     xj = ux0 + j
-                    base[j] += m0 * col_terms[ub, xj] + m1 * col_terms[ub + 1, xj] + m2 * col_terms[ub + 2, xj]
+                    base[j] += q0 * col_terms[ub, xj] + q1 * col_terms[ub + 1, xj] + q2 * col_terms[ub + 2, xj]
         if power == 2:
             for j in range(nx):
                 out[ui, ux0 + j] = (acc[j] + base[j]) / (nrm[j] * nrm[j])
