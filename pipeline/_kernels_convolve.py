@@ -296,6 +296,11 @@ def correlate_lowrank(
     work to that part, written into ``out`` (a float32 array of the output's shape, default new zeros).
     ``backend``: the tile transforms' library, ``'scipy'`` or ``'ducc0'`` (the default), equal to
     rounding.
+
+    Float32 through ducc0 combines four basis images and three axis terms per pass over rows
+    padded to whole vectors (:func:`_combine_blocked`); other settings take the one-image-at-a-time
+    :func:`_combine_lowrank`. The kernel images' spectra are kept for the next call with the same
+    images and transform shape, and the work arrays per thread.
     """
     backend = FFT_BACKENDS[-1] if backend is None else backend
     if backend not in FFT_BACKENDS:
