@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 from typing import NamedTuple
 
 import ducc0.fft as _ducc_fft
@@ -295,6 +296,11 @@ def correlate_lowrank(
     work to that part, written into ``out`` (a float32 array of the output's shape, default new zeros).
     ``backend``: the tile transforms' library, ``'scipy'`` or ``'ducc0'`` (the default), equal to
     rounding.
+
+    Float32 through ducc0 combines four basis images and three axis terms per pass over rows
+    padded to whole vectors (:func:`_combine_blocked`); other settings take the one-image-at-a-time
+    :func:`_combine_lowrank`. The kernel images' spectra are kept for the next call with the same
+    images and transform shape, and the work arrays per thread.
     """
     backend = FFT_BACKENDS[-1] if backend is None else backend
     if backend not in FFT_BACKENDS:
@@ -304,22 +310,29 @@ def correlate_lowrank(
         raise ValueError(f"kernels must be square and odd, got {k}x{k2}")
     h = k // 2
     ny, nx = ext.shape[0] - 2 * h, ext.shape[1] - 2 * h
-    if out is None:
-        out = np.zeros((max(ny, 0), max(nx, 0)), dtype=np.float32)
-    elif out.shape != (max(ny, 0), max(nx, 0)) or out.dtype != np.float32:
-        raise ValueError(f"out must be float32 of shape {(max(ny, 0), max(nx, 0))}, got {out.dtype} {out.shape}")
+    shape = (max(ny, 0), max(nx, 0))
+    if out is not None and (out.shape != shape or out.dtype != np.float32):
+        raise ValueError(f"out must be float32 of shape {shape}, got {out.dtype} {out.shape}")
     ry0, ry1, rx0, rx1 = (0, ny, 0, nx) if rect is None else rect
-    if not (0 <= ry0 <= ry1 <= max(ny, 0) and 0 <= rx0 <= rx1 <= max(nx, 0)):
+    if not (0 <= ry0 <= ry1 <= shape[0] and 0 <= rx0 <= rx1 <= shape[1]):
         raise ValueError(f"rect {rect} is not inside the output ({ny}, {nx})")
+    if out is None:
+        # every output of the rect is written: zeros only where it leaves some out (no clearing pass
+        # over a block the tiles then overwrite)
+        whole = (ry0, ry1, rx0, rx1) == (0, shape[0], 0, shape[1])
+        out = np.empty(shape, dtype=np.float32) if whole else np.zeros(shape, dtype=np.float32)
     if ry1 <= ry0 or rx1 <= rx0:
         return out
     if tile is None:
         ty, fy, tx, fx = plan_tiles(ry1 - ry0, rx1 - rx0, h)
     else:
         (ty, fy), (tx, fx) = _tiles(ry1 - ry0, tile, h), _tiles(rx1 - rx0, tile, h)
-    spectra = kernel_spectra(basis, fy, fx, dtype)
-    buf = np.zeros((fy, fx), dtype=dtype)
-    prod = np.empty(spectra.shape[1:], dtype=spectra.dtype)
+    spectra = _cached_spectra(basis, fy, fx, dtype)
+    # per-thread work arrays, reused across calls (no fresh pages per block); the input buffer is
+    # cleared, since what lies past a short edge window is read by the transform
+    buf = _scratch("tile", (fy, fx), dtype)
+    buf.fill(0)
+    prod = _scratch("product", spectra.shape[1:], spectra.dtype)
     if row_weights.shape[0] != n_r + 1:
         raise ValueError(f"row_weights must have {n_r + 1} rows (one per basis image and the sum), "
                          f"got {row_weights.shape[0]}")
@@ -340,9 +353,17 @@ def correlate_lowrank(
     if halo and check:
         raise ValueError("a Halo input must be finite (assemble it to skip non-finite pixels)")
     ducc = backend == "ducc0"
+    # float32 through ducc0: the inverse transforms land in rows padded to whole vectors, whose
+    # combine runs no scalar remainder loops (the padding columns are computed and dropped)
+    padded = ducc and np.dtype(dtype) == np.float32
     if ducc:
-        spec_buf = np.empty(spectra.shape[1:], dtype=spectra.dtype)
-        stack = np.empty((n_r, fy, fx), dtype=dtype)
+        spec_buf = _scratch("spectrum", spectra.shape[1:], spectra.dtype)
+        width = fx + (-(-tx // _LANES) * _LANES - tx if padded else 0)
+        stack_buf = _scratch("inverse", (n_r, fy, width), dtype)  # padding columns: zeros, never written
+        stack = stack_buf[:, :, :fx]
+    if padded:
+        blk_rows, blk_cols, blk_const, blk_norm, blk_terms = _blocked_inputs(dep_rows, dep_cols, const_rows, norm_rows,
+                                                                             col_terms, rx1)
     for y0 in range(ry0, ry1, ty):
         y1 = min(y0 + ty, ry1)
         for x0 in range(rx0, rx1, tx):
@@ -367,9 +388,76 @@ def correlate_lowrank(
                     np.multiply(spectra[r], spec, out=prod)
                     convs.append(sfft.irfft2(prod, s=(fy, fx), workers=1, overwrite_x=True))
                 convs = tuple(convs)
-            _combine_lowrank(out, convs, c, dep_rows, dep_cols, const_rows, norm_rows, col_terms, power,
-                             y0, y1, x0, x1, 2 * h, const_is_norm)
+            if padded:
+                _combine_blocked(out, stack_buf, n_r, c, blk_rows, blk_cols, blk_const, blk_norm, blk_terms, power,
+                                 y0, y1, x0, x1, 2 * h, const_is_norm)
+            else:
+                _combine_lowrank(out, convs, c, dep_rows, dep_cols, const_rows, norm_rows, col_terms, power,
+                                 y0, y1, x0, x1, 2 * h, const_is_norm)
     return out
+
+
+def _blocked_inputs(dep_rows, dep_cols, const_rows, norm_rows, col_terms, x_end):
+    """The weights of :func:`_combine_lowrank` padded for :func:`_combine_blocked`: zero columns past
+    ``x_end`` (read by the padding lanes of tiles ending there), zero components up to a multiple of
+    four and zero axis terms up to a multiple of three (zero weights add nothing to the sums)."""
+    end, m_a, m_n = x_end + _LANES, -(-dep_cols.shape[0] // 3) * 3, -(-norm_rows.shape[0] // 3) * 3
+    return (_pad_to(dep_rows, (-(-dep_rows.shape[0] // 4) * 4, m_a, dep_rows.shape[2])),
+            _pad_to(dep_cols, (m_a, end)),
+            _pad_to(const_rows, (m_a, const_rows.shape[1])),
+            _pad_to(norm_rows, (m_n, norm_rows.shape[1])),
+            _pad_to(col_terms, (max(m_a, m_n), end)))
+
+
+_SCRATCH = threading.local()
+_SCRATCH_SIZE = 8  # work arrays kept per thread (four per transform shape and component count)
+
+
+def _scratch(name: str, shape: tuple, dtype) -> np.ndarray:
+    """A work array of this thread, zeros when first made, reused by later calls with the same
+    name, shape and dtype (its contents are then what the last call left)."""
+    store = getattr(_SCRATCH, "arrays", None)
+    if store is None:
+        store = _SCRATCH.arrays = {}
+    key = (name, tuple(shape), np.dtype(dtype).str)
+    arr = store.pop(key, None)
+    if arr is None:
+        arr = np.zeros(shape, dtype=dtype)
+    store[key] = arr  # most recent last
+    while len(store) > _SCRATCH_SIZE:
+        store.pop(next(iter(store)))
+    return arr
+
+
+def _pad_to(arr: np.ndarray, shape: tuple) -> np.ndarray:
+    """``arr`` in the corner of a C-contiguous zero array of at least ``shape`` (and ``arr.shape``), same dtype."""
+    out = np.zeros(tuple(max(a, b) for a, b in zip(shape, arr.shape)), dtype=arr.dtype)
+    out[tuple(slice(0, n) for n in arr.shape)] = arr
+    return out
+
+
+_SPECTRA_CACHE: dict = {}
+_SPECTRA_LOCK = threading.Lock()
+_SPECTRA_CACHE_SIZE = 16  # kernel sets kept (a few per region and plane; each a few hundred kB)
+
+
+def _cached_spectra(kernels: np.ndarray, fy: int, fx: int, dtype) -> np.ndarray:
+    """:func:`kernel_spectra`, reused while the same kernel images (compared by value) come back with
+    the same transform shape: every block of a region correlates with the same images."""
+    kernels = np.ascontiguousarray(kernels)
+    key = (kernels.shape, kernels.dtype.str, kernels.tobytes(), fy, fx, np.dtype(dtype).str)
+    with _SPECTRA_LOCK:
+        hit = _SPECTRA_CACHE.pop(key, None)
+        if hit is not None:
+            _SPECTRA_CACHE[key] = hit  # most recent last
+            return hit
+    hit = kernel_spectra(kernels, fy, fx, dtype)
+    hit.flags.writeable = False
+    with _SPECTRA_LOCK:
+        _SPECTRA_CACHE[key] = hit
+        while len(_SPECTRA_CACHE) > _SPECTRA_CACHE_SIZE:
+            _SPECTRA_CACHE.pop(next(iter(_SPECTRA_CACHE)))
+    return hit
 
 
 def kernel_spectra(kernels: np.ndarray, fy: int, fx: int, dtype=np.float64) -> np.ndarray:
@@ -595,6 +683,143 @@ def _combine_lowrank(out, convs, c, dep_rows, dep_cols, const_rows, norm_rows, c
         else:
             for j in range(nx):
                 o[j] = (acc[j] + base[j]) / nrm[j]
+
+
+_LANES = 64  # the fast combine works on rows padded to a multiple of this (no scalar remainder loops)
+
+
+@numba.njit(cache=True, nogil=True, fastmath=True, error_model="numpy")
+def _combine_blocked(out, convs, n_r, c, dep_rows, dep_cols, const_rows, norm_rows, col_terms, power, y0, y1, x0, x1,
+                     off, const_is_norm):
+    """:func:`_combine_lowrank` on padded rows, four components and three axis terms per pass.
+
+    The weights of four components are built together, each column term read once for all four
+    and the four transforms read once in the pass that ends the sum (fewer loads and stores per
+    multiply-add than one component at a time). Padded inputs (zeros where padded): ``dep_rows``
+    ``(4 m, 3 p, ny)`` float32, its first ``n_r`` components real; ``dep_cols`` ``(3 p, w)``
+    float32; ``norm_rows`` ``(3 q, ny)`` and ``const_rows`` ``(3 p, ny)`` float64; ``col_terms``
+    ``(max(3 p, 3 q), w)`` float64, where ``w >= x0 + np`` and ``np`` is ``x1 - x0`` rounded up to
+    ``_LANES``; ``convs`` ``(n_r, fy, v)`` float32 with ``off + np <= v``. Every pass runs over
+    ``np`` lanes (no scalar remainder loop); the lanes past ``x1 - x0`` are dropped.
+    """
+    n_a = dep_cols.shape[0]
+    n_n = norm_rows.shape[0]
+    n_chunks = dep_rows.shape[0] // 4
+    n_groups = n_a // 3
+    nx = numba.uint64(x1 - x0)
+    npad = numba.uint64(-(-(x1 - x0) // _LANES) * _LANES)
+    ux0 = numba.uint64(x0)
+    uoff = numba.uint64(off)
+    last = max(n_r - 1, 0)
+    w = np.empty((4, npad), dtype=np.float32)
+    acc = np.zeros(npad, dtype=np.float32)
+    nrm = np.empty(npad)
+    base = np.empty(npad)
+    for i in range(y0, y1):
+        ui = numba.uint64(i)
+        ci = numba.uint64(off + i - y0)
+        for q in range(n_chunks):
+            uq = numba.uint64(4 * q)
+            # padded components carry zero weights: any real transform serves as their input
+            s0, s1 = numba.uint64(min(4 * q, last)), numba.uint64(min(4 * q + 1, last))
+            s2, s3 = numba.uint64(min(4 * q + 2, last)), numba.uint64(min(4 * q + 3, last))
+            for g in range(n_groups):
+                ua = numba.uint64(3 * g)
+                a00, a01, a02 = dep_rows[uq, ua, ui], dep_rows[uq, ua + 1, ui], dep_rows[uq, ua + 2, ui]
+                a10, a11, a12 = dep_rows[uq + 1, ua, ui], dep_rows[uq + 1, ua + 1, ui], dep_rows[uq + 1, ua + 2, ui]
+                a20, a21, a22 = dep_rows[uq + 2, ua, ui], dep_rows[uq + 2, ua + 1, ui], dep_rows[uq + 2, ua + 2, ui]
+                a30, a31, a32 = dep_rows[uq + 3, ua, ui], dep_rows[uq + 3, ua + 1, ui], dep_rows[uq + 3, ua + 2, ui]
+                first, final = g == 0, g == n_groups - 1
+                if first and not final:
+                    for j in range(npad):
+                        xj = ux0 + j
+                        t0, t1, t2 = dep_cols[ua, xj], dep_cols[ua + 1, xj], dep_cols[ua + 2, xj]
+                        w[0, j] = a00 * t0 + a01 * t1 + a02 * t2
+                        w[1, j] = a10 * t0 + a11 * t1 + a12 * t2
+                        w[2, j] = a20 * t0 + a21 * t1 + a22 * t2
+                        w[3, j] = a30 * t0 + a31 * t1 + a32 * t2
+                elif not final:
+                    for j in range(npad):
+                        xj = ux0 + j
+                        t0, t1, t2 = dep_cols[ua, xj], dep_cols[ua + 1, xj], dep_cols[ua + 2, xj]
+                        w[0, j] += a00 * t0 + a01 * t1 + a02 * t2
+                        w[1, j] += a10 * t0 + a11 * t1 + a12 * t2
+                        w[2, j] += a20 * t0 + a21 * t1 + a22 * t2
+                        w[3, j] += a30 * t0 + a31 * t1 + a32 * t2
+                elif first:
+                    for j in range(npad):
+                        xj = ux0 + j
+                        cj = uoff + j
+                        t0, t1, t2 = dep_cols[ua, xj], dep_cols[ua + 1, xj], dep_cols[ua + 2, xj]
+                        v = ((a00 * t0 + a01 * t1 + a02 * t2) * convs[s0, ci, cj]
+                             + (a10 * t0 + a11 * t1 + a12 * t2) * convs[s1, ci, cj]
+                             + (a20 * t0 + a21 * t1 + a22 * t2) * convs[s2, ci, cj]
+                             + (a30 * t0 + a31 * t1 + a32 * t2) * convs[s3, ci, cj])
+                        acc[j] = v if q == 0 else acc[j] + v
+                else:
+                    for j in range(npad):
+                        xj = ux0 + j
+                        cj = uoff + j
+                        t0, t1, t2 = dep_cols[ua, xj], dep_cols[ua + 1, xj], dep_cols[ua + 2, xj]
+                        v = ((w[0, j] + a00 * t0 + a01 * t1 + a02 * t2) * convs[s0, ci, cj]
+                             + (w[1, j] + a10 * t0 + a11 * t1 + a12 * t2) * convs[s1, ci, cj]
+                             + (w[2, j] + a20 * t0 + a21 * t1 + a22 * t2) * convs[s2, ci, cj]
+                             + (w[3, j] + a30 * t0 + a31 * t1 + a32 * t2) * convs[s3, ci, cj])
+                        acc[j] = v if q == 0 else acc[j] + v
+        if const_is_norm:
+            for g in range(n_n // 3):
+                ub = numba.uint64(3 * g)
+                m0, m1, m2 = norm_rows[ub, ui], norm_rows[ub + 1, ui], norm_rows[ub + 2, ui]
+                if g == 0:
+                    for j in range(npad):
+                        xj = ux0 + j
+                        nrm[j] = m0 * col_terms[ub, xj] + m1 * col_terms[ub + 1, xj] + m2 * col_terms[ub + 2, xj]
+                else:
+                    for j in range(npad):
+                        xj = ux0 + j
+                        nrm[j] += m0 * col_terms[ub, xj] + m1 * col_terms[ub + 1, xj] + m2 * col_terms[ub + 2, xj]
+            if power == 2:
+                for j in range(nx):
+                    out[ui, ux0 + j] = (acc[j] / numba.float32(nrm[j]) + c) / nrm[j]
+            else:
+                for j in range(nx):
+                    out[ui, ux0 + j] = acc[j] / numba.float32(nrm[j]) + c
+            continue
+        # the normaliser and the constant's weight share their column terms: one read for both
+        for g in range(max(n_n, n_a) // 3):
+            ub = numba.uint64(3 * g)
+            with_n, with_b = 3 * g < n_n, 3 * g < n_a
+            m0, m1, m2, q0, q1, q2 = 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
+            if with_n:
+                m0, m1, m2 = norm_rows[ub, ui], norm_rows[ub + 1, ui], norm_rows[ub + 2, ui]
+            if with_b:
+                q0, q1, q2 = const_rows[ub, ui] * c, const_rows[ub + 1, ui] * c, const_rows[ub + 2, ui] * c
+            if g == 0:
+                for j in range(npad):
+                    xj = ux0 + j
+                    t0, t1, t2 = col_terms[ub, xj], col_terms[ub + 1, xj], col_terms[ub + 2, xj]
+                    nrm[j] = m0 * t0 + m1 * t1 + m2 * t2
+                    base[j] = q0 * t0 + q1 * t1 + q2 * t2
+            elif with_n and with_b:
+                for j in range(npad):
+                    xj = ux0 + j
+                    t0, t1, t2 = col_terms[ub, xj], col_terms[ub + 1, xj], col_terms[ub + 2, xj]
+                    nrm[j] += m0 * t0 + m1 * t1 + m2 * t2
+                    base[j] += q0 * t0 + q1 * t1 + q2 * t2
+            elif with_n:
+                for j in range(npad):
+                    xj = ux0 + j
+                    nrm[j] += m0 * col_terms[ub, xj] + m1 * col_terms[ub + 1, xj] + m2 * col_terms[ub + 2, xj]
+            else:
+                for j in range(npad):
+                    xj = ux0 + j
+                    base[j] += q0 * col_terms[ub, xj] + q1 * col_terms[ub + 1, xj] + q2 * col_terms[ub + 2, xj]
+        if power == 2:
+            for j in range(nx):
+                out[ui, ux0 + j] = (acc[j] + base[j]) / (nrm[j] * nrm[j])
+        else:
+            for j in range(nx):
+                out[ui, ux0 + j] = (acc[j] + base[j]) / nrm[j]
 
 
 def correlate_direct(ext: np.ndarray, kernel: np.ndarray) -> np.ndarray:
