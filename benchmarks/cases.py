@@ -137,8 +137,9 @@ def run_warp_skystack(st):
     chunks are no-data fill, and the result holds three whole-patch planes per exposure)."""
     import dask
 
-    from pipeline.warp import WarpConfig, plan_warp, replan, warp_exposure
+    from pipeline.warp import WarpConfig, clear_caches, plan_warp, replan, warp_exposure
 
+    clear_caches()  # each repetition builds its WCS objects as a fresh call would
     chunk = min(1000, st["box"].width)
     config = WarpConfig(kernel_table_size=st["table"])
     with _dask_threads(st["threads"]):
@@ -330,6 +331,9 @@ def warm_conv_skystack(st):
 def run_conv_skystack(st):
     import dask
 
+    from pipeline._kernels_convolve import clear_caches
+
+    clear_caches()  # each repetition transforms its kernel images as a single pass over the exposure does
     with _dask_threads(st["threads"]):
         dask.compute(st["out"]["image"].data, st["out"]["variance"].data, st["out"]["mask"].data)
     return {"kernel_solve_s_untimed": round(st["solve_s"], 3), "kernel_size": st["kernel_size"],

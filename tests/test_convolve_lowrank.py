@@ -200,6 +200,17 @@ def test_cached_spectra_equal_fresh_and_reused(rng, monkeypatch):
     assert len(kc._SPECTRA_CACHE) == kc._SPECTRA_CACHE_SIZE
 
 
+def test_clear_caches_forgets_the_spectra(rng, monkeypatch):
+    monkeypatch.setattr(kc, "_SPECTRA_CACHE", {})
+    kernels = rng.normal(size=(2, 5, 5))
+    first = _cached_spectra(kernels, 16, 20, np.float32)
+    kc.clear_caches()
+    assert len(kc._SPECTRA_CACHE) == 0
+    again = _cached_spectra(kernels, 16, 20, np.float32)
+    assert again is not first
+    np.testing.assert_array_equal(again, first)
+
+
 def test_scratch_per_name_shape_and_thread(monkeypatch):
     monkeypatch.setattr(kc, "_SCRATCH", threading.local())
     a = _scratch("tile", (4, 5), np.float32)

@@ -33,9 +33,7 @@ def exposure(image, *, wcs, mask=None, visit=7, psf=None):
 
 
 def _clear_caches():
-    W._thread_state.__dict__.clear()
-    W._canonical_header.cache_clear()
-    W._celestial_reason.cache_clear()
+    W.clear_caches()
 
 
 def _same_plan(a, b):
@@ -69,6 +67,30 @@ def test_cached_wcs_is_per_thread_and_per_header():
     for h in headers:
         W._cached_wcs(h)
     assert W._cached_wcs(h1) is not a and len(W._thread_state.wcs) == W._WCS_PER_THREAD
+
+
+def test_clear_caches_drops_every_threads_objects_and_the_checks():
+    h1 = wcs_header_string(make_tan_wcs(crpix=(12.0, 10.0)))
+    a = W._cached_wcs(h1)
+    other = {}
+
+    def in_thread(key):
+        other[key] = W._cached_wcs(h1)
+
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:  # one thread that outlives the clear
+        pool.submit(in_thread, "before").result()
+        assert W._canonical_header(h1) == wcs_header_string(h1) and W._canonical_header.cache_info().currsize >= 1
+        W.clear_caches()
+        assert W._canonical_header.cache_info().currsize == 0 and W._celestial_reason.cache_info().currsize == 0
+        pool.submit(in_thread, "after").result()
+        assert other["after"] is not other["before"]  # the worker thread rebuilt its object
+        pool.submit(in_thread, "again").result()
+        assert other["again"] is other["after"]
+    b = W._cached_wcs(h1)
+    assert b is not a
+    np.testing.assert_array_equal(b.wcs.crpix, a.wcs.crpix)
 
 
 def test_warp_with_warm_caches_equals_cold(rng):
