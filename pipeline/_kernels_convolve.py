@@ -890,7 +890,7 @@ def _row_or(center, strips, base, pitch, present, ey, ex, r, c0, kx, nx, buf, t1
 
 
 @numba.njit(cache=True, nogil=True)
-def _or_box(center, strips, base, pitch, present, ey, ex, off, ny, nx, v0, v1, u0, u1, fill):
+def _or_box(center, strips, base, pitch, present, ey, ex, off, ny, nx, v0, v1, u0, u1, fill, out):
     """OR over the rectangle ``[v0, v1) x [u0, u1)`` of kernel taps: ``out[i, j]`` is the OR of the
     halo'd block at rows ``off + i + v0 ... off + i + v1 - 1``, columns ``off + j + u0 ... off + j + u1 - 1``.
 
@@ -899,11 +899,11 @@ def _or_box(center, strips, base, pitch, present, ey, ex, off, ny, nx, v0, v1, u
     segment, a running prefix OR in the next one: 3 ORs per pixel whatever the height). Only two
     segments of row results live at a time (in cache). Each row result carries the span of columns
     where it can be non-zero, and every pass works on spans only: the empty parts of a mask cost
-    a read and a write.
+    a read and a write. ``out`` (flat, ``ny * nx``) must hold zeros: only rows and spans that can
+    be non-zero are written (zeros from ``np.zeros`` on fresh memory then cost no page writes).
     """
     ky, kx = v1 - v0, u1 - u0
     dt = center.dtype
-    out = np.empty(ny * nx, dtype=dt)
     width = nx + kx - 1
     buf, t1, t2 = np.empty(width, dt), np.empty(width, dt), np.empty(width, dt)
     seg, nxt = np.empty(ky * nx, dt), np.empty(ky * nx, dt)
@@ -919,7 +919,7 @@ def _or_box(center, strips, base, pitch, present, ey, ex, off, ny, nx, v0, v1, u
             if seg_s[a + 1, 1] > seg_s[a + 1, 0]:
                 seg_s[a, 0], seg_s[a, 1] = _merge(seg, a * nx, seg, a * nx, seg_s[a, 0], seg_s[a, 1],
                                                   seg, (a + 1) * nx, seg_s[a + 1, 0], seg_s[a + 1, 1], nx, False, True)
-        _merge(out, s0 * nx, seg, 0, seg_s[0, 0], seg_s[0, 1], seg, 0, 0, 0, nx, True, False)
+        _merge(out, s0 * nx, seg, 0, seg_s[0, 0], seg_s[0, 1], seg, 0, 0, 0, nx, False, False)
         cnt = min(ky, ny - s0)
         plo, phi = 0, 0
         for a in range(1, cnt):
@@ -928,7 +928,7 @@ def _or_box(center, strips, base, pitch, present, ey, ex, off, ny, nx, v0, v1, u
             nxt_s[a - 1, 0], nxt_s[a - 1, 1] = rlo, rhi
             if rhi > rlo:  # running prefix OR
                 plo, phi = _merge(pre, 0, pre, 0, plo, phi, nxt, (a - 1) * nx, rlo, rhi, nx, False, True)
-            _merge(out, (s0 + a) * nx, seg, a * nx, seg_s[a, 0], seg_s[a, 1], pre, 0, plo, phi, nx, True, False)
+            _merge(out, (s0 + a) * nx, seg, a * nx, seg_s[a, 0], seg_s[a, 1], pre, 0, plo, phi, nx, False, False)
         s0 += ky
         if s0 >= ny:
             return out.reshape((ny, nx))
@@ -989,8 +989,14 @@ def _or_into(dst, d0, src, s0, sh, n):
 
 def _footprint_runs(footprint: np.ndarray):
     """The non-zero taps as horizontal runs ``(v, u, width)`` and, when they fill their bounding
-    rectangle, that rectangle ``(v0, v1, u0, u1)`` (else None)."""
+    rectangle, that rectangle ``(v0, v1, u0, u1)`` (else None); worked out once per footprint."""
     fp = np.asarray(footprint) != 0
+    return _runs_of(fp.shape, np.packbits(fp).tobytes())
+
+
+@functools.lru_cache(maxsize=64)
+def _runs_of(shape: tuple[int, int], bits: bytes):
+    fp = np.unpackbits(np.frombuffer(bits, np.uint8), count=shape[0] * shape[1]).reshape(shape).astype(bool)
     rows, cols = np.nonzero(fp)
     rect = None
     if rows.size and fp[rows.min():rows.max() + 1, cols.min():cols.max() + 1].all():
@@ -1000,7 +1006,10 @@ def _footprint_runs(footprint: np.ndarray):
     step = np.diff(padded, axis=1)
     sv, su = np.nonzero(step == 1)
     _, eu = np.nonzero(step == -1)
-    return (sv.astype(np.int64), su.astype(np.int64), (eu - su).astype(np.int64)), rect
+    runs = (sv.astype(np.int64), su.astype(np.int64), (eu - su).astype(np.int64))
+    for r in runs:  # shared by every caller
+        r.flags.writeable = False
+    return runs, rect
 
 
 def _flat(piece: np.ndarray | None, dtype) -> tuple[np.ndarray, int]:
@@ -1038,7 +1047,7 @@ def _dilate(pieces, ey, ex, off, shape, footprint, fill, dtype):
             np.asarray(ey, np.int64), np.asarray(ex, np.int64), off, ny, nx)
     fill = dtype.type(fill)
     if rect is not None:
-        return _or_box(*args, *rect, fill)
+        return _or_box(*args, *rect, fill, np.zeros(ny * nx, dtype=dtype))
     return _or_footprint(*args, k, run_v, run_u, run_w, fill)
 
 

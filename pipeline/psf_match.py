@@ -23,6 +23,7 @@ import dask
 import dask.array as da
 import numpy as np
 import xarray as xr
+from dask._task_spec import Task, TaskRef
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from scipy import fft as sfft
 
@@ -1321,10 +1322,12 @@ def _edge(d: int, depth: int) -> slice:
     return slice(-depth, None) if d < 0 else (slice(0, depth) if d > 0 else slice(None))
 
 
-def _on_halo(pieces, loc, *, func, depth, geom, kern):
+def _on_halo(loc, kern, *pieces, func, depth, geom):
+    """``func`` on the Halo of the block at ``loc`` from its nine pieces (row-major, None where the
+    exposure ends)."""
     (ya, yb), (xa, xb) = loc
     ny, nx = yb - ya, xb - xa
-    halo = Halo(tuple(tuple(row) for row in pieces), (0, depth, depth + ny, 2 * depth + ny),
+    halo = Halo((pieces[0:3], pieces[3:6], pieces[6:9]), (0, depth, depth + ny, 2 * depth + ny),
                 (0, depth, depth + nx, 2 * depth + nx))
     return func(halo, geom=geom, kern=kern, loc=loc)
 
@@ -1334,13 +1337,16 @@ def _halo_blocks(arr, func, geom, kern, dtype):
 
     The graph of ``map_overlap`` without its concatenation: one slicing task per neighbour strip and
     one task per block, which reads the strips where they are (the low-rank path copies its FFT
-    tiles straight from them; the other paths assemble the halo'd block themselves).
+    tiles straight from them; the other paths assemble the halo'd block themselves). The tasks are
+    built as dask task-spec nodes (what the schedulers run), so no per-compute conversion of
+    tuple tasks is needed; the kernel arrays are one key all block tasks refer to.
     """
     depth = geom["depth"]
     kern = _kernel_node(kern)
     token = dask.base.tokenize(arr, func.__name__, geom, kern)
     strip, name = f"psf-match-halo-{token}", f"psf-match{func.__name__}-{token}"
-    call = functools.partial(_on_halo, func=func, depth=depth, geom=geom, kern=None)
+    call = functools.partial(_on_halo, func=func, depth=depth, geom=geom)
+    kref = TaskRef(kern.key)
     nby, nbx = arr.numblocks
     ys = np.concatenate([[0], np.cumsum(arr.chunks[0])]).tolist()
     xs = np.concatenate([[0], np.cumsum(arr.chunks[1])]).tolist()
@@ -1349,20 +1355,18 @@ def _halo_blocks(arr, func, geom, kern, dtype):
         for j in range(nbx):
             pieces = []
             for di in (-1, 0, 1):
-                row = []
                 for dj in (-1, 0, 1):
                     ii, jj = i + di, j + dj
                     if not (0 <= ii < nby and 0 <= jj < nbx):
-                        row.append(None)
+                        pieces.append(None)
                     elif di == 0 and dj == 0:
-                        row.append((arr.name, i, j))
+                        pieces.append(TaskRef((arr.name, i, j)))
                     else:
                         key = (strip, i, j, di + 1, dj + 1)
-                        dsk[key] = (_strip, (arr.name, ii, jj), _edge(di, depth), _edge(dj, depth))
-                        row.append(key)
-                pieces.append(row)
+                        dsk[key] = Task(key, _strip, TaskRef((arr.name, ii, jj)), _edge(di, depth), _edge(dj, depth))
+                        pieces.append(TaskRef(key))
             loc = ((ys[i], ys[i + 1]), (xs[j], xs[j + 1]))
-            dsk[(name, i, j)] = (_apply_kern, call, pieces, loc, kern.key)
+            dsk[(name, i, j)] = Task((name, i, j), call, loc, kref, *pieces)
     graph = da.core.HighLevelGraph.from_collections(name, dsk, dependencies=[arr, kern])
     return da.Array(graph, name, arr.chunks, dtype=dtype, meta=np.empty((0, 0), dtype=dtype))
 
@@ -1374,10 +1378,6 @@ def _kernel_node(kern):
     if dask.is_dask_collection(kern):
         return kern
     return dask.delayed(kern, name=f"psf-match-kernels-{dask.base.tokenize(kern)}", traverse=False)
-
-
-def _apply_kern(call, pieces, loc, kern):
-    return call(pieces, loc, kern=kern)
 
 
 def _apply(arr, func, geom, kern, dtype, fill):
@@ -1570,8 +1570,10 @@ def model_psf_match(
     chunkings to the float32 output's rounding. FFT tiles are sized per block from measured
     transform costs (4 x 250 px on 270-long transforms for 1000-px blocks); each block reads its
     neighbours' edge strips in place (no halo'd copy) and combines the inverse transforms as they
-    come; the tile transforms use ducc0 (the same results to rounding as scipy.fft, about 20%
-    faster here). The default ``1e-3`` keeps the image error at most 0.3 sigma of
+    come; the tile loads' sums are also the finiteness check (a block whose halo holds a NaN or an
+    infinity is redone on the path that marks their footprints, no separate pass over the pixels);
+    the kernel arrays are one key of the graph that every block task refers to; the tile
+    transforms use ducc0 (the same results to rounding as scipy.fft, about 20% faster here). The default ``1e-3`` keeps the image error at most 0.3 sigma of
     the photon noise at the peak of a star of 1e5 e- and at 1e-3 of the noise for sky pixels
     (``|I - c|`` a few sigma); ``2e-2`` on the variance is small next to the covariance the variance
     plane ignores (a factor ``1 / sum K²`` of several on sums of pixels).
