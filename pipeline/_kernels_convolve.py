@@ -1022,6 +1022,10 @@ def _flat(piece: np.ndarray | None, dtype) -> tuple[np.ndarray, int]:
     item = piece.itemsize
     if piece.strides[1] != item or piece.strides[0] % item or piece.strides[0] < 0:
         piece = np.ascontiguousarray(piece)
+    if piece.flags.c_contiguous:  # whole rows: a plain reshape (as_strided costs microseconds)
+        flat = piece.reshape(-1)
+        flat.flags.writeable = False
+        return flat, piece.shape[1]
     pitch = piece.strides[0] // item if piece.shape[0] > 1 else piece.shape[1]
     span = (piece.shape[0] - 1) * pitch + piece.shape[1]
     return np.lib.stride_tricks.as_strided(piece, shape=(span,), strides=(item,), writeable=False), pitch
