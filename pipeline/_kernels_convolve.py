@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import math
 import threading
-from typing import NamedTuple
 
 import ducc0.fft as _ducc_fft
 import numba
@@ -22,11 +21,11 @@ import scipy.fft as sfft
 #: vectorised over several 1-D transforms, about 20 % faster per transform here)
 FFT_BACKENDS = ("scipy", "ducc0")
 
-__all__ = ["Halo", "FFT_BACKENDS", "correlate_varying", "correlate_lowrank", "kernel_spectra", "or_dilate",
+__all__ = ["Halo", "NonFiniteHalo", "FFT_BACKENDS", "correlate_varying", "correlate_lowrank", "kernel_spectra", "or_dilate",
            "correlate_direct", "plan_tiles"]
 
 
-class Halo(NamedTuple):
+class Halo:
     """A block with its neighbours' edge strips, not concatenated: the input of one output block.
 
     ``pieces[i][j]`` (3 x 3, row-major, ``None`` where the exposure ends) covers rows
@@ -34,9 +33,16 @@ class Halo(NamedTuple):
     its halo; ``pieces[1][1]`` is the block itself.
     """
 
-    pieces: tuple
-    edges_y: tuple
-    edges_x: tuple
+    __slots__ = ("pieces", "edges_y", "edges_x", "_flat")
+
+    def __init__(self, pieces, edges_y, edges_x):
+        self.pieces = tuple(tuple(row) for row in pieces)
+        self.edges_y = tuple(int(e) for e in edges_y)
+        self.edges_x = tuple(int(e) for e in edges_x)
+        self._flat = None
+
+    def __repr__(self):
+        return f"Halo(shape={self.shape}, edges_y={self.edges_y}, edges_x={self.edges_x})"
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -51,6 +57,17 @@ class Halo(NamedTuple):
                 p = self.pieces[i][j]
                 out[sl] = fill if p is None else p
         return out
+
+    def flat(self):
+        """The nine pieces as flat read-only views in the centre's dtype (no copy when their rows are
+        contiguous), their row pitches, which are present, and the edges as arrays; made once."""
+        if self._flat is None:
+            dtype = np.dtype(self.pieces[1][1].dtype)
+            views, pitch = zip(*(_flat(self.pieces[i][j], dtype) for i in range(3) for j in range(3)))
+            present = np.array([self.pieces[i][j] is not None for i in range(3) for j in range(3)], np.bool_)
+            self._flat = (tuple(views), np.array(pitch, np.int64), present, np.array(self.edges_y, np.int64),
+                          np.array(self.edges_x, np.int64))
+        return self._flat
 
 
 def _smooth_length(n: int) -> int:
@@ -479,15 +496,38 @@ def kernel_spectra(kernels: np.ndarray, fy: int, fx: int, dtype=np.float64) -> n
     return sfft.fft(sfft.rfft(rows, axis=-1, workers=1), n=fy, axis=-2, workers=1)
 
 
+class NonFiniteHalo(ValueError):
+    """A :class:`Halo` read as tiles holds a NaN or an infinity (its caller takes the checking path)."""
+
+
 def _load_halo(buf, halo, ya, yb, xa, xb):
     """:func:`_load_centred` on a :class:`Halo`: missing pieces enter as the constant ``c``.
 
-    ``c`` is the mean of all the data in the window, summed while the pieces are copied (one
-    streaming read of each piece); the subtraction then runs on the buffer, still in cache.
+    ``c`` is the mean of all the data in the window, summed on the buffer right after each piece is
+    copied (one streaming read of each piece); the subtraction then runs on the buffer, still in
+    cache. The sum doubles as the finiteness check: :class:`NonFiniteHalo` when the window holds a
+    NaN or an infinity (the buffer is then left part-written). The pieces' flat layout is made once
+    per Halo (:meth:`Halo.flat`) and the whole load is one compiled call.
     """
-    ey, ex = halo.edges_y, halo.edges_x
+    views, pitch, present, ey, ex = halo.flat()
+    narrowing = views[4].dtype.itemsize > buf.dtype.itemsize
+    c = float(_load_tile(buf, views, pitch, present, ey, ex, ya, yb, xa, xb, narrowing))
+    if not math.isfinite(c):
+        raise NonFiniteHalo(f"the tile at rows {ya}:{yb}, columns {xa}:{xb} of the halo'd block is not finite")
+    return c
+
+
+# float sums may be reordered (vectorised) but NaN and inf keep their meaning: the sum is the check
+_SUM_MATH = {"reassoc", "nsz", "contract"}
+
+
+@numba.njit(cache=True, nogil=True, fastmath=_SUM_MATH)
+def _load_tile(buf, views, pitch, present, ey, ex, ya, yb, xa, xb, narrowing):
+    """Copy window ``[ya, yb) x [xa, xb)`` of the halo'd block laid out by ``ey``/``ex`` (piece ``k``
+    row-major: ``views[k]``, rows ``pitch[k]`` apart, absent where not ``present[k]``) into the corner
+    of ``buf`` minus ``c``, the buffer dtype's rounding of the mean of the data (0 without data);
+    absent pieces read 0 after the subtraction. Returns ``c`` (NaN or inf when the data are not finite)."""
     total, count = 0.0, 0
-    missing = []
     for i in range(3):
         ra, rb = max(ya, ey[i]), min(yb, ey[i + 1])
         if ra >= rb:
@@ -496,45 +536,56 @@ def _load_halo(buf, halo, ya, yb, xa, xb):
             qa, qb = max(xa, ex[j]), min(xb, ex[j + 1])
             if qa >= qb:
                 continue
-            p = halo.pieces[i][j]
-            if p is None:
-                missing.append((ra - ya, rb - ya, qa - xa, qb - xa))
-            else:
-                total += _copy_sum(buf, ra - ya, qa - xa, p, ra - ey[i], rb - ey[i], qa - ex[j], qb - ex[j])
+            k = 3 * i + j
+            if present[k]:
+                total += _copy_sum(buf, ra - ya, qa - xa, views[k], pitch[k], ra - ey[i], rb - ey[i],
+                                   qa - ex[j], qb - ex[j], narrowing)
                 count += (rb - ra) * (qb - qa)
-    # c in the buffer's precision, so that the subtraction is one rounding and c is returned exactly
-    c = float(buf.dtype.type(total / count)) if count else 0.0
-    for da, db, ea, eb in missing:
-        buf[da:db, ea:eb] = c
-    _subtract_const(buf, yb - ya, xb - xa, c)
+    c = buf.dtype.type(total / count) if count else buf.dtype.type(0.0)
+    for i in range(3):
+        ra, rb = max(ya, ey[i]), min(yb, ey[i + 1])
+        for j in range(3):
+            qa, qb = max(xa, ex[j]), min(xb, ex[j + 1])
+            if ra < rb and qa < qb and not present[3 * i + j]:
+                for r in range(ra - ya, rb - ya):
+                    _fill(buf[r], qa - xa, qb - qa, c)
+    n = numba.uint64(xb - xa)
+    for r in range(yb - ya):
+        row = buf[r]
+        for q in range(n):
+            row[q] = row[q] - c
     return c
 
 
-@numba.njit(cache=True, nogil=True, fastmath=True)
-def _copy_sum(dst, d0, e0, src, ra, rb, ca, cb):
-    """``dst[d0 + i, e0 + j] = src[ra + i, ca + j]`` over the rectangle; returns the sum of the values."""
-    total = 0.0
-    n = cb - ca
+@numba.njit(cache=True, nogil=True, fastmath=_SUM_MATH)
+def _copy_sum(dst, d0, e0, src, pitch, ra, rb, ca, cb, narrowing):
+    """``dst[d0 + i, e0 + j] = src[(ra + i) * pitch + ca + j]`` over the rectangle (``src`` flat, rows
+    ``pitch`` apart); returns the float64 sum of the values, row by row.
+
+    The copy runs first and the sum after it on the copied rows, in cache (a sum that waits on
+    every cache line as it streams in from memory is about twice as slow as the plain copy); with
+    ``narrowing`` (``dst`` rounds the values) the sum reads ``src`` again.
+    """
+    n = numba.uint64(cb - ca)
+    e = numba.uint64(e0)
     for i in range(rb - ra):
-        s = src[ra + i, ca:cb]
-        d = dst[d0 + i, e0:e0 + n]
-        row = 0.0
+        s0 = numba.uint64((ra + i) * pitch + ca)
+        d = dst[d0 + i]
         for j in range(n):
-            v = s[j]
-            d[j] = v
-            row += v
+            d[e + j] = src[s0 + j]
+    total = 0.0
+    for i in range(rb - ra):
+        row = 0.0
+        if narrowing:
+            s0 = numba.uint64((ra + i) * pitch + ca)
+            for j in range(n):
+                row += src[s0 + j]
+        else:
+            d = dst[d0 + i]
+            for j in range(n):
+                row += d[e + j]
         total += row
     return total
-
-
-@numba.njit(cache=True, nogil=True)
-def _subtract_const(buf, ny, nx, c):
-    """``buf[:ny, :nx] -= c`` in the buffer's precision."""
-    cb = buf.dtype.type(c)
-    for i in range(ny):
-        row = buf[i]
-        for j in range(nx):
-            row[j] = row[j] - cb
 
 
 @numba.njit(cache=True, nogil=True)
@@ -1071,7 +1122,7 @@ def _row_or(center, strips, base, pitch, present, ey, ex, r, c0, kx, nx, buf, t1
 
 
 @numba.njit(cache=True, nogil=True)
-def _or_box(center, strips, base, pitch, present, ey, ex, off, ny, nx, v0, v1, u0, u1, fill):
+def _or_box(center, strips, base, pitch, present, ey, ex, off, ny, nx, v0, v1, u0, u1, fill, out):
     """OR over the rectangle ``[v0, v1) x [u0, u1)`` of kernel taps: ``out[i, j]`` is the OR of the
     halo'd block at rows ``off + i + v0 ... off + i + v1 - 1``, columns ``off + j + u0 ... off + j + u1 - 1``.
 
@@ -1080,11 +1131,11 @@ def _or_box(center, strips, base, pitch, present, ey, ex, off, ny, nx, v0, v1, u
     segment, a running prefix OR in the next one: 3 ORs per pixel whatever the height). Only two
     segments of row results live at a time (in cache). Each row result carries the span of columns
     where it can be non-zero, and every pass works on spans only: the empty parts of a mask cost
-    a read and a write.
+    a read and a write. ``out`` (flat, ``ny * nx``) must hold zeros: only rows and spans that can
+    be non-zero are written (zeros from ``np.zeros`` on fresh memory then cost no page writes).
     """
     ky, kx = v1 - v0, u1 - u0
     dt = center.dtype
-    out = np.empty(ny * nx, dtype=dt)
     width = nx + kx - 1
     buf, t1, t2 = np.empty(width, dt), np.empty(width, dt), np.empty(width, dt)
     seg, nxt = np.empty(ky * nx, dt), np.empty(ky * nx, dt)
@@ -1100,7 +1151,7 @@ def _or_box(center, strips, base, pitch, present, ey, ex, off, ny, nx, v0, v1, u
             if seg_s[a + 1, 1] > seg_s[a + 1, 0]:
                 seg_s[a, 0], seg_s[a, 1] = _merge(seg, a * nx, seg, a * nx, seg_s[a, 0], seg_s[a, 1],
                                                   seg, (a + 1) * nx, seg_s[a + 1, 0], seg_s[a + 1, 1], nx, False, True)
-        _merge(out, s0 * nx, seg, 0, seg_s[0, 0], seg_s[0, 1], seg, 0, 0, 0, nx, True, False)
+        _merge(out, s0 * nx, seg, 0, seg_s[0, 0], seg_s[0, 1], seg, 0, 0, 0, nx, False, False)
         cnt = min(ky, ny - s0)
         plo, phi = 0, 0
         for a in range(1, cnt):
@@ -1109,7 +1160,7 @@ def _or_box(center, strips, base, pitch, present, ey, ex, off, ny, nx, v0, v1, u
             nxt_s[a - 1, 0], nxt_s[a - 1, 1] = rlo, rhi
             if rhi > rlo:  # running prefix OR
                 plo, phi = _merge(pre, 0, pre, 0, plo, phi, nxt, (a - 1) * nx, rlo, rhi, nx, False, True)
-            _merge(out, (s0 + a) * nx, seg, a * nx, seg_s[a, 0], seg_s[a, 1], pre, 0, plo, phi, nx, True, False)
+            _merge(out, (s0 + a) * nx, seg, a * nx, seg_s[a, 0], seg_s[a, 1], pre, 0, plo, phi, nx, False, False)
         s0 += ky
         if s0 >= ny:
             return out.reshape((ny, nx))
@@ -1170,8 +1221,14 @@ def _or_into(dst, d0, src, s0, sh, n):
 
 def _footprint_runs(footprint: np.ndarray):
     """The non-zero taps as horizontal runs ``(v, u, width)`` and, when they fill their bounding
-    rectangle, that rectangle ``(v0, v1, u0, u1)`` (else None)."""
+    rectangle, that rectangle ``(v0, v1, u0, u1)`` (else None); worked out once per footprint."""
     fp = np.asarray(footprint) != 0
+    return _runs_of(fp.shape, np.packbits(fp).tobytes())
+
+
+@functools.lru_cache(maxsize=64)
+def _runs_of(shape: tuple[int, int], bits: bytes):
+    fp = np.unpackbits(np.frombuffer(bits, np.uint8), count=shape[0] * shape[1]).reshape(shape).astype(bool)
     rows, cols = np.nonzero(fp)
     rect = None
     if rows.size and fp[rows.min():rows.max() + 1, cols.min():cols.max() + 1].all():
@@ -1181,7 +1238,10 @@ def _footprint_runs(footprint: np.ndarray):
     step = np.diff(padded, axis=1)
     sv, su = np.nonzero(step == 1)
     _, eu = np.nonzero(step == -1)
-    return (sv.astype(np.int64), su.astype(np.int64), (eu - su).astype(np.int64)), rect
+    runs = (sv.astype(np.int64), su.astype(np.int64), (eu - su).astype(np.int64))
+    for r in runs:  # shared by every caller
+        r.flags.writeable = False
+    return runs, rect
 
 
 def _flat(piece: np.ndarray | None, dtype) -> tuple[np.ndarray, int]:
@@ -1194,6 +1254,10 @@ def _flat(piece: np.ndarray | None, dtype) -> tuple[np.ndarray, int]:
     item = piece.itemsize
     if piece.strides[1] != item or piece.strides[0] % item or piece.strides[0] < 0:
         piece = np.ascontiguousarray(piece)
+    if piece.flags.c_contiguous:  # whole rows: a plain reshape (as_strided costs microseconds)
+        flat = piece.reshape(-1)
+        flat.flags.writeable = False
+        return flat, piece.shape[1]
     pitch = piece.strides[0] // item if piece.shape[0] > 1 else piece.shape[1]
     span = (piece.shape[0] - 1) * pitch + piece.shape[1]
     return np.lib.stride_tricks.as_strided(piece, shape=(span,), strides=(item,), writeable=False), pitch
@@ -1219,7 +1283,7 @@ def _dilate(pieces, ey, ex, off, shape, footprint, fill, dtype):
             np.asarray(ey, np.int64), np.asarray(ex, np.int64), off, ny, nx)
     fill = dtype.type(fill)
     if rect is not None:
-        return _or_box(*args, *rect, fill)
+        return _or_box(*args, *rect, fill, np.zeros(ny * nx, dtype=dtype))
     return _or_footprint(*args, k, run_v, run_u, run_w, fill)
 
 

@@ -23,11 +23,12 @@ import dask
 import dask.array as da
 import numpy as np
 import xarray as xr
+from dask._task_spec import Task, TaskRef
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from scipy import fft as sfft
 
 from ._kernels_convolve import Halo, correlate_direct, correlate_lowrank, correlate_varying, or_dilate
-from ._kernels_convolve import or_dilate_halo
+from ._kernels_convolve import NonFiniteHalo, or_dilate_halo
 from .errors import PsfMatchError, SchemaError
 from .model.geometry import Box
 from .model.masks import bitmask
@@ -1061,18 +1062,13 @@ def _valid_rect(loc, geom, h, shape) -> tuple[int, int, int, int]:
     return max(0, h - ya), shape[0] - max(0, yb + h - ny), max(0, h - xa), shape[1] - max(0, xb + h - nx)
 
 
-def _halo_finite(ext, geom, kern) -> bool:
-    """A Halo the low-rank path reads as it is: float, finite, halo of the kernel radius."""
+def _halo_direct(ext, geom, kern) -> bool:
+    """A Halo the low-rank path reads as it is: float pieces, halo of the kernel radius. Whether it
+    is finite is found out by the tile loads themselves (:class:`NonFiniteHalo`), which read every
+    piece anyway."""
     if not isinstance(ext, Halo) or kern["mode"] != "low-rank" or kern["h"] != geom["depth"]:
         return False
-    for row in ext.pieces:
-        for p in row:
-            # a sum in the piece's own precision is finite only if every value is (an overflow to inf
-            # merely sends the block to the assembling path)
-            if p is not None and (p.dtype not in (np.float32, np.float64)
-                                  or not math.isfinite(np.add.reduce(p, axis=None))):
-                return False
-    return True
+    return all(p is None or p.dtype in (np.float32, np.float64) for row in ext.pieces for p in row)
 
 
 def _regions(box: Box, kern: dict):
@@ -1104,7 +1100,8 @@ def _lowrank_plane(ext, loc, geom, kern, plane: str, check: bool = False):
     block = Box(geom["x0"] + xa, geom["y0"] + ya, geom["x0"] + xb, geom["y0"] + yb)
     power = 1 if plane == "image" else 2
     valid = _valid_rect(loc, geom, kern["h"], ext.shape)
-    out = None
+    # the region parts cover the block: every pixel is written, no zeros needed first
+    out = np.empty((yb - ya, xb - xa), dtype=np.float32)
     for key, _, part_box in _regions(block, kern):
         part = kern[plane] if key is None else kern["regions"][key][plane]
         rect = (part_box.y0 - block.y0, part_box.y1 - block.y0, part_box.x0 - block.x0, part_box.x1 - block.x0)
@@ -1114,9 +1111,13 @@ def _lowrank_plane(ext, loc, geom, kern, plane: str, check: bool = False):
 
 
 def _image_block(ext, *, geom, kern, block_info=None, loc=None):
-    if _halo_finite(ext, geom, kern):
-        out = _lowrank_plane(ext, loc, geom, kern, "image")
-        return _set_border(out, loc, geom["shape"], kern["h"], np.nan)
+    if _halo_direct(ext, geom, kern):
+        try:
+            out = _lowrank_plane(ext, loc, geom, kern, "image")
+        except NonFiniteHalo:  # NaN or inf somewhere: the path below marks their footprints
+            pass
+        else:
+            return _set_border(out, loc, geom["shape"], kern["h"], np.nan)
     loc, ext = _prepare(ext, geom, kern, block_info, loc)
     ext, nan, inf = _finite_input(ext, zero=kern["mode"] == "exact")
     if kern["mode"] == "exact":
@@ -1132,9 +1133,13 @@ def _image_block(ext, *, geom, kern, block_info=None, loc=None):
 
 
 def _variance_block(ext, *, geom, kern, block_info=None, loc=None):
-    if _halo_finite(ext, geom, kern):
-        out = _lowrank_plane(ext, loc, geom, kern, "variance")
-        return _set_border(out, loc, geom["shape"], kern["h"], np.inf)
+    if _halo_direct(ext, geom, kern):
+        try:
+            out = _lowrank_plane(ext, loc, geom, kern, "variance")
+        except NonFiniteHalo:
+            pass
+        else:
+            return _set_border(out, loc, geom["shape"], kern["h"], np.inf)
     loc, ext = _prepare(ext, geom, kern, block_info, loc)
     ext, nan, inf = _finite_input(ext, zero=kern["mode"] == "exact")
     if kern["mode"] == "exact":
@@ -1317,10 +1322,12 @@ def _edge(d: int, depth: int) -> slice:
     return slice(-depth, None) if d < 0 else (slice(0, depth) if d > 0 else slice(None))
 
 
-def _on_halo(pieces, loc, *, func, depth, geom, kern):
+def _on_halo(loc, kern, *pieces, func, depth, geom):
+    """``func`` on the Halo of the block at ``loc`` from its nine pieces (row-major, None where the
+    exposure ends)."""
     (ya, yb), (xa, xb) = loc
     ny, nx = yb - ya, xb - xa
-    halo = Halo(tuple(tuple(row) for row in pieces), (0, depth, depth + ny, 2 * depth + ny),
+    halo = Halo((pieces[0:3], pieces[3:6], pieces[6:9]), (0, depth, depth + ny, 2 * depth + ny),
                 (0, depth, depth + nx, 2 * depth + nx))
     return func(halo, geom=geom, kern=kern, loc=loc)
 
@@ -1330,14 +1337,16 @@ def _halo_blocks(arr, func, geom, kern, dtype):
 
     The graph of ``map_overlap`` without its concatenation: one slicing task per neighbour strip and
     one task per block, which reads the strips where they are (the low-rank path copies its FFT
-    tiles straight from them; the other paths assemble the halo'd block themselves).
+    tiles straight from them; the other paths assemble the halo'd block themselves). The tasks are
+    built as dask task-spec nodes (what the schedulers run), so no per-compute conversion of
+    tuple tasks is needed; the kernel arrays are one key all block tasks refer to.
     """
     depth = geom["depth"]
+    kern = _kernel_node(kern)
     token = dask.base.tokenize(arr, func.__name__, geom, kern)
     strip, name = f"psf-match-halo-{token}", f"psf-match{func.__name__}-{token}"
-    lazy_kern = dask.is_dask_collection(kern)
-    shared = not lazy_kern and "regions" not in kern
-    call = functools.partial(_on_halo, func=func, depth=depth, geom=geom, kern=kern if shared else None)
+    call = functools.partial(_on_halo, func=func, depth=depth, geom=geom)
+    kref = TaskRef(kern.key)
     nby, nbx = arr.numblocks
     ys = np.concatenate([[0], np.cumsum(arr.chunks[0])]).tolist()
     xs = np.concatenate([[0], np.cumsum(arr.chunks[1])]).tolist()
@@ -1346,38 +1355,29 @@ def _halo_blocks(arr, func, geom, kern, dtype):
         for j in range(nbx):
             pieces = []
             for di in (-1, 0, 1):
-                row = []
                 for dj in (-1, 0, 1):
                     ii, jj = i + di, j + dj
                     if not (0 <= ii < nby and 0 <= jj < nbx):
-                        row.append(None)
+                        pieces.append(None)
                     elif di == 0 and dj == 0:
-                        row.append((arr.name, i, j))
+                        pieces.append(TaskRef((arr.name, i, j)))
                     else:
                         key = (strip, i, j, di + 1, dj + 1)
-                        dsk[key] = (_strip, (arr.name, ii, jj), _edge(di, depth), _edge(dj, depth))
-                        row.append(key)
-                pieces.append(row)
+                        dsk[key] = Task(key, _strip, TaskRef((arr.name, ii, jj)), _edge(di, depth), _edge(dj, depth))
+                        pieces.append(TaskRef(key))
             loc = ((ys[i], ys[i + 1]), (xs[j], xs[j + 1]))
-            if lazy_kern:
-                dsk[(name, i, j)] = (_apply_kern, call, pieces, loc, kern.key)
-            elif "regions" in kern:  # each task carries the low-rank images of its own regions only
-                dsk[(name, i, j)] = (functools.partial(call, kern=_block_kern(kern, loc, geom)), pieces, loc)
-            else:
-                dsk[(name, i, j)] = (call, pieces, loc)
-    deps = [arr, kern] if lazy_kern else [arr]
-    graph = da.core.HighLevelGraph.from_collections(name, dsk, dependencies=deps)
+            dsk[(name, i, j)] = Task((name, i, j), call, loc, kref, *pieces)
+    graph = da.core.HighLevelGraph.from_collections(name, dsk, dependencies=[arr, kern])
     return da.Array(graph, name, arr.chunks, dtype=dtype, meta=np.empty((0, 0), dtype=dtype))
 
 
-def _block_kern(kern: dict, loc, geom) -> dict:
-    (ya, yb), (xa, xb) = loc
-    block = Box(geom["x0"] + xa, geom["y0"] + ya, geom["x0"] + xb, geom["y0"] + yb)
-    return {**kern, "regions": {key: kern["regions"][key] for key, _, _ in _regions(block, kern)}}
-
-
-def _apply_kern(call, pieces, loc, kern):
-    return call(pieces, loc, kern=kern)
+def _kernel_node(kern):
+    """The kernel arrays as one key of the graph (a delayed literal named by their token) that every
+    block task depends on: a scheduler ships them once per worker, not inside every task, and the
+    image, variance and mask graphs share the key. A delayed ``kern`` (lazy PSF) is its own key."""
+    if dask.is_dask_collection(kern):
+        return kern
+    return dask.delayed(kern, name=f"psf-match-kernels-{dask.base.tokenize(kern)}", traverse=False)
 
 
 def _apply(arr, func, geom, kern, dtype, fill):
@@ -1387,7 +1387,7 @@ def _apply(arr, func, geom, kern, dtype, fill):
     if dask.is_dask_collection(arr):
         return da.map_overlap(
             func, arr, depth={0: depth, 1: depth}, boundary={0: fill, 1: fill}, trim=False,
-            dtype=dtype, meta=np.empty((0, 0), dtype=dtype), geom=geom, kern=kern)
+            dtype=dtype, meta=np.empty((0, 0), dtype=dtype), geom=geom, kern=_kernel_node(kern))
     ext = np.pad(np.asarray(arr), depth, mode="constant", constant_values=fill)
     return func(ext, geom=geom, kern=kern)
 
@@ -1570,8 +1570,10 @@ def model_psf_match(
     chunkings to the float32 output's rounding. FFT tiles are sized per block from measured
     transform costs (4 x 250 px on 270-long transforms for 1000-px blocks); each block reads its
     neighbours' edge strips in place (no halo'd copy) and combines the inverse transforms as they
-    come; the tile transforms use ducc0 (the same results to rounding as scipy.fft, about 20%
-    faster here). The default ``1e-3`` keeps the image error at most 0.3 sigma of
+    come; the tile loads' sums are also the finiteness check (a block whose halo holds a NaN or an
+    infinity is redone on the path that marks their footprints, no separate pass over the pixels);
+    the kernel arrays are one key of the graph that every block task refers to; the tile
+    transforms use ducc0 (the same results to rounding as scipy.fft, about 20% faster here). The default ``1e-3`` keeps the image error at most 0.3 sigma of
     the photon noise at the peak of a star of 1e5 e- and at 1e-3 of the noise for sky pixels
     (``|I - c|`` a few sigma); ``2e-2`` on the variance is small next to the covariance the variance
     plane ignores (a factor ``1 / sum K²`` of several on sums of pixels).
