@@ -11,7 +11,7 @@ from dask.highlevelgraph import HighLevelGraph
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline._kernels_convolve import Halo, NonFiniteHalo, _copy_sum, _load_halo, or_dilate
+from pipeline._kernels_convolve import NonFiniteHalo, _copy_sum, _load_halo, or_dilate
 from pipeline.model.geometry import Box
 from pipeline.model.masks import bitmask
 from pipeline.model.schema import mask_planes
@@ -20,17 +20,10 @@ from pipeline.psf_match import (ModelPsfMatchConfig, _image_block, _kernel_array
                                 convolve_kernel_model, solve_kernel_model)
 from pipeline.testing import assert_lazy, graph_size, raise_if_dask_computes
 from tests.test_psf_match import _chunk, _exposure, _stars
+from tests.test_psf_match_convolve import _halo_of
 from tests.conftest import make_tan_wcs
 
 REGION = ModelPsfMatchConfig(low_rank_region=64)
-
-
-def _halo_of(ext, cut_y, cut_x, missing=()):
-    ey = (0, cut_y[0], cut_y[1], ext.shape[0])
-    ex = (0, cut_x[0], cut_x[1], ext.shape[1])
-    pieces = tuple(tuple(None if (i, j) in missing else ext[ey[i]:ey[i + 1], ex[j]:ex[j + 1]] for j in range(3))
-                   for i in range(3))
-    return Halo(pieces, ey, ex)
 
 
 # ---------------------------------------------------------------------------------------------- copy-sum

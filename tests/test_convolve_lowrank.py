@@ -8,9 +8,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import pipeline._kernels_convolve as kc
-from pipeline._kernels_convolve import (_LANES, Halo, _blocked_inputs, _cached_spectra, _combine_blocked,
+from pipeline._kernels_convolve import (_LANES, _blocked_inputs, _cached_spectra, _combine_blocked,
                                         _combine_lowrank, _pad_to, _scratch, correlate_direct, correlate_lowrank,
                                         kernel_spectra)
+from tests.test_psf_match_convolve import _combine_reference, _halo_of
 
 EPS32 = float(np.finfo(np.float32).eps)
 
@@ -23,23 +24,6 @@ def _weights(rng, n_r, n_a, n_n, ny, nx, const_is_norm):
     const_rows = np.zeros((n_a, ny))
     const_rows[:n_n] = norm_rows if const_is_norm else rng.normal(size=(n_n, ny))
     return dep_rows, col_terms.astype(np.float32), const_rows, norm_rows, col_terms
-
-
-def _reference(convs, c, dep_rows, dep_cols, const_rows, norm_rows, col_terms, power, y0, y1, x0, x1, off,
-               const_is_norm):
-    """The combine in float64 and the float32 error scale of each output (terms' magnitudes summed)."""
-    conv = convs.astype(np.float64)[:, off:off + y1 - y0, off:off + x1 - x0]
-    w = np.einsum("ray,ax->ryx", dep_rows[:, :, y0:y1].astype(np.float64), dep_cols[:, x0:x1].astype(np.float64))
-    acc = (w * conv).sum(axis=0)
-    scale = (np.einsum("ray,ax->ryx", np.abs(dep_rows[:, :, y0:y1]).astype(np.float64),
-                       np.abs(dep_cols[:, x0:x1]).astype(np.float64)) * np.abs(conv)).sum(axis=0)
-    nrm = norm_rows[:, y0:y1].T @ col_terms[: norm_rows.shape[0], x0:x1]
-    if const_is_norm:
-        want = (acc / nrm + c) / nrm ** (power - 1)
-    else:
-        want = (acc + c * (const_rows[:, y0:y1].T @ col_terms[:, x0:x1])) / nrm**power
-    n_terms = dep_rows.shape[0] + dep_rows.shape[1] + 2
-    return want, n_terms * scale / np.abs(nrm) ** power + np.abs(want)
 
 
 def _blocked(out, convs, c, dep_rows, dep_cols, const_rows, norm_rows, col_terms, power, y0, y1, x0, x1, off,
@@ -81,7 +65,7 @@ def test_property_blocked_combine_within_float32_rounding(seed, n_r, n_a, n_n, p
     _blocked(got, convs, *args)
     old = np.full((ny, nx), -5.0, np.float32)
     _combine_lowrank(old, convs, *args)
-    want, scale = _reference(convs, *args)
+    want, scale = _combine_reference(convs, *args)
     err = np.abs(got[y0:y1, x0:x1] - want)
     assert (err <= 2 * EPS32 * scale).all(), float((err / scale).max())
     assert (np.abs(got - old)[y0:y1, x0:x1] <= 4 * EPS32 * scale).all()
@@ -103,7 +87,7 @@ def test_blocked_combine_ignores_padding_lanes(rng, power, const_is_norm):
     big = np.zeros((ny, nx), np.float32)
     _blocked(big, convs, *args, pad_value=3e38)
     np.testing.assert_array_equal(zero, big)
-    want, scale = _reference(convs, *args)
+    want, scale = _combine_reference(convs, *args)
     assert (np.abs(zero[y0:y1, x0:x1] - want) <= 2 * EPS32 * scale).all()
 
 
@@ -162,10 +146,8 @@ def test_blocked_path_against_direct_and_generic(rng, n_r, n_a, power):
 def test_blocked_path_on_halo_with_missing_pieces(rng):
     ext, basis, rows, col, norm, want = _case(rng, 5, 3, 60, 90)
     h = basis.shape[1] // 2
-    ey, ex = (0, h, ext.shape[0] - h, ext.shape[0]), (0, h, ext.shape[1] - h, ext.shape[1])
-    pieces = tuple(tuple(None if i == 2 else ext[ey[i]:ey[i + 1], ex[j]:ex[j + 1]] for j in range(3))
-                   for i in range(3))
-    got = correlate_lowrank(Halo(pieces, ey, ex), basis, rows, col, norm, 1, tile=25, dtype=np.float32,
+    halo = _halo_of(ext, (h, ext.shape[0] - h), (h, ext.shape[1] - h), missing={(2, 0), (2, 1), (2, 2)})
+    got = correlate_lowrank(halo, basis, rows, col, norm, 1, tile=25, dtype=np.float32,
                             valid=(0, ext.shape[0] - h, 0, ext.shape[1]))
     keep = np.s_[: want.shape[0] - h]  # outputs that do not reach the missing bottom strip
     np.testing.assert_allclose(got[keep], want[keep], rtol=0, atol=2e-6 * np.abs(want).max())

@@ -16,31 +16,14 @@ from pipeline import warp as W
 from pipeline.errors import SchemaError
 from pipeline.model.geometry import Box
 from pipeline.model.masks import MaskPlane
-from pipeline.model.schema import make_dataset, psf_grid
+from pipeline.model.schema import psf_grid
 from pipeline.model.wcs import wcs_header_string
 from pipeline.testing import assert_lazy, graph_size
 from pipeline.warp import plan_warp, replan, warp_exposure
+from test_warp import _same_plan, exposure
 
 EDGE = int(MaskPlane.EDGE)
 NO_DATA = int(MaskPlane.NO_DATA)
-
-
-def exposure(image, *, wcs, mask=None, visit=7, psf=None):
-    image = np.asarray(image, dtype=np.float32)
-    mask = np.zeros(image.shape, np.uint32) if mask is None else mask
-    attrs = {"visit": visit, "detector": 3, "band": "r", "zero_point": 31.4}
-    return make_dataset(image, np.ones_like(image), mask, wcs=wcs, psf=psf, attrs=attrs)
-
-
-def _clear_caches():
-    W.clear_caches()
-
-
-def _same_plan(a, b):
-    assert a.dst_box == b.dst_box and a.chunks == b.chunks
-    assert dict(a.windows) == dict(b.windows) and dict(a.block_counts) == dict(b.block_counts)
-    assert a.n_good_pixels == b.n_good_pixels and a.good_box == b.good_box
-    assert a.variance_correlation_factor == b.variance_correlation_factor
 
 
 # ------------------------------------------------------------------------------------------
@@ -48,7 +31,7 @@ def _same_plan(a, b):
 
 
 def test_cached_wcs_is_per_thread_and_per_header():
-    _clear_caches()
+    W.clear_caches()
     h1 = wcs_header_string(make_tan_wcs(crpix=(10.0, 10.0)))
     h2 = wcs_header_string(make_tan_wcs(crpix=(10.0, 10.0), rotation_deg=5.0))
     a = W._cached_wcs(h1)
@@ -97,7 +80,7 @@ def test_warp_with_warm_caches_equals_cold(rng):
     src = make_tan_wcs(crpix=(30.0, 25.0))
     dst = make_tan_wcs(crpix=(41.3, 37.7), rotation_deg=17.0, scale_arcsec=0.19)
     ds = exposure(rng.normal(100.0, 10.0, (50, 60)), wcs=src).chunk({"y": 37, "x": 41})
-    _clear_caches()
+    W.clear_caches()
     cold = warp_exposure(ds, wcs=dst, box=Box(0, 0, 80, 70), chunks=(29, 31)).compute()
     warm = warp_exposure(ds, wcs=dst, box=Box(0, 0, 80, 70), chunks=(29, 31)).compute()
     for v in ("image", "variance", "mask"):
