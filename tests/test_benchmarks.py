@@ -268,3 +268,17 @@ def test_measure_counts_deferred_figures_outside_the_clock():
     res = measure.measure(run, {"n": 7})
     assert res["extra"] == {"counted": 7}
     assert res["wall_s"] < 0.25
+
+
+def test_sampler_counts_a_child_started_during_the_piece():
+    """The memory of a child process that starts after the sampler does is in the peak: descendants are
+    searched for every few samples, not only at the start."""
+    from benchmarks import measure
+
+    code = "import time, numpy as np; a = np.ones(40_000_000); time.sleep(0.8)"  # 320 MB resident
+    with measure.TreeSampler() as sampler:
+        base = sampler.baseline
+        time.sleep(0.15)
+        subprocess.run([sys.executable, "-c", code], check=True)
+    assert sampler.peak - base > 250 * 2**20
+    assert sampler._count > measure.TreeSampler.CHILDREN_EVERY
